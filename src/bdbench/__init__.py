@@ -1,0 +1,11 @@
+"""bdbench: evaluate backdoor attacks and defenses for image classifiers, the way a careful reviewer would.
+
+Python API: `run_grid(config, out=...)` runs a grid and returns its rows; `load_results(out)`
+returns every stored row as a pandas DataFrame.
+"""
+
+from bdbench.runner import run_grid
+from bdbench.store import load_results
+
+__all__ = ["load_results", "run_grid"]
+__version__ = "0.1.0"

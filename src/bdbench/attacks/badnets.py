@@ -1,0 +1,79 @@
+"""BadNets: a small fixed patch stamped on the image (Gu, Dolan-Gavitt and Garg, "BadNets:
+Identifying Vulnerabilities in the Machine Learning Model Supply Chain", arXiv 1708.06733, 2017).
+
+Defaults follow BackdoorBench's setting of the paper's attack: a 3x3 white square in the
+bottom-right corner, all-to-one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from bdbench.attacks.base import Attack, LabelMode
+from bdbench.data import Dataset
+from bdbench.errors import ConfigError
+
+_CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
+
+
+class BadNets(Attack):
+    """Patch trigger (Gu et al. 2017): size, location, pattern and colour configurable."""
+
+    citation = "Gu, Dolan-Gavitt, Garg. BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply Chain. arXiv:1708.06733, 2017."
+
+    def __init__(
+        self,
+        patch_size: int = 3,
+        location: str | Sequence[int] = "bottom-right",
+        pattern: Literal["square", "checkerboard", "random"] = "square",
+        color: int | Sequence[int] = 255,
+        margin: int = 0,
+        pattern_seed: int = 0,
+        label_mode: LabelMode = "all2one",
+    ) -> None:
+        super().__init__(label_mode)
+        if patch_size < 1:
+            raise ConfigError(f"badnets patch_size must be at least 1, not {patch_size}")
+        if isinstance(location, str) and location not in _CORNERS:
+            raise ConfigError(f"badnets location {location!r} is not one of {', '.join(_CORNERS)} or [row, col]")
+        if pattern not in ("square", "checkerboard", "random"):
+            raise ConfigError(f"badnets pattern {pattern!r} is not one of square, checkerboard, random")
+        self.patch_size, self.location, self.pattern = patch_size, location, pattern
+        self.color, self.margin, self.pattern_seed = color, margin, pattern_seed
+        self.patch: torch.Tensor | None = None  # (C, s, s) values in [0, 1]
+        self.row = self.col = 0
+
+    def prepare(self, dataset: Dataset, target_label: int, seed: int) -> None:
+        channels, size, s = dataset.in_channels, dataset.image_size, self.patch_size
+        if s + self.margin > size:
+            raise ConfigError(f"badnets patch_size {s} does not fit {size}x{size} images")
+        if isinstance(self.location, str):
+            far = size - s - self.margin
+            self.row = far if self.location.startswith("bottom") else self.margin
+            self.col = far if self.location.endswith("right") else self.margin
+        else:
+            self.row, self.col = (int(v) for v in self.location)
+            if not (0 <= self.row <= size - s and 0 <= self.col <= size - s):
+                raise ConfigError(f"badnets location {list(self.location)} puts the patch outside the image")
+        color = torch.as_tensor(self.color, dtype=torch.float32).flatten() / 255.0
+        if len(color) == 1:
+            color = color.expand(channels)
+        elif len(color) != channels:
+            raise ConfigError(f"badnets color needs 1 or {channels} values, got {len(color)}")
+        if self.pattern == "square":
+            on = torch.ones(s, s, dtype=torch.bool)
+        elif self.pattern == "checkerboard":
+            on = (torch.arange(s).view(-1, 1) + torch.arange(s)) % 2 == 0
+        else:
+            on = torch.rand(s, s, generator=torch.Generator().manual_seed(self.pattern_seed)) < 0.5
+        self.patch = color.view(-1, 1, 1) * on.float()
+
+    def add_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch is None:
+            raise RuntimeError("BadNets.prepare() must run before add_trigger()")
+        x = x.clone()
+        s = self.patch_size
+        x[:, :, self.row:self.row + s, self.col:self.col + s] = self.patch.to(x)
+        return x

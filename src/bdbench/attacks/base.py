@@ -1,0 +1,96 @@
+"""The attack interface.
+
+An attack turns a clean training set into a poisoned one and returns the ground-truth mask of
+the samples it poisoned; it can put its trigger on any batch of test images. Attacks that must
+learn something first (a generator, a perturbation) do it in `prepare`; attacks that must
+control training return a `BatchHook` from `training_hook` (the trainer's one hook).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from bdbench.data import Dataset
+from bdbench.errors import ConfigError
+from bdbench.training import BatchHook
+
+LabelMode = Literal["all2one", "all2all"]
+
+
+@dataclass(frozen=True, eq=False)
+class PoisonedTrainingSet:
+    """The training set the victim learns from, and which of its samples the attack touched."""
+
+    x: torch.Tensor  # uint8 (N, C, H, W)
+    y: torch.Tensor  # int64 (N,)
+    poison_mask: torch.Tensor  # bool (N,)
+
+
+@dataclass(frozen=True, eq=False)
+class TriggeredTestSet:
+    """Test images that carry the trigger, with their true labels and the labels the attacker wants."""
+
+    x: torch.Tensor
+    y_true: torch.Tensor
+    y_target: torch.Tensor
+
+
+class Attack(ABC):
+    """Base class. Subclasses set `citation`, take their parameters (with the paper's defaults) in
+    the constructor, and implement `add_trigger` on float batches in [0, 1]."""
+
+    citation: ClassVar[str] = ""
+
+    def __init__(self, label_mode: LabelMode = "all2one") -> None:
+        if label_mode not in ("all2one", "all2all"):
+            raise ConfigError(f"label_mode must be 'all2one' or 'all2all', not {label_mode!r}")
+        self.label_mode = label_mode
+
+    def prepare(self, dataset: Dataset, target_label: int, seed: int) -> None:
+        """Fix whatever depends on the data (image shape, learned triggers). Called once before use."""
+
+    @abstractmethod
+    def add_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """Put the trigger on float images (N, C, H, W) in [0, 1]."""
+
+    def trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """Put the trigger on uint8 images, returning uint8 images (as a poisoned file would be)."""
+        out = self.add_trigger(x.float().div(255.0))
+        return out.clamp(0, 1).mul(255.0).round().to(torch.uint8)
+
+    def target_labels(self, y: torch.Tensor, target_label: int, num_classes: int) -> torch.Tensor:
+        if self.label_mode == "all2all":
+            return (y + 1) % num_classes
+        return torch.full_like(y, target_label)
+
+    def select(self, y: torch.Tensor, poison_rate: float, target_label: int,
+               generator: torch.Generator) -> torch.Tensor:
+        """Indices to poison: `poison_rate` of the whole training set, drawn from samples whose
+        label the attack changes (all samples for all-to-all, non-target ones for all-to-one)."""
+        candidates = torch.arange(len(y)) if self.label_mode == "all2all" else torch.nonzero(y != target_label).flatten()
+        count = min(len(candidates), int(round(poison_rate * len(y))))
+        return candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+
+    def poison(self, dataset: Dataset, poison_rate: float, target_label: int,
+               generator: torch.Generator) -> PoisonedTrainingSet:
+        idx = self.select(dataset.y_train, poison_rate, target_label, generator)
+        x, y = dataset.x_train.clone(), dataset.y_train.clone()
+        x[idx] = self.trigger(x[idx])
+        y[idx] = self.target_labels(y[idx], target_label, dataset.num_classes)
+        mask = torch.zeros(len(y), dtype=torch.bool)
+        mask[idx] = True
+        return PoisonedTrainingSet(x, y, mask)
+
+    def triggered_test_set(self, dataset: Dataset, target_label: int) -> TriggeredTestSet:
+        """Every test image whose label the attack would change, with the trigger on it."""
+        y_target = self.target_labels(dataset.y_test, target_label, dataset.num_classes)
+        keep = y_target != dataset.y_test
+        return TriggeredTestSet(self.trigger(dataset.x_test[keep]), dataset.y_test[keep], y_target[keep])
+
+    def training_hook(self) -> BatchHook | None:
+        """A hook for attacks that control training; none for pure data poisoning."""
+        return None

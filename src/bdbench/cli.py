@@ -1,0 +1,115 @@
+"""The command line: `bdbench run`, `bdbench results`, `bdbench list`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from bdbench.errors import BdbenchError
+
+_TABLE_COLUMNS = ["dataset", "model", "attack", "poison_rate", "defense", "precision", "seed", "status",
+                  "clean_acc", "asr", "robust_acc", "der", "detected", "det_tpr", "det_fpr", "defense_s"]
+
+
+class _OneLineErrors(click.Group):
+    """Show user errors as one line (`error: ...`) with exit status 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BdbenchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished experiments are stored; run the same command again to do the rest",
+                       err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_OneLineErrors)
+@click.version_option(package_name="bdbench")
+def main() -> None:
+    """Evaluate backdoor attacks and defenses for image classifiers."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("config", default="demo")
+@click.option("--out", default="bdbench-out", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder: results.sqlite, cached models, logs.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a grid key, e.g. --set seeds=[0,1] --set dataset.path=data.npz (repeatable).")
+@click.option("--executor", default="local", show_default=True, help="How to run experiments.")
+@click.option("--retry-errors", is_flag=True, help="Run experiments stored with status error again.")
+def run(config: str, out: str, overrides: tuple[str, ...], executor: str, retry_errors: bool) -> None:
+    """Run a grid (a YAML file or a built-in name) into --out; stored experiments are skipped."""
+    from bdbench.runner import run_grid
+
+    rows = run_grid(config, out=out, overrides=overrides, executor=executor, retry_errors=retry_errors)
+    counts = rows["status"].value_counts().to_dict()
+    click.echo(f"{len(rows)} experiments in {Path(out) / 'results.sqlite'}: "
+               + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
+    click.echo(rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@main.command()
+@click.option("--out", default="bdbench-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def results(out: str, fmt: str) -> None:
+    """Print the stored results of an output folder."""
+    from bdbench.store import load_results
+
+    rows = load_results(out)
+    if fmt == "json":
+        click.echo(rows.to_json(orient="records", indent=2))
+    elif fmt == "csv":
+        click.echo(rows.to_csv(index=False), nl=False)
+    else:
+        columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
+        click.echo(rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(["configs", "datasets", "models", "attacks", "defenses", "precisions"]))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def list_(what: str, fmt: str) -> None:
+    """List built-in grids or registered datasets, models, attacks, defenses, precisions."""
+    entries = _catalogue(what)
+    if fmt == "json":
+        click.echo(json.dumps(entries, indent=2))
+        return
+    width = max(len(e["name"]) for e in entries)
+    for entry in entries:
+        extra = f"[{entry['kind']}] " if "kind" in entry else ""
+        click.echo(f"{entry['name']:<{width}}  {extra}{entry['description']}")
+
+
+def _catalogue(what: str) -> list[dict]:
+    if what == "configs":
+        from bdbench.grid import builtin_configs
+
+        return [{"name": n, "description": d} for n, d in builtin_configs().items()]
+    if what == "datasets":
+        from bdbench.data import DATASETS as registry
+    elif what == "models":
+        from bdbench.models import MODELS as registry
+    elif what == "attacks":
+        from bdbench.attacks import ATTACKS as registry
+    elif what == "defenses":
+        from bdbench.defenses import DEFENSES as registry
+    else:
+        from bdbench.precision import PRECISIONS as registry
+    entries = []
+    for entry in registry:
+        item = {"name": entry.name, "description": entry.description}
+        if hasattr(entry.obj, "citation"):
+            item["citation"] = entry.obj.citation
+        if hasattr(entry.obj, "kind"):
+            item["kind"] = entry.obj.kind.value
+        entries.append(item)
+    return entries

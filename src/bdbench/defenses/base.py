@@ -1,0 +1,108 @@
+"""The defense interface: kinds, what a defender may see (`DefenseContext`), and what it returns
+(`DefenseOutcome`). The runner, never the defense, scores an outcome against ground truth.
+
+Defenses follow scikit-learn's estimator habits: parameters with the paper's defaults in the
+constructor and no work there, one verb (`run`), results in a small object.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from bdbench.seeding import derive_seed
+from bdbench.training import BatchHook, TrainConfig, train
+
+
+class DefenseKind(str, Enum):
+    """TrojanZoo's families, plus robust training and the no-defense reference."""
+
+    NONE = "none"
+    MODEL_REPAIR = "model_repair"
+    MODEL_DETECTION = "model_detection"
+    DATA_DETECTION = "training_data_detection"
+    INPUT_DETECTION = "input_detection"
+    ROBUST_TRAINING = "robust_training"
+
+
+# Kinds that inspect the training set the defender was handed (poison labels never included).
+SEES_TRAINING_SET = (DefenseKind.DATA_DETECTION, DefenseKind.ROBUST_TRAINING)
+
+
+@dataclass(frozen=True, eq=False)
+class DefenseContext:
+    """Everything a defender is allowed to have, and nothing else: no test data, no poison mask, no ASR.
+
+    `model` is a private copy of the deployed model. `clean_x`/`clean_y` are the defender's clean
+    budget (uint8 images and true labels). `train_x`/`train_y` are the training set as handed
+    over, with the attacker's labels, and are present only for kinds that inspect training data.
+    `new_model` builds an untrained network of the victim's architecture.
+    """
+
+    model: nn.Module
+    clean_x: torch.Tensor
+    clean_y: torch.Tensor
+    num_classes: int
+    in_channels: int
+    image_size: int
+    crop_padding: int
+    allow_hflip: bool
+    train_config: TrainConfig
+    seed: int
+    device: torch.device
+    new_model: Callable[[], nn.Module]
+    train_x: torch.Tensor | None = None
+    train_y: torch.Tensor | None = None
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A generator for one named random choice, derived from the experiment's seed."""
+        return torch.Generator().manual_seed(derive_seed(self.seed, purpose))
+
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+            purpose: str = "fit", hook: BatchHook | None = None) -> nn.Module:
+        """Train with the one trainer, this data set's augmentation facts and a seed for `purpose`."""
+        return train(model, x, y, config, seed=derive_seed(self.seed, purpose), crop_padding=self.crop_padding,
+                     hflip=self.allow_hflip, device=self.device, hook=hook)
+
+
+class InputDetector(Protocol):
+    """A run-time filter: suspicion scores (higher = more likely triggered) and a flag per image."""
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
+@dataclass
+class DefenseOutcome:
+    """What a defense returns; any field it does not produce stays None.
+
+    - `model`: a repaired (or robustly trained) model, measured in place of the deployed one.
+    - `detected`, `anomaly_index`, `suspected_targets`: a model-level verdict.
+    - `sample_scores`, `flagged`: per training sample suspicion (higher = more suspicious) and the
+      samples to remove; the runner retrains on the kept ones.
+    - `input_detector`: a run-time filter, which the runner applies to clean and triggered test images.
+    """
+
+    model: nn.Module | None = None
+    detected: bool | None = None
+    anomaly_index: float | None = None
+    suspected_targets: tuple[int, ...] | None = None
+    sample_scores: torch.Tensor | None = None
+    flagged: torch.Tensor | None = None
+    input_detector: InputDetector | None = None
+
+
+class Defense(ABC):
+    """Base class. Subclasses set `kind` and `citation` and implement `run`."""
+
+    kind: ClassVar[DefenseKind]
+    citation: ClassVar[str] = ""
+
+    @abstractmethod
+    def run(self, context: DefenseContext) -> DefenseOutcome:
+        """Defend using only what `context` holds."""

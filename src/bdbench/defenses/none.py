@@ -1,0 +1,14 @@
+"""No defense: the reference row of each cell (CA and ASR of the deployed model as it is)."""
+
+from __future__ import annotations
+
+from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+
+
+class NoDefense(Defense):
+    """No defense: measures the deployed model as it is (the reference for DER)."""
+
+    kind = DefenseKind.NONE
+
+    def run(self, context: DefenseContext) -> DefenseOutcome:
+        return DefenseOutcome()

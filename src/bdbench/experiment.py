@@ -1,0 +1,214 @@
+"""One experiment: spec -> result row. Read top to bottom to follow a cell of the grid:
+
+    data set -> attack.poison -> victim (trained or cached) -> deployed precision
+      -> defense (sees only its DefenseContext) -> metrics computed here -> row
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bdbench import metrics
+from bdbench.attacks import ATTACKS, Attack, PoisonedTrainingSet, TriggeredTestSet
+from bdbench.data import Dataset, load_dataset
+from bdbench.defenses import DEFENSES, SEES_TRAINING_SET, DefenseContext, DefenseOutcome
+from bdbench.errors import ArtifactError, BdbenchError
+from bdbench.grid import CleanBudget, ExperimentSpec
+from bdbench.models import create_model, with_normalization
+from bdbench.precision import PRECISIONS
+from bdbench.profiling import measure
+from bdbench.seeding import derive_seed
+from bdbench.store import ArtifactCache
+from bdbench.training import default_device, predict, train
+
+log = logging.getLogger("bdbench")
+
+
+def _generator(seed: int, purpose: str) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, purpose))
+
+
+def new_model(spec: ExperimentSpec, dataset: Dataset, purpose: str) -> nn.Module:
+    """An untrained model of the spec's architecture, initialised from a seed for `purpose`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(spec.seed, purpose))
+        net = create_model(spec.model.name, dataset.num_classes, dataset.in_channels, dataset.image_size,
+                           **spec.model.params)
+    return with_normalization(net, dataset.mean, dataset.std)
+
+
+def clean_budget(dataset: Dataset, budget: CleanBudget, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The defender's clean images: a stratified draw from the clean training set (never test data)."""
+    generator = _generator(seed, "clean_budget")
+    y = dataset.y_train
+    picked = []
+    for label in range(dataset.num_classes):
+        members = torch.nonzero(y == label).flatten()
+        count = budget.per_class if budget.per_class is not None else round(budget.fraction * len(members))
+        count = min(len(members), max(1, count))
+        picked.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    idx = torch.sort(torch.cat(picked)).values
+    return dataset.x_train[idx], y[idx]
+
+
+@dataclass
+class Victim:
+    model: nn.Module
+    cached: bool
+    train_s: float | None
+
+
+def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned: PoisonedTrainingSet,
+               cache: ArtifactCache, device: torch.device) -> Victim:
+    """The trained victim of this cell, from the cache when the same spec and seed trained it before."""
+    model = new_model(spec, dataset, "victim_init")
+    try:
+        if cache.load("victims", spec.victim_key, model) is not None:
+            return Victim(model.to(device).eval(), True, None)
+    except ArtifactError as exc:
+        log.warning("%s; retraining it", exc)
+        cache.discard("victims", spec.victim_key)
+        model = new_model(spec, dataset, "victim_init")
+    start = time.perf_counter()
+    train(model, poisoned.x, poisoned.y, spec.training, seed=derive_seed(spec.seed, "victim_train"),
+          crop_padding=dataset.crop_padding, hflip=dataset.allow_hflip, device=device,
+          hook=attack.training_hook())
+    seconds = time.perf_counter() - start
+    cache.save("victims", spec.victim_key, model, {
+        "spec": spec.model_dump(mode="json", include={"dataset", "model", "training", "attack", "poison_rate",
+                                                      "target_label", "seed"}),
+        "train_s": round(seconds, 3),
+        "poisoned_samples": int(poisoned.poison_mask.sum()),
+    })
+    return Victim(model.eval(), False, seconds)
+
+
+def evaluate(model: nn.Module, dataset: Dataset, triggered: TriggeredTestSet | None, device: torch.device) -> dict:
+    """Clean accuracy on the test set; ASR and robust accuracy on its triggered images."""
+    result = {"clean_acc": metrics.accuracy(predict(model, dataset.x_test, device=device), dataset.y_test),
+              "asr": None, "robust_acc": None}
+    if triggered is not None and len(triggered.x):
+        pred = predict(model, triggered.x, device=device)
+        result["asr"] = metrics.attack_success_rate(pred, triggered.y_target)
+        result["robust_acc"] = metrics.robust_accuracy(pred, triggered.y_true)
+    return result
+
+
+def _score_outcome(outcome: DefenseOutcome, spec: ExperimentSpec, dataset: Dataset, poisoned: PoisonedTrainingSet,
+                   triggered: TriggeredTestSet | None, device: torch.device) -> tuple[nn.Module | None, dict]:
+    """Score what a defense returned against ground truth; return the model to measure (if it changed)."""
+    row: dict[str, Any] = {}
+    model = outcome.model
+    if outcome.detected is not None:
+        row["detected"] = bool(outcome.detected)
+    if outcome.anomaly_index is not None:
+        row["anomaly_index"] = float(outcome.anomaly_index)
+    if outcome.suspected_targets is not None:
+        row["suspected_targets"] = [int(t) for t in outcome.suspected_targets]
+    if outcome.flagged is not None:
+        flagged = outcome.flagged.bool().cpu()
+        if flagged.shape != poisoned.poison_mask.shape:
+            raise ValueError(f"defense flagged {tuple(flagged.shape)} samples, the training set has {len(flagged)}")
+        row["det_tpr"], row["det_fpr"] = metrics.detection_rates(flagged, poisoned.poison_mask)
+        if outcome.sample_scores is not None:
+            row["det_auroc"] = metrics.auroc(outcome.sample_scores.cpu(), poisoned.poison_mask)
+        if model is None:  # retrain on the kept samples with the victim's own settings
+            keep = ~flagged
+            model = new_model(spec, dataset, "retrain_init")
+            train(model, poisoned.x[keep], poisoned.y[keep], spec.training,
+                  seed=derive_seed(spec.seed, "retrain"), crop_padding=dataset.crop_padding,
+                  hflip=dataset.allow_hflip, device=device)
+    if outcome.input_detector is not None:
+        clean_scores, clean_flags = outcome.input_detector(dataset.x_test)
+        row["det_fpr"] = float(clean_flags.float().mean())
+        if triggered is not None and len(triggered.x):
+            trig_scores, trig_flags = outcome.input_detector(triggered.x)
+            row["det_tpr"] = float(trig_flags.float().mean())
+            truth = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(trig_scores))]).bool()
+            row["det_auroc"] = metrics.auroc(torch.cat([clean_scores.cpu(), trig_scores.cpu()]), truth)
+    return model, row
+
+
+def base_row(spec: ExperimentSpec) -> dict[str, Any]:
+    return {
+        "experiment_id": spec.experiment_id, "victim_key": spec.victim_key,
+        "dataset": spec.dataset.name, "model": spec.model.name,
+        "attack": spec.attack.name, "attack_params": spec.attack.params, "poison_rate": spec.poison_rate,
+        "target_label": spec.target_label, "defense": spec.defense.name, "defense_params": spec.defense.params,
+        "defense_kind": DEFENSES.get(spec.defense.name).kind.value, "precision": spec.precision, "seed": spec.seed,
+        "spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True),
+    }
+
+
+def run_experiment(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device | None = None,
+                   log_dir: Path | None = None) -> dict[str, Any]:
+    """Run one experiment and return its row. A failure is a row with status `error`, never an exception."""
+    device = device or default_device()
+    row = base_row(spec)
+    start = time.perf_counter()
+    try:
+        row.update(_run(spec, cache, device))
+        row["status"] = "ok"
+    except BdbenchError as exc:
+        row.update(status="error", error=str(exc))
+    except Exception as exc:  # a crash in an attack or defense is a result, not the end of the grid
+        row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / f"{spec.experiment_id}.log").write_text(traceback.format_exc())
+    row["wall_s"] = round(time.perf_counter() - start, 3)
+    row["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return row
+
+
+def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> dict[str, Any]:
+    dataset = load_dataset(spec.dataset.name, **spec.dataset.params)
+    if not 0 <= spec.target_label < dataset.num_classes:
+        raise BdbenchError(f"target_label {spec.target_label} is not a class of {dataset.name} (0..{dataset.num_classes - 1})")
+
+    attack: Attack = ATTACKS.build(spec.attack.name, spec.attack.params)
+    attack.prepare(dataset, spec.target_label, derive_seed(spec.seed, "attack"))
+    poisoned = attack.poison(dataset, spec.poison_rate, spec.target_label, _generator(spec.seed, "poison"))
+    triggered = None if spec.attack.name == "none" else attack.triggered_test_set(dataset, spec.target_label)
+
+    victim = get_victim(spec, dataset, attack, poisoned, cache, device)
+    budget_x, budget_y = clean_budget(dataset, spec.clean_budget, spec.seed)
+    deployed = PRECISIONS.get(spec.precision)(victim.model, budget_x)
+    before = evaluate(deployed, dataset, triggered, device)
+
+    defense = DEFENSES.build(spec.defense.name, spec.defense.params)
+    sees_training_set = defense.kind in SEES_TRAINING_SET
+    context = DefenseContext(
+        model=copy.deepcopy(deployed), clean_x=budget_x.clone(), clean_y=budget_y.clone(),
+        num_classes=dataset.num_classes, in_channels=dataset.in_channels, image_size=dataset.image_size,
+        crop_padding=dataset.crop_padding, allow_hflip=dataset.allow_hflip, train_config=spec.training,
+        seed=derive_seed(spec.seed, "defense", spec.defense.name), device=device,
+        new_model=lambda: new_model(spec, dataset, "defense_model_init"),
+        train_x=poisoned.x.clone() if sees_training_set else None,
+        train_y=poisoned.y.clone() if sees_training_set else None,
+    )
+    with measure() as cost:
+        outcome = defense.run(context)
+    repaired, detection = _score_outcome(outcome, spec, dataset, poisoned, triggered, device)
+    after = evaluate(repaired, dataset, triggered, device) if repaired is not None else before
+
+    row: dict[str, Any] = {**after, **detection}
+    row.update(clean_acc_before=before["clean_acc"], asr_before=before["asr"], robust_acc_before=before["robust_acc"],
+               clean_budget=len(budget_y), victim_cached=victim.cached,
+               victim_train_s=None if victim.train_s is None else round(victim.train_s, 3),
+               defense_s=round(cost.seconds, 3), peak_rss_mb=cost.peak_rss_mb)
+    if spec.defense.name != "none" and before["asr"] is not None:
+        row["der"] = metrics.defense_effectiveness_rating(before["clean_acc"], before["asr"],
+                                                          after["clean_acc"], after["asr"])
+    return row

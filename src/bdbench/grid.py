@@ -1,0 +1,257 @@
+"""Grid specs: a YAML file (or a built-in name) -> validated `GridSpec` -> frozen `ExperimentSpec`s.
+
+One experiment is one cell of dataset x model x attack x poison rate x defense x precision x
+seed. Its id is a hash of its spec, so the same cell always has the same id; the victim key
+hashes only what shapes the trained victim, so experiments that differ in defense or precision
+share one trained model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bdbench.attacks import ATTACKS
+from bdbench.data import DATASETS
+from bdbench.defenses import DEFENSES
+from bdbench.errors import ConfigError
+from bdbench.models import MODELS
+from bdbench.precision import PRECISIONS
+from bdbench.training import TrainConfig
+
+
+class Component(BaseModel):
+    """A registered name with its parameters; YAML may give just the name, or `{name: ..., <params>}`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value, "params": {}}
+        if isinstance(value, dict) and "params" not in value:
+            value = dict(value)
+            if "name" not in value:
+                raise ValueError("needs a 'name'")
+            return {"name": value.pop("name"), "params": value}
+        return value
+
+
+class CleanBudget(BaseModel):
+    """The defender's clean data: a fraction of the training set, or a number of images per class."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fraction: float | None = Field(0.05, gt=0, le=1)
+    per_class: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "CleanBudget":
+        if self.per_class is not None:
+            object.__setattr__(self, "fraction", None)
+        elif self.fraction is None:
+            raise ValueError("set either fraction or per_class")
+        return self
+
+
+class GridSpec(BaseModel):
+    """A whole grid as written in YAML. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "grid"
+    description: str = ""
+    dataset: Component
+    model: Component
+    training: TrainConfig = TrainConfig()
+    attacks: list[Component] = Field(min_length=1)
+    poison_rates: list[float] = Field([0.1], min_length=1)
+    target_label: int = Field(0, ge=0)
+    defenses: list[Component] = Field([Component(name="none")], min_length=1)
+    precisions: list[str] = Field(["fp32"], min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    clean_budget: CleanBudget = CleanBudget()
+
+    @field_validator("poison_rates")
+    @classmethod
+    def _rates(cls, rates: list[float]) -> list[float]:
+        for rate in rates:
+            if not 0 < rate < 1:
+                raise ValueError(f"poison rate {rate} is not in (0, 1)")
+        return rates
+
+    @model_validator(mode="after")
+    def _names_and_params(self) -> "GridSpec":
+        # Build each component once so unknown names and parameters fail now, not mid-grid.
+        # Constructors do no work, so this is cheap.
+        for attack in self.attacks:
+            ATTACKS.build(attack.name, attack.params)
+        for defense in self.defenses:
+            DEFENSES.build(defense.name, defense.params)
+        for precision in self.precisions:
+            PRECISIONS.get(precision)
+        DATASETS.get(self.dataset.name)
+        MODELS.get(self.model.name)
+        return self
+
+
+class ExperimentSpec(BaseModel):
+    """One cell of a grid, frozen; `experiment_id` and `victim_key` are hashes of its fields."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dataset: Component
+    model: Component
+    training: TrainConfig
+    attack: Component
+    poison_rate: float
+    target_label: int
+    defense: Component
+    precision: str
+    seed: int
+    clean_budget: CleanBudget
+
+    @property
+    def experiment_id(self) -> str:
+        return _hash(self.model_dump(mode="json"))
+
+    @property
+    def victim_key(self) -> str:
+        return _hash(self.model_dump(mode="json", include={
+            "dataset", "model", "training", "attack", "poison_rate", "target_label", "seed"}))
+
+    def describe(self) -> str:
+        attack = self.attack.name if self.attack.name == "none" else f"{self.attack.name}@{self.poison_rate:g}"
+        return f"{attack} / {self.defense.name} / {self.precision} / seed {self.seed}"
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def expand(grid: GridSpec) -> list[ExperimentSpec]:
+    """Every experiment of a grid, grouped so that experiments sharing a victim are adjacent.
+
+    Attack `none` trains one clean model per seed (its poison rate is recorded as 0).
+    """
+    specs: list[ExperimentSpec] = []
+    seen: set[str] = set()
+    for seed, attack, rate in itertools.product(grid.seeds, grid.attacks, grid.poison_rates):
+        rate = 0.0 if attack.name == "none" else rate
+        for defense, precision in itertools.product(grid.defenses, grid.precisions):
+            spec = ExperimentSpec(dataset=grid.dataset, model=grid.model, training=grid.training,
+                                  attack=attack, poison_rate=rate, target_label=grid.target_label,
+                                  defense=defense, precision=precision, seed=seed,
+                                  clean_budget=grid.clean_budget)
+            if spec.experiment_id not in seen:
+                seen.add(spec.experiment_id)
+                specs.append(spec)
+    return specs
+
+
+# ---------------------------------------------------------------- loading YAML and overrides
+
+def builtin_configs() -> dict[str, str]:
+    """Built-in grid names -> their one-line descriptions."""
+    found = {}
+    for entry in resources.files("bdbench.configs").iterdir():
+        if entry.name.endswith(".yaml"):
+            data = yaml.safe_load(entry.read_text()) or {}
+            found[entry.name[:-5]] = str(data.get("description", "")).strip()
+    return dict(sorted(found.items()))
+
+
+def read_config(config: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML file path, or of a built-in grid name."""
+    path = Path(config)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file; give a YAML path or one of: {', '.join(builtin_configs())}")
+        text = path.read_text()
+        source = str(path)
+    elif str(config) in builtin_configs():
+        text = resources.files("bdbench.configs").joinpath(f"{config}.yaml").read_text()
+        source = f"built-in {config}"
+    else:
+        raise ConfigError(f"no config file or built-in grid named {str(config)!r}; built-ins: {', '.join(builtin_configs())}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a grid spec must be a YAML mapping of keys such as dataset, model, attacks")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `KEY=VALUE` overrides; KEY is dotted (`dataset.path`, `attacks.1.alpha`), VALUE is YAML."""
+    data = json.loads(json.dumps(data))  # a deep copy of plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE (for example --set seeds=[0,1])")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} has no item {part}")
+                index = int(part)
+                if isinstance(node[index], str) and not last:
+                    node[index] = {"name": node[index]}
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if isinstance(node.get(part), str):
+                        node[part] = {"name": node[part]}
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or list")
+    return data
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "grid"
+    if err["type"] == "extra_forbidden":
+        parent = err["loc"][:-1]
+        model = GridSpec if not parent else {"training": TrainConfig, "clean_budget": CleanBudget}.get(str(parent[0]))
+        valid = f"; valid keys: {', '.join(model.model_fields)}" if model else ""
+        return f"unknown key {where!r} in grid spec{valid}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"grid spec {where}: {message}"
+
+
+def load_grid(config: str | Path | dict[str, Any], overrides: Iterable[str] = ()) -> GridSpec:
+    """Read, override and validate a grid spec; every problem is a one-line `ConfigError`."""
+    data = config if isinstance(config, dict) else read_config(config)
+    data = apply_overrides(data, overrides)
+    try:
+        return GridSpec.model_validate(data)
+    except ConfigError:
+        raise
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

@@ -1,0 +1,59 @@
+"""Model registry: `create_model("preact-resnet18", num_classes=43, in_channels=3, image_size=32)`.
+
+Every factory takes the same arguments (`num_classes`, `in_channels`, `image_size`, plus its
+own keyword options such as `width`) and returns a network that expects normalised input.
+`with_normalization` puts the data set's normalisation in front, so that attacks and defenses
+work on images in [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bdbench.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
+                 **options: Any) -> nn.Module:
+    """Build a registered architecture for the given number of classes, channels and image size."""
+    params = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size, **options}
+    return MODELS.build(name, params)
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std with fixed buffers, so the model's input is an image in [0, 1]."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class NormalizedClassifier(nn.Module):
+    """A classifier whose forward takes images in [0, 1]: `normalize` then `net`."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def with_normalization(net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> NormalizedClassifier:
+    return NormalizedClassifier(net, mean, std)
+
+
+# Importing the family modules registers their models.
+from bdbench.models import cnn, preact_resnet, vgg  # noqa: E402,F401
+
+__all__ = ["MODELS", "NormalizedClassifier", "create_model", "with_normalization"]

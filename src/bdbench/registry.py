@@ -1,0 +1,82 @@
+"""One small name -> factory registry, used by datasets, models, attacks, defenses and precisions."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+from bdbench.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    description: str
+
+
+def _first_doc_line(obj: object) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+class Registry(Generic[T]):
+    """Maps names to factories; an unknown name is a one-line error listing the valid ones."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
+        def decorate(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = Entry(name, obj, description or _first_doc_line(obj))
+            return obj
+
+        return decorate
+
+    def get(self, name: str) -> T:
+        return self.entry(name).obj
+
+    def entry(self, name: str) -> Entry[T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._entries))}"
+            ) from None
+
+    def build(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Call the factory with `params`, after checking them against its signature."""
+        factory = self.get(name)
+        params = dict(params or {})
+        signature = inspect.signature(factory)
+        accepted = {
+            p.name for p in signature.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+        unknown = sorted(set(params) - accepted)
+        if unknown:
+            valid = ", ".join(sorted(accepted)) or "none"
+            raise ConfigError(f"{self.kind} {name!r} has no parameter {unknown[0]!r}; valid parameters: {valid}")
+        missing = [
+            p.name for p in signature.parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in params
+        ]
+        if missing:
+            raise ConfigError(f"{self.kind} {name!r} needs parameter {missing[0]!r}")
+        return factory(**params)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)

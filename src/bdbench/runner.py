@@ -1,0 +1,94 @@
+"""Run a grid into an output folder: validate, skip what is already stored, run the rest, store each row.
+
+The output folder holds `results.sqlite`, `cache/` (trained victims) and `logs/` (tracebacks
+of failed experiments). One run at a time may write to a folder: a second one is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pandas as pd
+from tqdm import tqdm
+
+from bdbench.data import load_dataset
+from bdbench.errors import BdbenchError
+from bdbench.executors import EXECUTORS
+from bdbench.grid import ExperimentSpec, expand, load_grid
+from bdbench.store import ResultStore
+
+log = logging.getLogger("bdbench")
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold the output folder's lock; refuse at once when another run holds it."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BdbenchError(f"{out} is in use by a running bdbench (pid {holder}); wait for it to finish or pick another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _summary(spec: ExperimentSpec, row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return f"{spec.describe()}: {row['status']}: {row.get('error')}"
+    parts = [f"CA {row['clean_acc']:.3f}"]
+    if row.get("asr") is not None:
+        parts.append(f"ASR {row['asr']:.3f}")
+    if row.get("der") is not None:
+        parts.append(f"DER {row['der']:.3f}")
+    cached = " (victim cached)" if row.get("victim_cached") else ""
+    return f"{spec.describe()}: ok {' '.join(parts)} in {row['wall_s']:.1f}s{cached}"
+
+
+def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out", overrides: Iterable[str] = (),
+             executor: str = "local", retry_errors: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Run every experiment of a grid that the output folder does not hold yet; return the grid's rows.
+
+    `config` is a YAML path, a built-in grid name or a mapping; `overrides` are `KEY=VALUE` strings.
+    Rows with status `error` are kept as results; `retry_errors=True` runs them again.
+    """
+    grid = load_grid(config, overrides)
+    specs = expand(grid)
+    run = EXECUTORS.get(executor)
+    out = Path(out)
+    load_dataset(grid.dataset.name, **grid.dataset.params)  # a missing data file fails here, before any work
+    with exclusive(out):
+        store = ResultStore(out / "results.sqlite")
+        try:
+            stored = store.statuses()
+            todo = [s for s in specs if s.experiment_id not in stored
+                    or (retry_errors and stored[s.experiment_id] == "error")]
+            log.info("grid %s: %d experiments, %d stored, %d to run, output in %s",
+                     grid.name, len(specs), len(specs) - len(todo), len(todo), out)
+            by_id = {s.experiment_id: s for s in todo}
+            with tqdm(total=len(todo), desc=grid.name, unit="exp", disable=not progress or None,
+                      file=sys.stderr, dynamic_ncols=True) as bar:
+                for done, row in enumerate(run(todo, out), start=1):
+                    store.write(row)
+                    bar.write(f"[{done}/{len(todo)}] " + _summary(by_id[row["experiment_id"]], row), file=sys.stderr)
+                    bar.update(1)
+            return store.dataframe(s.experiment_id for s in specs)
+        finally:
+            store.close()

@@ -1,0 +1,181 @@
+"""Results in SQLite (one row per experiment) and trained models as safetensors + JSON spec.
+
+The database runs in WAL mode and commits each row as it arrives, so an interrupted grid loses
+at most the experiment in flight. Artifacts are written to a temporary file and renamed, so a
+crash never leaves a half-written model under a valid name. Model files are never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bdbench.errors import ArtifactError
+
+# Column name -> SQLite type. New columns are added to older databases when they are opened.
+COLUMNS: dict[str, str] = {
+    "experiment_id": "TEXT PRIMARY KEY",
+    "dataset": "TEXT",
+    "model": "TEXT",
+    "attack": "TEXT",
+    "attack_params": "TEXT",
+    "poison_rate": "REAL",
+    "target_label": "INTEGER",
+    "defense": "TEXT",
+    "defense_params": "TEXT",
+    "defense_kind": "TEXT",
+    "precision": "TEXT",
+    "seed": "INTEGER",
+    "status": "TEXT",
+    "error": "TEXT",
+    "clean_acc": "REAL",
+    "asr": "REAL",
+    "robust_acc": "REAL",
+    "der": "REAL",
+    "clean_acc_before": "REAL",
+    "asr_before": "REAL",
+    "robust_acc_before": "REAL",
+    "detected": "INTEGER",
+    "anomaly_index": "REAL",
+    "suspected_targets": "TEXT",
+    "det_tpr": "REAL",
+    "det_fpr": "REAL",
+    "det_auroc": "REAL",
+    "clean_budget": "INTEGER",
+    "victim_cached": "INTEGER",
+    "victim_train_s": "REAL",
+    "wall_s": "REAL",
+    "defense_s": "REAL",
+    "peak_rss_mb": "REAL",
+    "victim_key": "TEXT",
+    "spec": "TEXT",
+    "finished_at": "TEXT",
+}
+_BOOL_COLUMNS = ("detected", "victim_cached")
+
+
+class ResultStore:
+    """The results database of one output folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS experiments ({', '.join(f'{c} {t}' for c, t in COLUMNS.items())})"
+            )
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(experiments)")}
+            for column, sql_type in COLUMNS.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE experiments ADD COLUMN {column} {sql_type}")
+            self._db.commit()
+        except sqlite3.DatabaseError as exc:
+            raise ArtifactError(f"{self.path}: not a bdbench results database ({exc}); move it away or pick another --out") from None
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Insert or replace one experiment's row and commit it at once."""
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown result columns: {sorted(unknown)}")
+        names = list(row)
+        self._db.execute(
+            f"INSERT OR REPLACE INTO experiments ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+            [_to_sql(row[n]) for n in names],
+        )
+        self._db.commit()
+
+    def statuses(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT experiment_id, status FROM experiments"))
+
+    def dataframe(self, experiment_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        df = pd.read_sql_query("SELECT * FROM experiments ORDER BY rowid", self._db)
+        if experiment_ids is not None:
+            df = df[df["experiment_id"].isin(set(experiment_ids))].reset_index(drop=True)
+        for column in _BOOL_COLUMNS:
+            df[column] = df[column].map(lambda v: None if pd.isna(v) else bool(v)).astype(object)
+        return df
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _to_sql(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return value
+
+
+def load_results(out: str | Path = "bdbench-out") -> pd.DataFrame:
+    """All result rows of an output folder as a pandas DataFrame."""
+    path = Path(out) / "results.sqlite"
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no results yet; run `bdbench run CONFIG --out {out}` first")
+    store = ResultStore(path)
+    try:
+        return store.dataframe()
+    finally:
+        store.close()
+
+
+class ArtifactCache:
+    """Content-addressed model files: `<key>.safetensors` beside `<key>.json` (what produced it)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _paths(self, kind: str, key: str) -> tuple[Path, Path]:
+        folder = self.root / kind
+        return folder / f"{key}.safetensors", folder / f"{key}.json"
+
+    def save(self, kind: str, key: str, model: nn.Module, info: dict[str, Any]) -> None:
+        weights, meta = self._paths(kind, key)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        _atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+        _atomic_write(meta, lambda tmp: tmp.write_text(json.dumps(info, indent=2, sort_keys=True)))
+
+    def load(self, kind: str, key: str, model: nn.Module) -> dict[str, Any] | None:
+        """Load weights into `model` and return the JSON info, or None when not cached.
+
+        A file that is corrupt or does not fit the architecture is an `ArtifactError`.
+        """
+        weights, meta = self._paths(kind, key)
+        if not (weights.is_file() and meta.is_file()):
+            return None
+        try:
+            state = load_file(str(weights))
+            model.load_state_dict(state, strict=True)
+            return json.loads(meta.read_text())
+        except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{weights}: unreadable or mismatched model file ({str(exc).splitlines()[0]})") from None
+
+    def discard(self, kind: str, key: str) -> None:
+        for path in self._paths(kind, key):
+            path.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+__all__ = ["COLUMNS", "ArtifactCache", "ResultStore", "load_results"]

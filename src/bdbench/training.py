@@ -1,0 +1,141 @@
+"""The one trainer: victims, fine-tuning defenses and retraining all call `train`.
+
+In the style of airbench/nanoGPT: the whole data set sits on the device as uint8, each batch
+is augmented as one tensor (random crop with padding, horizontal flip only where the data set
+allows it), SGD with a one-cycle or cosine schedule steps per batch, and every random draw
+comes from one generator seeded by the caller. On CUDA the loop runs channels-last under
+bfloat16 autocast.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class TrainConfig(BaseModel):
+    """Training settings. `crop_padding` and `hflip` left as None take the data set's own facts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    crop_padding: int | None = Field(None, ge=0)
+    hflip: bool | None = None
+
+
+class BatchHook(Protocol):
+    """The one hook through which an attack may control training (WaNet's noise mode,
+    input-aware generators, BPP's negative samples): it receives each augmented batch as
+    float images in [0, 1] with labels and returns the batch to train on."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def augment_batch(x: torch.Tensor, crop_padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding, and random horizontal flip, for a whole float batch at once."""
+    n, _, h, w = x.shape
+    if crop_padding > 0:
+        padded = F.pad(x, (crop_padding,) * 4)
+        offsets = torch.randint(0, 2 * crop_padding + 1, (2, n), generator=generator).to(x.device)
+        rows = (offsets[0].view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+        cols = (offsets[1].view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        channel = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+        x = padded[batch, channel, rows, cols]
+    if hflip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    *,
+    seed: int,
+    crop_padding: int = 0,
+    hflip: bool = False,
+    device: torch.device | None = None,
+    hook: BatchHook | None = None,
+) -> nn.Module:
+    """Train `model` in place on uint8 images `x` (N, C, H, W) and labels `y` and return it in eval mode.
+
+    `y` holds class indices (N,) or soft label distributions (N, K). `crop_padding`/`hflip`
+    are the data set's defaults; the config's own values, when set, win.
+    """
+    device = device or default_device()
+    crop_padding = config.crop_padding if config.crop_padding is not None else crop_padding
+    hflip = config.hflip if config.hflip is not None else hflip
+    generator = torch.Generator().manual_seed(seed)
+    on_cuda = device.type == "cuda"
+    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format).train()
+    x_dev, y_dev = x.to(device), y.to(device)
+    n = len(x_dev)
+    batch_size = min(config.batch_size, n)
+    steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch: BatchNorm needs full ones
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+    scheduler = _scheduler(optimizer, config, config.epochs * steps_per_epoch)
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        for step in range(steps_per_epoch):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            xb = x_dev[idx].float().div_(255.0)
+            xb = augment_batch(xb, crop_padding, hflip, generator)
+            yb = y_dev[idx]
+            if hook is not None:
+                xb, yb = hook(xb, yb, generator)
+            xb = xb.contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Logits for uint8 images (N, C, H, W), as float32 on the CPU, with the model in eval mode."""
+    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size].to(device).float().div_(255.0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(xb).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512,
+            device: torch.device | None = None) -> torch.Tensor:
+    """Predicted class indices for uint8 images (N, C, H, W)."""
+    return predict_logits(model, x, batch_size, device).argmax(1)
