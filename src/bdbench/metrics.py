@@ -6,7 +6,7 @@ import torch
 
 
 def _share(hits: torch.Tensor) -> float | None:
-    return float(hits.float().mean()) if hits.numel() else None
+    return float(hits.double().mean()) if hits.numel() else None
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float | None:

@@ -39,6 +39,11 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (plugins and tests that register temporary ones)."""
+        self.entry(name)
+        del self._entries[name]
+
     def get(self, name: str) -> T:
         return self.entry(name).obj
 

@@ -61,6 +61,7 @@ COLUMNS: dict[str, str] = {
     "finished_at": "TEXT",
 }
 _BOOL_COLUMNS = ("detected", "victim_cached")
+_JSON_COLUMNS = ("attack_params", "defense_params", "suspected_targets")
 
 
 class ResultStore:
@@ -104,6 +105,8 @@ class ResultStore:
             df = df[df["experiment_id"].isin(set(experiment_ids))].reset_index(drop=True)
         for column in _BOOL_COLUMNS:
             df[column] = df[column].map(lambda v: None if pd.isna(v) else bool(v)).astype(object)
+        for column in _JSON_COLUMNS:
+            df[column] = df[column].map(lambda v: None if v is None else json.loads(v)).astype(object)
         return df
 
     def close(self) -> None:

@@ -1,0 +1,3 @@
+from bdbench.cli import main
+
+main()

@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded digits data set and a tiny grid that trains in about a second."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from bdbench.data import load_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TINY_GRID = {
+    "name": "tiny",
+    "dataset": "digits",
+    "model": {"name": "cnn-small", "width": 8},
+    "training": {"epochs": 6, "batch_size": 64, "lr": 0.05},
+    "attacks": ["none", {"name": "badnets", "patch_size": 2}],
+    "poison_rates": [0.1],
+    "defenses": ["none", {"name": "ft", "epochs": 2}],
+    "seeds": [0],
+}
+
+
+@pytest.fixture
+def tiny_grid() -> dict:
+    return copy.deepcopy(TINY_GRID)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)

@@ -1,0 +1,80 @@
+import pytest
+
+from bdbench.errors import ConfigError
+from bdbench.grid import apply_overrides, expand, load_grid, read_config
+
+
+def test_builtin_demo_validates_and_expands():
+    grid = load_grid("demo")
+    specs = expand(grid)
+    assert len(specs) == 6  # (none, badnets, blended) x (none, ft) at one rate, one seed
+    assert {s.attack.name for s in specs} == {"none", "badnets", "blended"}
+    assert all(s.poison_rate == 0.0 for s in specs if s.attack.name == "none")
+    assert len({s.experiment_id for s in specs}) == 6
+    # Defense and precision do not change the victim; attack does.
+    assert len({s.victim_key for s in specs}) == 3
+
+
+def test_ids_are_stable_and_depend_on_every_field(tiny_grid):
+    a = expand(load_grid(tiny_grid))
+    b = expand(load_grid(tiny_grid))
+    assert [s.experiment_id for s in a] == [s.experiment_id for s in b]
+    tiny_grid["training"]["lr"] = 0.01
+    c = expand(load_grid(tiny_grid))
+    assert not {s.experiment_id for s in a} & {s.experiment_id for s in c}
+
+
+def test_clean_attack_is_trained_once_per_seed_across_rates(tiny_grid):
+    tiny_grid["poison_rates"] = [0.05, 0.1]
+    tiny_grid["seeds"] = [0, 1]
+    specs = expand(load_grid(tiny_grid))
+    # per seed: none x 2 defenses + badnets x 2 rates x 2 defenses
+    assert len(specs) == 2 * (2 + 4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attack": ["badnets"]}, "unknown key 'attack' in grid spec; valid keys: name, description, dataset"),
+    ({"attacks": ["badnetz"]}, "unknown attack 'badnetz'; choose one of: badnets, blended, none"),
+    ({"defenses": ["nc9"]}, "unknown defense 'nc9'; choose one of: ft, none"),
+    ({"attacks": [{"name": "badnets", "size": 3}]}, "attack 'badnets' has no parameter 'size'; valid parameters:"),
+    ({"poison_rates": [1.5]}, "grid spec poison_rates: poison rate 1.5 is not in"),
+    ({"training": {"epochs": 0}}, "grid spec training.epochs: Input should be greater than or equal to 1"),
+    ({"training": {"epoch": 3}}, "unknown key 'training.epoch' in grid spec; valid keys: epochs"),
+    ({"precisions": ["int3"]}, "unknown precision 'int3'; choose one of: fp32"),
+    ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
+])
+def test_config_errors_are_one_line_and_name_the_problem(tiny_grid, change, message):
+    tiny_grid.update(change)
+    with pytest.raises(ConfigError) as info:
+        load_grid(tiny_grid)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no config file or built-in grid named 'demoo'; built-ins: demo"):
+        read_config("demoo")
+    with pytest.raises(ConfigError, match="no such config file"):
+        read_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: [mnist5k\nmodel: cnn-small\n")
+    with pytest.raises(ConfigError, match="bad.yaml: line .* is not valid YAML"):
+        read_config(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        read_config(bad)
+
+
+def test_overrides_set_nested_keys_and_list_items(tiny_grid):
+    data = apply_overrides(tiny_grid, ["seeds=[0,1,2]", "training.epochs=2", "attacks.1.patch_size=3",
+                                       "dataset.name=mnist5k", "defenses.1=none"])
+    assert data["seeds"] == [0, 1, 2]
+    assert data["training"]["epochs"] == 2
+    assert data["attacks"][1] == {"name": "badnets", "patch_size": 3}
+    assert data["dataset"] == {"name": "mnist5k"}
+    assert data["defenses"][1] == "none"
+    assert tiny_grid["seeds"] == [0]  # the input is not modified
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        apply_overrides(tiny_grid, ["seeds"])
+    with pytest.raises(ConfigError, match="attacks has no item 7"):
+        apply_overrides(tiny_grid, ["attacks.7.alpha=0.1"])

@@ -1,0 +1,242 @@
+"""End to end on a tiny grid: rows, cache reuse, scoring of every outcome kind, failures, resume."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bdbench import load_results, run_grid
+from bdbench.data import load_dataset
+from bdbench.defenses import DEFENSES, Defense, DefenseKind, DefenseOutcome
+from bdbench.errors import BdbenchError
+from bdbench.store import COLUMNS
+
+REQUIRED = ["experiment_id", "dataset", "model", "attack", "poison_rate", "target_label", "defense", "precision",
+            "seed", "status", "error", "clean_acc", "asr", "robust_acc", "der", "detected", "anomaly_index",
+            "suspected_targets", "det_tpr", "det_fpr", "det_auroc", "clean_budget", "wall_s", "defense_s",
+            "peak_rss_mb"]
+
+
+def _corner_is_white(x: torch.Tensor) -> torch.Tensor:
+    return (x[:, :, -2:, -2:] == 255).flatten(1).all(1)
+
+
+class CornerInspector(Defense):
+    """Test-only data inspection: flags training images whose bottom-right 2x2 corner is white."""
+
+    kind = DefenseKind.DATA_DETECTION
+
+    def run(self, context):
+        assert context.train_x is not None  # data inspection receives the training set...
+        flagged = _corner_is_white(context.train_x)
+        return DefenseOutcome(sample_scores=flagged.float(), flagged=flagged)
+
+
+class CornerFilter(Defense):
+    """Test-only run-time filter: rejects inputs whose bottom-right 2x2 corner is white."""
+
+    kind = DefenseKind.INPUT_DETECTION
+
+    def run(self, context):
+        assert context.train_x is None  # ...and input detection does not.
+        return DefenseOutcome(input_detector=lambda x: (_corner_is_white(x).float(), _corner_is_white(x)))
+
+
+class Crash(Defense):
+    """Test-only defense that always raises."""
+
+    kind = DefenseKind.MODEL_REPAIR
+
+    def run(self, context):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def test_defenses():
+    for name, cls in (("corner-inspector", CornerInspector), ("corner-filter", CornerFilter), ("crash", Crash)):
+        DEFENSES.register(name)(cls)
+    yield
+    for name in ("corner-inspector", "corner-filter", "crash"):
+        DEFENSES.unregister(name)
+
+
+def test_tiny_grid_rows_cache_and_rerun(tmp_path, tiny_grid):
+    rows = run_grid(tiny_grid, out=tmp_path, progress=False)
+    assert len(rows) == 4 and set(rows["status"]) == {"ok"}
+    assert set(REQUIRED) <= set(rows.columns)
+    badnets = rows[(rows.attack == "badnets") & (rows.defense == "none")].iloc[0]
+    clean = rows[(rows.attack == "none") & (rows.defense == "none")].iloc[0]
+    assert badnets.asr > 0.9 and badnets.clean_acc > 0.8
+    assert clean.asr is None or clean.asr != clean.asr  # no trigger on a clean model: null
+    per_class = torch.bincount(load_dataset("digits").y_train)
+    assert badnets.clean_budget == sum(round(0.05 * int(n)) for n in per_class) == 70  # 5% of each class
+    ft = rows[(rows.attack == "badnets") & (rows.defense == "ft")].iloc[0]
+    assert ft.victim_cached and ft.clean_acc_before == badnets.clean_acc and ft.asr_before == badnets.asr
+    assert 0 <= ft.der <= 1 and ft.defense_s > 0 and ft.peak_rss_mb > 0
+    assert sorted((tmp_path / "cache" / "victims").glob("*.safetensors")).__len__() == 2
+
+    # A second run finds every row stored and trains nothing.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "victims").iterdir()}
+    again = run_grid(tiny_grid, out=tmp_path, progress=False)
+    assert again.experiment_id.tolist() == rows.experiment_id.tolist()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "victims").iterdir()} == mtimes
+
+    # A new defense on the same grid reuses both cached victims.
+    tiny_grid["defenses"].append({"name": "ft", "epochs": 1})
+    more = run_grid(tiny_grid, out=tmp_path, progress=False)
+    assert len(more) == 6
+    new = more[~more.experiment_id.isin(rows.experiment_id)]
+    assert len(new) == 2 and new.victim_cached.all()
+    assert len(load_results(tmp_path)) == 6
+
+
+def test_every_outcome_kind_is_scored_by_the_runner(tmp_path, tiny_grid, test_defenses):
+    tiny_grid["defenses"] = ["corner-inspector", "corner-filter", "crash"]
+    rows = run_grid(tiny_grid, out=tmp_path, progress=False).set_index(["attack", "defense"])
+    inspected = rows.loc[("badnets", "corner-inspector")]
+    assert inspected.status == "ok"
+    assert inspected.det_tpr == 1.0 and inspected.det_fpr < 0.05 and inspected.det_auroc > 0.95
+    assert inspected.asr_before > 0.9 and inspected.asr < 0.2  # retrained on the kept samples
+    assert inspected.der > 0.85
+    benign = rows.loc[("none", "corner-inspector")]
+    assert benign.det_tpr != benign.det_tpr and benign.det_fpr < 0.05  # TPR null: nothing was poisoned
+    filtered = rows.loc[("badnets", "corner-filter")]
+    assert filtered.det_tpr == 1.0 and filtered.det_fpr < 0.05 and filtered.det_auroc > 0.95
+    assert filtered.asr == filtered.asr_before  # a filter does not change the model
+    crashed = rows.loc[("badnets", "crash")]
+    assert crashed.status == "error" and crashed.error == "RuntimeError: boom"
+    assert crashed.clean_acc != crashed.clean_acc  # no numbers: an error is never "not detected"
+    log = tmp_path / "logs" / f"{crashed.experiment_id}.log"
+    assert "RuntimeError: boom" in log.read_text()
+
+
+def test_error_rows_are_kept_then_retried_on_request(tmp_path, tiny_grid, test_defenses):
+    tiny_grid["defenses"] = ["crash"]
+    tiny_grid["attacks"] = ["none"]
+    first = run_grid(tiny_grid, out=tmp_path, progress=False)
+    assert first.status.tolist() == ["error"]
+    stamp = first.finished_at[0]
+    time.sleep(1.1)
+    assert run_grid(tiny_grid, out=tmp_path, progress=False).finished_at[0] == stamp
+    assert run_grid(tiny_grid, out=tmp_path, progress=False, retry_errors=True).finished_at[0] != stamp
+
+
+def test_corrupt_cached_victim_is_retrained(tmp_path, tiny_grid, caplog):
+    tiny_grid["attacks"] = ["none"]
+    tiny_grid["defenses"] = ["none"]
+    run_grid(tiny_grid, out=tmp_path, progress=False)
+    (weights,) = (tmp_path / "cache" / "victims").glob("*.safetensors")
+    weights.write_bytes(b"\x00garbage")
+    tiny_grid["defenses"] = [{"name": "ft", "epochs": 1}]
+    rows = run_grid(tiny_grid, out=tmp_path, progress=False)
+    assert rows.status.tolist() == ["ok"] and rows.victim_cached.tolist() == [False]
+    assert "unreadable or mismatched model file" in caplog.text
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path, tiny_grid):
+    from bdbench.runner import exclusive
+
+    with exclusive(tmp_path):
+        with pytest.raises(BdbenchError, match=f"in use by a running bdbench \\(pid {os.getpid()}\\)"):
+            run_grid(tiny_grid, out=tmp_path, progress=False)
+
+
+def test_store_adds_new_columns_to_an_older_database(tmp_path):
+    path = tmp_path / "results.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE experiments (experiment_id TEXT PRIMARY KEY, status TEXT)")
+    db.execute("INSERT INTO experiments VALUES ('abc', 'ok')")
+    db.commit()
+    db.close()
+    rows = load_results(tmp_path)
+    assert set(COLUMNS) <= set(rows.columns) and rows.experiment_id.tolist() == ["abc"]
+
+
+def _wait_for_rows(db: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as conn:
+                    if conn.execute("SELECT COUNT(*) FROM experiments").fetchone()[0] >= count:
+                        return
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} rows within {timeout}s")
+
+
+def test_kill_minus_nine_mid_grid_then_resume(tmp_path, tiny_grid):
+    tiny_grid["seeds"] = [0, 1]
+    tiny_grid["training"]["epochs"] = 30  # slow enough (about 1 s per victim) to be killed mid-grid
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(tiny_grid))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bdbench", "run", str(config), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_rows(out / "results.sqlite", 2, proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    partial = load_results(out)
+    assert 2 <= len(partial) < 8
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = load_results(out)
+    assert len(rows) == 8 and rows.experiment_id.is_unique and set(rows.status) == {"ok"}
+    # Rows finished before the kill were kept as they were, not run again.
+    kept = rows.set_index("experiment_id").loc[partial.experiment_id]
+    assert kept.finished_at.tolist() == partial.finished_at.tolist()
+    assert f"{8 - len(partial)}/{8 - len(partial)}]" in done.stderr
+
+
+def test_cli_results_json_and_one_line_errors(tmp_path, tiny_grid):
+    config = tmp_path / "grid.yaml"
+    tiny_grid["attacks"] = ["none"]
+    tiny_grid["defenses"] = ["none"]
+    config.write_text(yaml.safe_dump(tiny_grid))
+    out = tmp_path / "out"
+    bdbench = [sys.executable, "-m", "bdbench"]
+    ran = subprocess.run([*bdbench, "run", str(config), "--out", str(out)], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert "1 experiments in" in ran.stdout and "1 ok" in ran.stdout
+    listed = json.loads(subprocess.run([*bdbench, "results", "--out", str(out), "--format", "json"],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert len(listed) == 1 and set(REQUIRED) <= set(listed[0]) and listed[0]["status"] == "ok"
+    csv = subprocess.run([*bdbench, "results", "--out", str(out), "--format", "csv"],
+                         capture_output=True, text=True, check=True).stdout
+    assert csv.splitlines()[0].startswith("experiment_id,") and len(csv.splitlines()) == 2
+
+    for args, message in [
+        (["run", str(config), "--out", str(out), "--set", "attacks=[badnetz]"], "error: unknown attack 'badnetz'"),
+        (["run", "nosuchgrid"], "error: no config file or built-in grid named 'nosuchgrid'"),
+        (["run", str(config), "--out", str(out), "--set", "dataset={name: npz, path: /nope.npz}"],
+         "error: /nope.npz: no such file"),
+        (["results", "--out", str(tmp_path / "empty")], "error: " + str(tmp_path / "empty" / "results.sqlite")),
+    ]:
+        bad = subprocess.run([*bdbench, *args], capture_output=True, text=True)
+        assert bad.returncode == 2, (args, bad.stderr)
+        assert bad.stderr.startswith(message), bad.stderr
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert len(load_results(out)) == 1  # nothing finished was lost
+
+
+def test_cli_list_json_has_name_and_description():
+    for what in ("configs", "datasets", "models", "attacks", "defenses", "precisions"):
+        listed = json.loads(subprocess.run([sys.executable, "-m", "bdbench", "list", what, "--format", "json"],
+                                           capture_output=True, text=True, check=True).stdout)
+        assert listed and all(item["name"] and item["description"] for item in listed), what
+    attacks = json.loads(subprocess.run([sys.executable, "-m", "bdbench", "list", "attacks", "--format", "json"],
+                                        capture_output=True, text=True, check=True).stdout)
+    assert {"badnets", "blended", "none"} <= {a["name"] for a in attacks}
+    assert all("Gu" in a["citation"] for a in attacks if a["name"] == "badnets")
