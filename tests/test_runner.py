@@ -98,6 +98,16 @@ def test_tiny_grid_rows_cache_and_rerun(tmp_path, tiny_grid):
     assert len(load_results(tmp_path)) == 6
 
 
+def test_same_spec_same_seed_same_numbers(tmp_path, tiny_grid):
+    first = run_grid(tiny_grid, out=tmp_path / "a", progress=False)
+    second = run_grid(tiny_grid, out=tmp_path / "b", progress=False)
+    columns = ["experiment_id", "clean_acc", "asr", "robust_acc", "der", "clean_budget"]
+    assert first[columns].equals(second[columns])
+    tiny_grid["seeds"] = [1]
+    other = run_grid(tiny_grid, out=tmp_path / "c", progress=False)
+    assert not other[["clean_acc", "asr"]].equals(first[["clean_acc", "asr"]])
+
+
 def test_every_outcome_kind_is_scored_by_the_runner(tmp_path, tiny_grid, test_defenses):
     tiny_grid["defenses"] = ["corner-inspector", "corner-filter", "crash"]
     rows = run_grid(tiny_grid, out=tmp_path, progress=False).set_index(["attack", "defense"])

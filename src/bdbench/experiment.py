@@ -116,13 +116,14 @@ def _score_outcome(outcome: DefenseOutcome, spec: ExperimentSpec, dataset: Datas
         row["anomaly_index"] = float(outcome.anomaly_index)
     if outcome.suspected_targets is not None:
         row["suspected_targets"] = [int(t) for t in outcome.suspected_targets]
+    if outcome.sample_scores is not None:
+        row["det_auroc"] = metrics.auroc(outcome.sample_scores.cpu(), poisoned.poison_mask)
     if outcome.flagged is not None:
         flagged = outcome.flagged.bool().cpu()
         if flagged.shape != poisoned.poison_mask.shape:
-            raise ValueError(f"defense flagged {tuple(flagged.shape)} samples, the training set has {len(flagged)}")
+            raise ValueError(f"defense flagged {tuple(flagged.shape)} samples, the training set has "
+                             f"{len(poisoned.poison_mask)}")
         row["det_tpr"], row["det_fpr"] = metrics.detection_rates(flagged, poisoned.poison_mask)
-        if outcome.sample_scores is not None:
-            row["det_auroc"] = metrics.auroc(outcome.sample_scores.cpu(), poisoned.poison_mask)
         if model is None:  # retrain on the kept samples with the victim's own settings
             keep = ~flagged
             model = new_model(spec, dataset, "retrain_init")

