@@ -55,3 +55,16 @@ def test_batch_hook_sees_every_batch_and_can_change_it(digits):
                   seed=0, hook=hook)
     assert calls == [100] * (len(digits.y_train) // 100)
     assert (predict(model, digits.x_test) == 0).float().mean() > 0.9
+
+
+def test_loss_fn_replaces_the_objective(digits):
+    seen = []
+
+    def always_predict_three(model, x, y):
+        seen.append(len(x))
+        return torch.nn.functional.cross_entropy(model(x), torch.full_like(y, 3))
+
+    model = train(_model(digits), digits.x_train, digits.y_train, TrainConfig(epochs=1, batch_size=100),
+                  seed=0, loss_fn=always_predict_three)
+    assert len(seen) == len(digits.y_train) // 100
+    assert (predict(model, digits.x_test) == 3).float().mean() > 0.9

@@ -9,7 +9,7 @@ bfloat16 autocast.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,15 @@ class BatchHook(Protocol):
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         ...
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A training objective: (model, images, labels) -> scalar loss. Defenses with their own objective
+(attention distillation, loss flooding, unlearning) pass one; the default is cross-entropy."""
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
 
 
 def default_device() -> torch.device:
@@ -81,11 +90,13 @@ def train(
     hflip: bool = False,
     device: torch.device | None = None,
     hook: BatchHook | None = None,
+    loss_fn: LossFn = cross_entropy,
 ) -> nn.Module:
     """Train `model` in place on uint8 images `x` (N, C, H, W) and labels `y` and return it in eval mode.
 
     `y` holds class indices (N,) or soft label distributions (N, K). `crop_padding`/`hflip`
-    are the data set's defaults; the config's own values, when set, win.
+    are the data set's defaults; the config's own values, when set, win. `hook` lets an attack
+    change each batch; `loss_fn` replaces the cross-entropy objective.
     """
     device = device or default_device()
     crop_padding = config.crop_padding if config.crop_padding is not None else crop_padding
@@ -113,7 +124,7 @@ def train(
                 xb, yb = hook(xb, yb, generator)
             xb = xb.contiguous(memory_format=memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                loss = F.cross_entropy(model(xb), yb)
+                loss = loss_fn(model, xb, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

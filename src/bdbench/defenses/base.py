@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bdbench.seeding import derive_seed
-from bdbench.training import BatchHook, TrainConfig, train
+from bdbench.training import LossFn, TrainConfig, cross_entropy, train
 
 
 class DefenseKind(str, Enum):
@@ -64,10 +64,10 @@ class DefenseContext:
         return torch.Generator().manual_seed(derive_seed(self.seed, purpose))
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
-            purpose: str = "fit", hook: BatchHook | None = None) -> nn.Module:
+            purpose: str = "fit", loss_fn: LossFn = cross_entropy) -> nn.Module:
         """Train with the one trainer, this data set's augmentation facts and a seed for `purpose`."""
         return train(model, x, y, config, seed=derive_seed(self.seed, purpose), crop_padding=self.crop_padding,
-                     hflip=self.allow_hflip, device=self.device, hook=hook)
+                     hflip=self.allow_hflip, device=self.device, loss_fn=loss_fn)
 
 
 class InputDetector(Protocol):
