@@ -40,6 +40,8 @@ def fmt(value: object, digits: int = 3) -> str:
 def _cell(value: object, digits: int = 3) -> str:
     if stats.finite(value) and not isinstance(value, bool):
         return f'<td class="num" data-value="{float(value)!r}">{fmt(value, digits)}</td>'
+    if isinstance(value, float):  # a missing number: keep the dash in the numbers' column alignment
+        return f'<td class="num">{fmt(value, digits)}</td>'
     return f"<td>{fmt(value, digits)}</td>"
 
 
