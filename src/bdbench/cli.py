@@ -1,4 +1,4 @@
-"""The command line: `bdbench run`, `bdbench results`, `bdbench list`."""
+"""The command line: `bdbench run`, `bdbench results`, `bdbench report`, `bdbench list`."""
 
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ def run(config: str, out: str, overrides: tuple[str, ...], executor: str, retry_
                + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
     click.echo(rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    from bdbench.report import report_from_out
+
+    click.echo(f"report: {report_from_out(out)}")
 
 
 @main.command()
@@ -72,6 +75,18 @@ def results(out: str, fmt: str) -> None:
     else:
         columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
         click.echo(rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@main.command()
+@click.option("--out", default="bdbench-out", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder holding results.sqlite.")
+@click.option("-o", "--output", "output", default=None, type=click.Path(dir_okay=False),
+              help="HTML file to write  [default: OUT/report.html]")
+def report(out: str, output: str | None) -> None:
+    """Write the self-contained HTML report of an output folder and print its path."""
+    from bdbench.report import report_from_out
+
+    click.echo(str(report_from_out(out, output)))
 
 
 @main.command(name="list")

@@ -1,0 +1,103 @@
+"""Figures as inline SVG strings, drawn off-screen with matplotlib's Agg-family backends."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")  # never open a window or need a display, also on headless CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+# Okabe-Ito: distinguishable under the common colour-vision deficiencies; markers double the encoding.
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "svg.fonttype": "none",
+          "axes.spines.top": False, "axes.spines.right": False, "svg.hashsalt": "bdbench"}
+
+
+def _to_svg(figure: plt.Figure) -> str:
+    """Serialise and close a figure; the XML prolog, doctype and RDF metadata are dropped so it inlines cleanly."""
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(figure)
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg"):]
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
+    return svg.replace("<svg ", '<svg class="figure" role="img" ', 1)
+
+
+def heatmap(table: pd.DataFrame, title: str, colorbar_label: str, vmin: float | None = None,
+            vmax: float | None = None) -> str:
+    """A defense x attack heatmap with the value printed in every cell (cividis, readable in grey too)."""
+    values = table.to_numpy(dtype=float)
+    n_rows, n_cols = values.shape
+    with plt.rc_context(_STYLE):
+        figure, axes = plt.subplots(figsize=(1.3 * n_cols + 2.6, 0.55 * n_rows + 1.4))
+        masked = np.ma.masked_invalid(values)
+        image = axes.imshow(masked, cmap="cividis", vmin=vmin, vmax=vmax, aspect="auto")
+        low, high = image.get_clim()
+        for i in range(n_rows):
+            for j in range(n_cols):
+                value = values[i, j]
+                if np.isnan(value):
+                    axes.text(j, i, "n/a", ha="center", va="center", color="#555555")
+                    continue
+                bright = (value - low) / ((high - low) or 1.0) > 0.6
+                axes.text(j, i, f"{value:.2f}", ha="center", va="center",
+                          color="black" if bright else "white", fontweight="bold")
+        axes.set_xticks(range(n_cols), [str(c) for c in table.columns], rotation=20, ha="right")
+        axes.set_yticks(range(n_rows), [str(r) for r in table.index])
+        axes.set_xlabel(table.columns.name or "")
+        axes.set_ylabel(table.index.name or "")
+        axes.set_title(title)
+        axes.spines[:].set_visible(False)
+        figure.colorbar(image, ax=axes, label=colorbar_label, shrink=0.9)
+        return _to_svg(figure)
+
+
+def cost_scatter(rows: pd.DataFrame) -> str:
+    """Defense time and peak memory against DER, one colour and marker per defense."""
+    with plt.rc_context(_STYLE):
+        figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        for k, (defense, group) in enumerate(rows.groupby("defense", sort=True)):
+            style = {"color": PALETTE[k % len(PALETTE)], "marker": MARKERS[k % len(MARKERS)], "alpha": 0.85,
+                     "edgecolors": "white", "linewidths": 0.5, "s": 42, "label": str(defense)}
+            axes[0].scatter(group["defense_s"], group["der"], **style)
+            axes[1].scatter(group["peak_rss_mb"], group["der"], **style)
+        axes[0].set_xlabel("defense time (s)")
+        axes[1].set_xlabel("peak memory (MB, RSS)")
+        axes[0].set_ylabel("DER (higher is better)")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[1].legend(title="defense", loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+        figure.tight_layout()
+        return _to_svg(figure)
+
+
+def precision_bars(table: pd.DataFrame) -> str:
+    """Clean accuracy and ASR after the defense per precision, grouped by defense."""
+    precisions = sorted(table["precision"].unique())
+    defenses = sorted(table["defense"].unique())
+    width = 0.8 / len(precisions)
+    with plt.rc_context(_STYLE):
+        figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+        for panel, (column, label) in enumerate([("clean_acc", "clean accuracy"), ("asr", "ASR after defense")]):
+            ax = axes[panel]
+            for k, precision in enumerate(precisions):
+                part = table[table["precision"] == precision].set_index("defense").reindex(defenses)
+                positions = np.arange(len(defenses)) + (k - (len(precisions) - 1) / 2) * width
+                bars = ax.bar(positions, part[column].to_numpy(dtype=float), width, label=str(precision),
+                              color=PALETTE[k % len(PALETTE)], hatch=["", "//", "..", "xx"][k % 4], edgecolor="white")
+                ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=1)
+            ax.set_xticks(range(len(defenses)), defenses, rotation=20, ha="right")
+            ax.set_ylim(0, 1.12)
+            ax.set_title(label)
+            ax.grid(axis="y", alpha=0.3)
+        axes[1].legend(title="precision", loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+        figure.tight_layout()
+        return _to_svg(figure)

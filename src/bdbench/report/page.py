@@ -1,0 +1,220 @@
+"""Assemble the single self-contained HTML page from the summary tables and figures."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from html import escape
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from bdbench.report import figures, stats
+from bdbench.report.assets import CSS, ERROR_TRAP, TABLE_SCRIPT
+
+# Columns of the every-experiment table, in reading order; long JSON columns (spec) stay in the database.
+EXPERIMENT_COLUMNS = ["dataset", "model", "attack", "poison_rate", "defense", "defense_kind", "precision", "seed",
+                      "status", "clean_acc", "asr", "robust_acc", "der", "clean_acc_before", "asr_before",
+                      "detected", "anomaly_index", "det_tpr", "det_fpr", "det_auroc", "defense_s", "peak_rss_mb",
+                      "wall_s", "experiment_id"]
+SECTIONS = [("leaderboard", "Leaderboard"), ("heatmaps", "ASR and CA drop"), ("detection", "Detection"),
+            ("precision", "Precision"), ("cost", "Cost"), ("experiments", "All experiments"),
+            ("failures", "Errors and not applicable")]
+
+
+def fmt(value: object, digits: int = 3) -> str:
+    """A cell's text: numbers rounded, missing values as an en dash, everything escaped."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if stats.finite(value):
+        return f"{float(value):.{digits}f}"
+    return escape(str(value))
+
+
+def _cell(value: object, digits: int = 3) -> str:
+    if stats.finite(value) and not isinstance(value, bool):
+        return f'<td class="num" data-value="{float(value)!r}">{fmt(value, digits)}</td>'
+    if isinstance(value, float):  # a missing number: keep the dash in the numbers' column alignment
+        return f'<td class="num">{fmt(value, digits)}</td>'
+    return f"<td>{fmt(value, digits)}</td>"
+
+
+def html_table(frame: pd.DataFrame, headers: dict[str, str] | None = None, table_id: str | None = None,
+               row_class: Iterable[str] | None = None) -> str:
+    """A plain HTML table of a DataFrame, every value escaped."""
+    headers = headers or {}
+    classes = list(row_class) if row_class is not None else [""] * len(frame)
+    head = "".join(f"<th>{escape(headers.get(c, str(c)))}</th>" for c in frame.columns)
+    body = []
+    for css, record in zip(classes, frame.itertuples(index=False)):
+        cells = "".join(_cell(v) for v in record)
+        body.append(f'<tr class="{escape(css)}">{cells}</tr>' if css else f"<tr>{cells}</tr>")
+    id_attr = f' id="{escape(table_id)}"' if table_id else ""
+    return f"<table{id_attr}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _empty(text: str) -> str:
+    return f'<p class="empty">{escape(text)}</p>'
+
+
+def leaderboard_section(rows: pd.DataFrame) -> str:
+    """Defenses ranked by mean DER, with the interval, CA drop, ASR after, benign flags and cost."""
+    board = stats.leaderboard(rows)
+    if board.empty or board["n"].sum() == 0:
+        return _empty("No successful experiments on backdoored models: nothing to rank.")
+    shown = pd.DataFrame({
+        "rank": range(1, len(board) + 1), "defense": board["defense"], "n": board["n"],
+        "DER mean": board["der_mean"],
+        "95% interval": [f"{fmt(lo)} – {fmt(hi)}" if not math.isnan(lo) else "– (n<2)"
+                         for lo, hi in zip(board["der_low"], board["der_high"])],
+        "CA drop": board["ca_drop"], "ASR after": board["asr_after"],
+        "benign FP rate": board["benign_fp"], "defense time (s)": board["defense_s"]})
+    note = (f"DER (defense effectiveness rating, 0.5 = no change, higher is better) averaged over every successful "
+            f"backdoored cell of a defense: seeds, attacks, poison rates and precisions; n counts those cells. "
+            f"The interval is a {stats.INTERVAL_NAME} (t quantile with n-1 degrees of freedom); cells are not "
+            f"independent across attacks, so read it as a spread, not a test. CA drop is clean accuracy lost against "
+            f"the same deployed model undefended (all ok cells, clean models included). The benign FP rate is the "
+            f"share of clean models (attack = none) that the defense flagged, or its sample-level FPR on clean data "
+            f"where it gives no model verdict. Error and not-applicable rows are excluded and listed at the end.")
+    classes = ["rank1" if i == 0 else "" for i in range(len(shown))]
+    return html_table(shown, row_class=classes) + f'<p class="note">{escape(note)}</p>'
+
+
+def heatmap_section(rows: pd.DataFrame) -> str:
+    """ASR after the defense and CA drop, per defense x attack."""
+    good = stats.ok_rows(rows)
+    hit = stats.attacked(good)
+    asr = stats.grid_mean(hit, hit["asr"], "defense", "attack")
+    drop = stats.grid_mean(good, stats.ca_drop(good), "defense", "attack")
+    parts = []
+    parts.append(figures.heatmap(asr, "ASR after defense (lower is better)", "attack success rate", 0.0, 1.0)
+                 if not asr.empty else _empty("No ASR numbers: no successful experiment on a backdoored model."))
+    if drop.empty:
+        parts.append(_empty("No CA drop numbers: no successful experiment with an undefended reference."))
+    else:
+        limit = max(0.05, float(abs(drop.to_numpy()).max()))
+        parts.append(figures.heatmap(drop, "Clean-accuracy drop (lower is better)", "CA before − CA after",
+                                     min(0.0, float(drop.min().min())), limit))
+    note = "Means over seeds, poison rates and precisions; n/a marks a cell with no successful run."
+    return '<div class="figrow">' + "".join(f"<div>{p}</div>" for p in parts) + f'</div><p class="note">{note}</p>'
+
+
+_DETECTION_HEADERS = {"det_tpr": "TPR", "det_fpr": "FPR", "det_auroc": "AUROC", "flag_rate": "model flag rate"}
+
+
+def detection_section(rows: pd.DataFrame) -> str:
+    """Detection quality on backdoored models and the flag rate on clean ones."""
+    good = stats.ok_rows(rows)
+    on_attacked = stats.detection_table(stats.attacked(good), ["defense", "attack"])
+    on_benign = stats.detection_table(stats.benign(good), ["defense"])
+    if on_attacked.empty and on_benign.empty:
+        return _empty("No defense in these results reports detections (no TPR, FPR, AUROC or verdicts).")
+    parts = ["<h3>On backdoored models</h3>"]
+    parts.append(html_table(on_attacked, _DETECTION_HEADERS) if not on_attacked.empty
+                 else _empty("No detection results on backdoored models."))
+    parts.append("<h3>On clean models (benign false positives)</h3>")
+    parts.append(html_table(on_benign, _DETECTION_HEADERS) if not on_benign.empty
+                 else _empty("No detection results on clean models: the benign false-positive rate is unknown."))
+    parts.append('<p class="note">TPR/FPR/AUROC score suspicion of training samples or inputs against the poison '
+                 'ground truth; the model flag rate is the share of models a model-level detector called backdoored '
+                 '(on clean models every flag is a false positive).</p>')
+    return "".join(parts)
+
+
+def precision_section(rows: pd.DataFrame) -> str:
+    """Clean accuracy, ASR and detection per deployed precision."""
+    table = stats.precision_table(rows)
+    if table.empty:
+        return _empty("No successful experiments: nothing to show per precision.")
+    precisions = sorted(table["precision"].unique())
+    parts = []
+    if len(precisions) == 1:
+        parts.append(_empty(f"Only one precision in these results ({precisions[0]}): "
+                            "no comparison across precisions to draw."))
+    else:
+        parts.append(figures.precision_bars(table))
+    headers = {"clean_acc": "CA after", "clean_acc_before": "CA before", "asr": "ASR after", "asr_before": "ASR before"}
+    parts.append(html_table(table, headers))
+    detection = stats.detection_table(stats.ok_rows(rows), ["precision", "defense", "attack"])
+    parts.append("<h3>Detection per precision</h3>")
+    parts.append(html_table(detection, _DETECTION_HEADERS) if not detection.empty
+                 else _empty("No detection results to split by precision."))
+    return "".join(parts)
+
+
+def cost_section(rows: pd.DataFrame) -> str:
+    """What each defense costs against what it buys."""
+    hit = stats.attacked(stats.ok_rows(rows))
+    usable = hit.dropna(subset=["der"])
+    usable = usable[usable["defense_s"].notna() | usable["peak_rss_mb"].notna()]
+    if usable.empty:
+        return _empty("No cost measurements on backdoored models with a DER.")
+    return (figures.cost_scatter(usable) + '<p class="note">One point per successful backdoored cell. Time is the '
+            "defense's own wall-clock time; memory is the process's peak resident set size.</p>")
+
+
+def experiments_section(rows: pd.DataFrame) -> str:
+    """Every stored experiment, sortable by header click and filterable by text."""
+    columns = [c for c in EXPERIMENT_COLUMNS if c in rows]
+    frame = rows[columns]
+    return ('<input id="filter" type="search" placeholder="filter: e.g. badnets int8 error" '
+            'aria-label="filter experiments"><span id="filter-count" class="meta"></span>'
+            f'<div class="scroll">{html_table(frame, table_id="experiment-table")}</div>'
+            '<p class="note">Click a column header to sort; type words to keep rows containing all of them.</p>')
+
+
+def failures_section(rows: pd.DataFrame) -> str:
+    """Every error and not-applicable row with its reason, in full."""
+    bad = stats.failures(rows)
+    if bad.empty:
+        return '<p class="empty">None: every experiment finished with status ok.</p>'
+    lines = []
+    for record in bad.itertuples(index=False):
+        lines.append(f'<tr><td class="status-{escape(str(record.status))}">{escape(str(record.status))}</td>'
+                     + "".join(_cell(v) for v in (record.defense, record.attack, record.precision, record.seed,
+                                                  record.poison_rate))
+                     + f'<td class="reason">{fmt(record.error)}</td><td>{fmt(record.experiment_id)}</td></tr>')
+    head = "".join(f"<th>{h}</th>" for h in ["status", "defense", "attack", "precision", "seed", "poison rate",
+                                              "reason", "experiment"])
+    return (f'<p class="note">{len(bad)} of {len(rows)} experiments did not produce numbers; they are excluded from '
+            "every average above and never counted as “not detected”.</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>")
+
+
+def _summary(rows: pd.DataFrame) -> str:
+    counts = rows["status"].value_counts().to_dict() if len(rows) else {}
+    status = ", ".join(f"{n} {escape(str(s))}" for s, n in sorted(counts.items())) or "none"
+    datasets = ", ".join(escape(str(v)) for v in sorted(rows["dataset"].dropna().unique()))
+    models = ", ".join(escape(str(v)) for v in sorted(rows["model"].dropna().unique()))
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f'<p class="meta">{len(rows)} experiments ({status}) · data set: {datasets or "–"} · '
+            f"model: {models or '–'} · generated {when}</p>")
+
+
+def render(rows: pd.DataFrame, title: str = "bdbench report") -> str:
+    """The whole page as one string: inline CSS, inline SVG figures, inline script, no external references."""
+    builders = {"leaderboard": leaderboard_section, "heatmaps": heatmap_section, "detection": detection_section,
+                "precision": precision_section, "cost": cost_section, "experiments": experiments_section,
+                "failures": failures_section}
+    nav = "".join(f'<a href="#{key}">{escape(label)}</a>' for key, label in SECTIONS)
+    body = "".join(f'<section id="{key}"><h2>{escape(label)}</h2>{builders[key](rows)}</section>'
+                   for key, label in SECTIONS)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title>"
+            f"<style>{CSS}</style><script>{ERROR_TRAP}</script></head>"
+            f'<body data-js-errors="script-not-run"><h1>{escape(title)}</h1>{_summary(rows)}<nav>{nav}</nav>'
+            f"{body}<script>{TABLE_SCRIPT}</script></body></html>\n")
+
+
+def write_page(rows: pd.DataFrame, path: str | Path, title: str = "bdbench report") -> Path:
+    """Write the page atomically enough for a report: the whole text at once, parent folders created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(rows, title), encoding="utf-8")
+    return path

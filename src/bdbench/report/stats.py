@@ -1,0 +1,134 @@
+"""Summary tables behind the report: pure pandas, no HTML, so the numbers can be tested by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+CONFIDENCE = 0.95
+INTERVAL_NAME = "Student-t 95% interval of the mean"
+
+
+def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows that produced numbers; errors and not-applicable rows are listed apart, never averaged."""
+    return rows[rows["status"] == "ok"]
+
+
+def attacked(rows: pd.DataFrame) -> pd.DataFrame:
+    """Backdoored cells: DER and ASR only mean something where there is a backdoor."""
+    return rows[rows["attack"] != "none"]
+
+
+def benign(rows: pd.DataFrame) -> pd.DataFrame:
+    """Clean-model cells: any flag raised there is a false positive."""
+    return rows[rows["attack"] == "none"]
+
+
+def t_interval(values: pd.Series) -> tuple[float, float, int]:
+    """Mean and Student-t half-width (NaN below two values): seeds are few, so a normal interval would be too narrow."""
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = float(values.mean())
+    if n < 2:
+        return mean, math.nan, n
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    return mean, half, n
+
+
+def _mean(values: pd.Series) -> float:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return float(values.mean()) if len(values) else math.nan
+
+
+def benign_flag_rate(rows: pd.DataFrame) -> float:
+    """Share of clean-model cells flagged: the model verdict where there is one, else the data-level FPR."""
+    rows = benign(ok_rows(rows))
+    detected = pd.to_numeric(rows["detected"], errors="coerce").dropna()
+    if len(detected):
+        return float(detected.mean())
+    return _mean(rows["det_fpr"])
+
+
+def ca_drop(rows: pd.DataFrame) -> pd.Series:
+    """Clean accuracy lost to the defense, against the same deployed model undefended."""
+    return pd.to_numeric(rows["clean_acc_before"], errors="coerce") - pd.to_numeric(rows["clean_acc"], errors="coerce")
+
+
+def leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per defense, ranked by mean DER over every backdoored ok cell (seeds x attacks x rates x precisions)."""
+    good = ok_rows(rows)
+    lines = []
+    for defense, group in good.groupby("defense", sort=True):
+        hit = attacked(group)
+        der_mean, der_half, n = t_interval(hit["der"])
+        lines.append({
+            "defense": defense,
+            "n": n,
+            "der_mean": der_mean,
+            "der_low": der_mean - der_half,
+            "der_high": der_mean + der_half,
+            "ca_drop": _mean(ca_drop(group)),
+            "asr_after": _mean(hit["asr"]),
+            "benign_fp": benign_flag_rate(group),
+            "defense_s": _mean(group["defense_s"]),
+        })
+    table = pd.DataFrame(lines, columns=["defense", "n", "der_mean", "der_low", "der_high", "ca_drop",
+                                         "asr_after", "benign_fp", "defense_s"])
+    return table.sort_values("der_mean", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def grid_mean(rows: pd.DataFrame, values: pd.Series, index: str, columns: str) -> pd.DataFrame:
+    """Mean of `values` per (index, columns) cell; empty when no cell has a number."""
+    frame = rows[[index, columns]].copy()
+    frame["value"] = pd.to_numeric(values, errors="coerce")
+    frame = frame.dropna(subset=["value"])
+    if frame.empty:
+        return pd.DataFrame()
+    return frame.pivot_table(index=index, columns=columns, values="value", aggfunc="mean").sort_index()
+
+
+def detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean TPR/FPR/AUROC and flag rate per group, for rows where a detector reported anything."""
+    good = ok_rows(rows)
+    metrics = ["det_tpr", "det_fpr", "det_auroc", "detected"]
+    frame = good[by + metrics].copy()
+    for column in metrics:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame = frame.dropna(subset=metrics, how="all")
+    if frame.empty:
+        return pd.DataFrame()
+    table = frame.groupby(by, sort=True)[metrics].mean().reset_index()
+    table["n"] = frame.groupby(by, sort=True).size().to_numpy()
+    return table.rename(columns={"detected": "flag_rate"})
+
+
+def precision_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean clean accuracy and ASR after the defense per (precision, defense), with the undefended values beside."""
+    good = ok_rows(rows)
+    if good.empty:
+        return pd.DataFrame()
+    lines = []
+    for (precision, defense), group in good.groupby(["precision", "defense"], sort=True):
+        hit = attacked(group)
+        lines.append({"precision": precision, "defense": defense,
+                      "clean_acc": _mean(group["clean_acc"]), "clean_acc_before": _mean(group["clean_acc_before"]),
+                      "asr": _mean(hit["asr"]), "asr_before": _mean(hit["asr_before"]), "n": len(group)})
+    return pd.DataFrame(lines)
+
+
+def failures(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows that did not produce numbers, with their reasons: shown in full, never folded into averages."""
+    bad = rows[rows["status"].isin(["error", "not_applicable"])]
+    columns = ["status", "defense", "attack", "precision", "seed", "poison_rate", "error", "experiment_id"]
+    return bad[columns].sort_values(["status", "defense", "attack"]).reset_index(drop=True)
+
+
+def finite(value: object) -> bool:
+    """True for a real number that is not NaN (None, strings and NaN are not)."""
+    return isinstance(value, (int, float, np.floating, np.integer)) and not (isinstance(value, float) and math.isnan(value)) \
+        and not (isinstance(value, np.floating) and np.isnan(value))

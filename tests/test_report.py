@@ -1,0 +1,241 @@
+"""The HTML report: numbers checked by hand, self-containment, and a real headless-Chromium render."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bdbench.report import write_report
+from bdbench.report.stats import leaderboard
+from bdbench.store import COLUMNS
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _row(**values) -> dict:
+    row = {column: None for column in COLUMNS}
+    row.update(dataset="mnist5k", model="cnn-small", poison_rate=0.1, target_label=0, precision="fp32",
+               status="ok", attack_params="{}", defense_params="{}", clean_budget=250)
+    row.update(values)
+    return row
+
+
+def synthetic_rows(n: int = 50) -> pd.DataFrame:
+    """A 50-row grid with the real columns: 4 defenses, 3 attacks incl. none, 3 seeds, 2 precisions, failures."""
+    rng = np.random.default_rng(0)
+    kinds = {"none": None, "ft": "model_repair", "nc": "model_detection", "spectral": "data_detection"}
+    rows = []
+    combos = itertools.product([0, 1, 2], ["fp32", "int8"], ["none", "badnets", "blended"], list(kinds))
+    for seed, precision, attack, defense in itertools.islice(combos, n):
+        ca_before = 0.97 - (0.02 if precision == "int8" else 0.0) + rng.normal(0, 0.005)
+        asr_before = None if attack == "none" else 0.95 + rng.normal(0, 0.02)
+        strength = {"none": 0.0, "ft": 0.7, "nc": 0.4, "spectral": 0.5}[defense]
+        clean_acc = ca_before - (0.0 if defense == "none" else abs(rng.normal(0.02, 0.01)))
+        asr = None if attack == "none" else max(0.0, asr_before * (1 - strength) + rng.normal(0, 0.03))
+        der = None if attack == "none" else (max(0, asr_before - asr) - max(0, ca_before - clean_acc) + 1) / 2
+        row = _row(experiment_id=f"e{len(rows):03d}", attack=attack, defense=defense, defense_kind=kinds[defense],
+                   precision=precision, seed=seed, clean_acc=clean_acc, clean_acc_before=ca_before, asr=asr,
+                   asr_before=asr_before, der=der, defense_s=0.0 if defense == "none" else rng.uniform(1, 20),
+                   peak_rss_mb=rng.uniform(300, 900), wall_s=rng.uniform(2, 30))
+        if defense == "nc":
+            row.update(detected=bool(attack != "none" or rng.random() < 0.3), anomaly_index=rng.uniform(0.5, 4))
+        if defense == "spectral":
+            row.update(det_tpr=rng.uniform(0.5, 1) if attack != "none" else None, det_fpr=rng.uniform(0, 0.2),
+                       det_auroc=rng.uniform(0.6, 1) if attack != "none" else None)
+        rows.append(row)
+    rows[5].update(status="error", error="RuntimeError: CUDA out of memory <in nc> & friends", der=None,
+                   clean_acc=None, asr=None)
+    rows[29].update(status="error", error="ValueError: trigger reversal diverged", der=None, clean_acc=None, asr=None)
+    rows[18].update(status="not_applicable", error="no input gradient through an int8 layer", der=None,
+                    clean_acc=None, asr=None)
+    rows[22].update(status="not_applicable", error="int8 model: nc needs input gradients", der=None,
+                    clean_acc=None, asr=None)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    return write_report(synthetic_rows(), tmp_path_factory.mktemp("report") / "report.html")
+
+
+def test_synthetic_grid_has_the_promised_shape():
+    rows = synthetic_rows()
+    assert len(rows) == 50 and list(rows.columns) == list(COLUMNS)
+    assert set(rows["seed"]) == {0, 1, 2} and set(rows["precision"]) == {"fp32", "int8"}
+    assert (rows["status"] == "error").sum() == 2 and (rows["status"] == "not_applicable").sum() == 2
+
+
+def test_leaderboard_numbers_match_a_hand_computation(tmp_path):
+    rows = pd.DataFrame([
+        _row(experiment_id="a", attack="badnets", defense="ft", seed=0, der=0.6, clean_acc_before=0.9, clean_acc=0.8,
+             asr=0.2, asr_before=0.9, defense_s=2.0),
+        _row(experiment_id="b", attack="blended", defense="ft", seed=1, der=0.8, clean_acc_before=0.9, clean_acc=0.9,
+             asr=0.4, asr_before=0.9, defense_s=4.0),
+        _row(experiment_id="c", attack="none", defense="ft", seed=0, clean_acc_before=0.95, clean_acc=0.85,
+             detected=True, defense_s=6.0),
+        _row(experiment_id="d", attack="badnets", defense="nc", seed=0, der=0.5, clean_acc_before=0.9,
+             clean_acc=0.9, asr=0.9, asr_before=0.9, defense_s=1.0),
+        _row(experiment_id="e", attack="badnets", defense="nc", seed=1, status="error", error="boom", der=0.99),
+    ], columns=list(COLUMNS))
+    board = leaderboard(rows).set_index("defense")
+    assert list(board.index) == ["ft", "nc"]  # ranked by mean DER; the error row's 0.99 is not counted
+    ft = board.loc["ft"]
+    half = 12.706204736 * 0.1414213562 / math.sqrt(2)  # t(0.975, 1 dof) * sd / sqrt(n)
+    assert ft["n"] == 2 and ft["der_mean"] == pytest.approx(0.7)
+    assert ft["der_low"] == pytest.approx(0.7 - half, abs=1e-6) and ft["der_high"] == pytest.approx(0.7 + half, abs=1e-6)
+    assert ft["ca_drop"] == pytest.approx((0.1 + 0.0 + 0.1) / 3)
+    assert ft["asr_after"] == pytest.approx(0.3)
+    assert ft["benign_fp"] == pytest.approx(1.0)
+    assert ft["defense_s"] == pytest.approx(4.0)
+    assert board.loc["nc", "n"] == 1 and math.isnan(board.loc["nc", "der_low"])
+    html = write_report(rows, tmp_path / "r.html").read_text()
+    assert "<td>ft</td><td class=\"num\" data-value=\"2.0\">2</td><td class=\"num\" data-value=\"0.7\">0.700</td>" \
+        in html.replace("data-value=\"2\"", "data-value=\"2.0\"")
+    assert f"{0.7 - half:.3f} – {0.7 + half:.3f}" in html
+
+
+def test_report_is_self_contained_and_complete(report):
+    html = report.read_text(encoding="utf-8")
+    assert report.stat().st_size < 5 * 1024 * 1024
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert not re.search(r"<script[^>]*\bsrc\s*=", html, re.I)
+    assert not re.search(r"<link\b", html, re.I) and "@import" not in html
+    assert not re.search(r"""url\(\s*["']?\s*(https?:)?//""", html, re.I)  # url(#clip) inside SVGs is fine
+    for section in ["leaderboard", "heatmaps", "detection", "precision", "cost", "experiments", "failures"]:
+        assert f'<section id="{section}">' in html
+    assert html.count("<svg") >= 4  # two heatmaps, precision bars, cost scatter
+    assert "Student-t" in html
+
+
+def test_failures_are_listed_with_escaped_reasons(report):
+    html = report.read_text(encoding="utf-8")
+    failures = html[html.index('<section id="failures">'):]
+    assert "CUDA out of memory &lt;in nc&gt; &amp; friends" in failures
+    assert "<in nc>" not in html
+    for reason in ["trigger reversal diverged", "no input gradient through an int8 layer",
+                   "int8 model: nc needs input gradients"]:
+        assert reason in failures
+    assert failures.count('class="status-error"') == 2 and failures.count('class="status-not_applicable"') == 2
+
+
+def test_sections_without_data_say_so_in_one_line(tmp_path):
+    rows = synthetic_rows()
+    rows = rows[(rows["precision"] == "fp32") & rows["defense"].isin(["none", "ft"]) & (rows["status"] == "ok")]
+    html = write_report(rows, tmp_path / "r.html").read_text()
+    assert "Only one precision in these results (fp32)" in html
+    assert "No defense in these results reports detections" in html
+    assert "None: every experiment finished with status ok." in html
+
+
+def _ensure_chromium() -> str:
+    """Chromium from Debian's package, installed here when missing so `make test` works on a fresh machine."""
+    if os.path.exists(CHROMIUM):
+        return CHROMIUM
+    if shutil.which("apt-get") is None:
+        pytest.skip("headless Chromium is not installed and apt-get is not available to install it")
+    if os.geteuid() != 0:
+        pytest.skip("headless Chromium is not installed and installing it needs root (apt-get install chromium)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    result = subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, env=env,
+                            capture_output=True, text=True, timeout=900)
+    if result.returncode != 0 or not os.path.exists(CHROMIUM):
+        pytest.skip(f"could not install chromium with apt-get: {result.stderr.strip()[-300:]}")
+    return CHROMIUM
+
+
+def _chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0"]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    binary = _ensure_chromium()
+    url = report.resolve().as_uri()
+    started = time.perf_counter()
+    dom = _chromium(binary, tmp_path / "profile-dom", "--dump-dom", url)
+    open_s = time.perf_counter() - started
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", dom.stdout).group(0)
+    assert 'data-js-errors="0"' in body, f"page script reported errors or did not run: {body}"
+    assert "Uncaught" not in dom.stderr, dom.stderr[-2000:]
+    assert re.search(r'<table id="experiment-table" data-ready="50"', dom.stdout)
+    assert dom.stdout.count("<svg") >= 4
+    assert "50 of 50 experiments shown" in dom.stdout
+    screenshot = tmp_path / "report.png"
+    shot = _chromium(binary, tmp_path / "profile-shot", f"--screenshot={screenshot}", "--window-size=1400,3000", url)
+    assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shutil.copy(screenshot, "/tmp/bdbench-report.png")
+    Path("/tmp/bdbench-report-timing.json").write_text(json.dumps(
+        {"dump_dom_s": round(open_s, 3), "report_bytes": report.stat().st_size}))
+    print(f"report {report.stat().st_size} bytes; headless --dump-dom open {open_s:.2f} s")
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_degenerate_results_still_give_a_page(tmp_path, keep):
+    rows = synthetic_rows().iloc[:keep]  # no rows at all; a single clean model without a defense
+    html = write_report(rows, tmp_path / "r.html").read_text()
+    assert "No successful experiments on backdoored models: nothing to rank." in html
+    assert "No cost measurements" in html and "No ASR numbers" in html
+    assert html.count("<svg") == keep  # only the CA-drop heatmap of the one clean model has data
+
+
+def test_cli_report_writes_the_page_and_missing_results_are_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from bdbench.cli import main
+    from bdbench.store import ResultStore
+
+    out = tmp_path / "out"
+    out.mkdir()
+    store = ResultStore(out / "results.sqlite")
+    for record in synthetic_rows().to_dict("records"):
+        store.write({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()})
+    store.close()
+    runner = CliRunner()
+    default = runner.invoke(main, ["report", "--out", str(out)])
+    assert default.exit_code == 0, default.output
+    assert default.output.strip() == str(out / "report.html") and (out / "report.html").stat().st_size > 10_000
+    chosen = runner.invoke(main, ["report", "--out", str(out), "-o", str(tmp_path / "sub" / "mine.html")])
+    assert chosen.exit_code == 0 and (tmp_path / "sub" / "mine.html").is_file()
+    assert "CUDA out of memory &lt;in nc&gt;" in (tmp_path / "sub" / "mine.html").read_text()
+    missing = runner.invoke(main, ["report", "--out", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and missing.output.startswith("error: ")
+    assert len(missing.output.strip().splitlines()) == 1 and "results.sqlite" in missing.output
+
+
+def test_cli_run_ends_by_writing_the_report(tmp_path, monkeypatch):
+    import bdbench.runner
+    from click.testing import CliRunner
+
+    from bdbench.cli import main
+    from bdbench.store import ResultStore
+
+    out = tmp_path / "out"
+
+    def fake_run_grid(config, out, **_):  # stands in for training: the report reads what the store holds
+        Path(out).mkdir(parents=True, exist_ok=True)
+        store = ResultStore(Path(out) / "results.sqlite")
+        store.write({k: v for k, v in synthetic_rows().iloc[0].to_dict().items() if v is not None})
+        frame = store.dataframe()
+        store.close()
+        return frame
+
+    monkeypatch.setattr(bdbench.runner, "run_grid", fake_run_grid)
+    ran = CliRunner().invoke(main, ["run", "demo", "--out", str(out)])
+    assert ran.exit_code == 0, ran.output
+    assert ran.output.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    assert "<section id=\"leaderboard\">" in (out / "report.html").read_text()
