@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bdbench.attacks import ATTACKS
+from bdbench.attacks import ATTACKS, AttackWorkshop
 from bdbench.errors import ConfigError
 from bdbench.models import create_model, with_normalization
 from bdbench.training import TrainConfig, predict, train
@@ -9,7 +9,7 @@ from bdbench.training import TrainConfig, predict, train
 
 def _prepared(name, dataset, **params):
     attack = ATTACKS.build(name, params)
-    attack.prepare(dataset, target_label=0, seed=0)
+    attack.prepare(dataset, target_label=0, workshop=AttackWorkshop(seed=0))
     return attack
 
 
@@ -91,3 +91,27 @@ def test_no_attack_poisons_nothing(digits):
     attack = _prepared("none", digits)
     poisoned = attack.poison(digits, 0.0, 0, torch.Generator())
     assert not poisoned.poison_mask.any() and torch.equal(poisoned.y, digits.y_train)
+
+
+def test_workshop_learns_once_and_reuses_from_the_cache(tmp_path, digits):
+    from bdbench.store import ArtifactCache
+    from bdbench.training import TrainConfig
+
+    workshop = AttackWorkshop(seed=0, cache=ArtifactCache(tmp_path), dataset_key="digits")
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"uap": torch.full((1, 8, 8), 0.5)}
+
+    first = workshop.learned("uap", {"eps": 0.1}, build)
+    again = workshop.learned("uap", {"eps": 0.1}, build)
+    other = workshop.learned("uap", {"eps": 0.2}, build)
+    assert len(calls) == 2 and torch.equal(first["uap"], again["uap"]) and torch.equal(other["uap"], first["uap"])
+
+    surrogate = workshop.surrogate(digits, model="cnn-small", training=TrainConfig(epochs=4, batch_size=64), width=8)
+    assert (predict(surrogate, digits.x_test) == digits.y_test).float().mean() > 0.8
+    files = list((tmp_path / "attacks").glob("*.safetensors"))
+    assert len(files) == 3  # two perturbations and one surrogate
+    again = workshop.surrogate(digits, model="cnn-small", training=TrainConfig(epochs=4, batch_size=64), width=8)
+    assert all(torch.equal(a, b) for a, b in zip(surrogate.state_dict().values(), again.state_dict().values()))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bdbench import metrics
-from bdbench.attacks import ATTACKS, Attack, PoisonedTrainingSet, TriggeredTestSet
+from bdbench.attacks import ATTACKS, Attack, AttackWorkshop, PoisonedTrainingSet, TriggeredTestSet
 from bdbench.data import Dataset, load_dataset
 from bdbench.defenses import DEFENSES, SEES_TRAINING_SET, DefenseContext, DefenseOutcome
 from bdbench.errors import ArtifactError, BdbenchError
@@ -74,7 +74,7 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
     """The trained victim of this cell, from the cache when the same spec and seed trained it before."""
     model = new_model(spec, dataset, "victim_init")
     try:
-        if cache.load("victims", spec.victim_key, model) is not None:
+        if cache.load("victims", spec.victim_key, model):
             return Victim(model.to(device).eval(), True, None)
     except ArtifactError as exc:
         log.warning("%s; retraining it", exc)
@@ -179,7 +179,9 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> di
         raise BdbenchError(f"target_label {spec.target_label} is not a class of {dataset.name} (0..{dataset.num_classes - 1})")
 
     attack: Attack = ATTACKS.build(spec.attack.name, spec.attack.params)
-    attack.prepare(dataset, spec.target_label, derive_seed(spec.seed, "attack"))
+    workshop = AttackWorkshop(seed=derive_seed(spec.seed, "attack"), device=device, cache=cache,
+                              dataset_key=spec.dataset.model_dump_json())
+    attack.prepare(dataset, spec.target_label, workshop)
     poisoned = attack.poison(dataset, spec.poison_rate, spec.target_label, _generator(spec.seed, "poison"))
     triggered = None if spec.attack.name == "none" else attack.triggered_test_set(dataset, spec.target_label)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -134,7 +135,10 @@ def load_results(out: str | Path = "bdbench-out") -> pd.DataFrame:
 
 
 class ArtifactCache:
-    """Content-addressed model files: `<key>.safetensors` beside `<key>.json` (what produced it)."""
+    """Content-addressed tensor files: `<kind>/<key>.safetensors` beside `<key>.json` (what produced it).
+
+    Models are stored as their state dict; attacks store what they learned (a trigger, a generator).
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -143,27 +147,38 @@ class ArtifactCache:
         folder = self.root / kind
         return folder / f"{key}.safetensors", folder / f"{key}.json"
 
-    def save(self, kind: str, key: str, model: nn.Module, info: dict[str, Any]) -> None:
+    def save_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         weights, meta = self._paths(kind, key)
         weights.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
         _atomic_write(meta, lambda tmp: tmp.write_text(json.dumps(info, indent=2, sort_keys=True)))
 
-    def load(self, kind: str, key: str, model: nn.Module) -> dict[str, Any] | None:
-        """Load weights into `model` and return the JSON info, or None when not cached.
-
-        A file that is corrupt or does not fit the architecture is an `ArtifactError`.
-        """
+    def load_tensors(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+        """The stored tensors, or None when not cached; a corrupt file is an `ArtifactError`."""
         weights, meta = self._paths(kind, key)
         if not (weights.is_file() and meta.is_file()):
             return None
         try:
-            state = load_file(str(weights))
-            model.load_state_dict(state, strict=True)
-            return json.loads(meta.read_text())
-        except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+            return load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
             raise ArtifactError(f"{weights}: unreadable or mismatched model file ({str(exc).splitlines()[0]})") from None
+
+    def save(self, kind: str, key: str, model: nn.Module, info: dict[str, Any]) -> None:
+        self.save_tensors(kind, key, model.state_dict(), info)
+
+    def load(self, kind: str, key: str, model: nn.Module) -> bool:
+        """Load cached weights into `model`; False when not cached. A corrupt or mismatched
+        file is an `ArtifactError`."""
+        state = self.load_tensors(kind, key)
+        if state is None:
+            return False
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            weights = self._paths(kind, key)[0]
+            raise ArtifactError(f"{weights}: unreadable or mismatched model file ({str(exc).splitlines()[0]})") from None
+        return True
 
     def discard(self, kind: str, key: str) -> None:
         for path in self._paths(kind, key):

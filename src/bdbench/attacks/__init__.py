@@ -6,6 +6,7 @@ from bdbench.attacks.badnets import BadNets
 from bdbench.attacks.base import Attack, PoisonedTrainingSet, TriggeredTestSet
 from bdbench.attacks.blended import Blended
 from bdbench.attacks.none import NoAttack
+from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.registry import Registry
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
@@ -13,4 +14,4 @@ ATTACKS.register("none")(NoAttack)
 ATTACKS.register("badnets")(BadNets)
 ATTACKS.register("blended")(Blended)
 
-__all__ = ["ATTACKS", "Attack", "PoisonedTrainingSet", "TriggeredTestSet"]
+__all__ = ["ATTACKS", "Attack", "AttackWorkshop", "PoisonedTrainingSet", "TriggeredTestSet"]

@@ -12,6 +12,7 @@ from typing import Literal, Sequence
 import torch
 
 from bdbench.attacks.base import Attack, LabelMode
+from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
 from bdbench.errors import ConfigError
 
@@ -45,7 +46,7 @@ class BadNets(Attack):
         self.patch: torch.Tensor | None = None  # (C, s, s) values in [0, 1]
         self.row = self.col = 0
 
-    def prepare(self, dataset: Dataset, target_label: int, seed: int) -> None:
+    def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
         channels, size, s = dataset.in_channels, dataset.image_size, self.patch_size
         if s + self.margin > size:
             raise ConfigError(f"badnets patch_size {s} does not fit {size}x{size} images")

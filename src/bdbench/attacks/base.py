@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 import torch
 
 from bdbench.data import Dataset
+from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.errors import ConfigError
 from bdbench.training import BatchHook
 
@@ -50,8 +51,9 @@ class Attack(ABC):
             raise ConfigError(f"label_mode must be 'all2one' or 'all2all', not {label_mode!r}")
         self.label_mode = label_mode
 
-    def prepare(self, dataset: Dataset, target_label: int, seed: int) -> None:
-        """Fix whatever depends on the data (image shape, learned triggers). Called once before use."""
+    def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
+        """Fix whatever depends on the data (image shape, learned triggers). Called once before use;
+        anything learned here goes through `workshop.learned` so it is trained once and cached."""
 
     @abstractmethod
     def add_trigger(self, x: torch.Tensor) -> torch.Tensor:

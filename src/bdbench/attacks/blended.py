@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from bdbench.attacks.base import Attack, LabelMode
+from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
 from bdbench.errors import ConfigError
 
@@ -25,7 +26,7 @@ class Blended(Attack):
         self.alpha, self.pattern_seed = alpha, pattern_seed
         self.pattern: torch.Tensor | None = None
 
-    def prepare(self, dataset: Dataset, target_label: int, seed: int) -> None:
+    def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
         shape = (dataset.in_channels, dataset.image_size, dataset.image_size)
         self.pattern = torch.rand(shape, generator=torch.Generator().manual_seed(self.pattern_seed))
 
