@@ -4,7 +4,8 @@ Every factory takes the same arguments (`num_classes`, `in_channels`, `image_siz
 own keyword options such as `width`) and returns a network that expects normalised input.
 `with_normalization` puts the data set's normalisation in front, so that attacks and defenses
 work on images in [0, 1]. Each architecture takes images of 8 to 224 pixels a side, in its CIFAR
-form up to 64 px and its ImageNet form above (models/common.py).
+form up to 64 px and its ImageNet form above (models/common.py). `load_model` reads a user's
+own trained weights from a .safetensors file, never from a pickle.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def with_normalization(net: nn.Module, mean: tuple[float, ...], std: tuple[float
 from bdbench.models import (  # noqa: E402,F401
     cnn, convnext, densenet, efficientnet, mobilenet, preact_resnet, resnet, vgg, vit,
 )
+from bdbench.models.weights import load_model  # noqa: E402
 
 
 def count_parameters(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
@@ -68,4 +70,4 @@ def count_parameters(name: str, num_classes: int = 10, in_channels: int = 3, ima
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "NormalizedClassifier", "count_parameters", "create_model", "with_normalization"]
+__all__ = ["MODELS", "NormalizedClassifier", "count_parameters", "create_model", "load_model", "with_normalization"]
