@@ -2,7 +2,7 @@ import dataclasses
 
 import torch
 
-from bdbench.defenses import DEFENSES, DefenseContext, DefenseKind
+from bdbench.defenses import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.models import create_model, with_normalization
 from bdbench.training import TrainConfig, predict, train
 
@@ -44,3 +44,48 @@ def test_fine_tuning_unlearns_a_relabelled_backdoor_without_touching_the_input_m
     assert (predict(outcome.model, ones) == 0).float().mean() < 0.2
     assert (predict(outcome.model, digits.x_test) == digits.y_test).float().mean() > accuracy_before
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Spy(Defense):
+    """Records the context it is handed."""
+
+    seen: list = []
+
+    def run(self, context):
+        type(self).seen.append(context)
+        return DefenseOutcome()
+
+
+def test_a_defense_can_reach_no_test_image_and_no_poison_mask(tmp_path, tiny_grid, digits):
+    from bdbench import run_grid
+
+    class DataSpy(_Spy):
+        kind = DefenseKind.DATA_DETECTION
+
+    class InputSpy(_Spy):
+        kind = DefenseKind.INPUT_DETECTION
+
+    DEFENSES.register("data-spy")(DataSpy)
+    DEFENSES.register("input-spy")(InputSpy)
+    try:
+        tiny_grid.update(attacks=[{"name": "badnets", "patch_size": 2}], defenses=["data-spy", "input-spy"])
+        run_grid(tiny_grid, out=tmp_path, progress=False)
+    finally:
+        DEFENSES.unregister("data-spy")
+        DEFENSES.unregister("input-spy")
+    data_context, input_context = _Spy.seen[-2:]
+    train_rows = {bytes(row.numpy()) for row in digits.x_train}
+    test_only = {bytes(row.numpy()) for row in digits.x_test} - train_rows
+    for context in (data_context, input_context):
+        tensors = {f.name: getattr(context, f.name) for f in dataclasses.fields(context)
+                   if isinstance(getattr(context, f.name), torch.Tensor)}
+        # Nothing shaped like a per-sample mask of the training set, and no test image anywhere.
+        assert not any(t.dtype == torch.bool for t in tensors.values())
+        for name, tensor in tensors.items():
+            if tensor.ndim == 4:
+                assert not {bytes(row.numpy()) for row in tensor} & test_only, name
+        assert {bytes(row.numpy()) for row in context.clean_x} <= train_rows
+    assert input_context.train_x is None and input_context.train_y is None
+    assert len(data_context.train_x) == len(digits.x_train)
+    # The labels a data defense sees are the attacker's: some were flipped to the target, none marked.
+    assert (data_context.train_y != digits.y_train).any()

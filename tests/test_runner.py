@@ -21,7 +21,7 @@ from bdbench.store import COLUMNS
 
 REQUIRED = ["experiment_id", "dataset", "model", "attack", "poison_rate", "target_label", "defense", "precision",
             "seed", "status", "error", "clean_acc", "asr", "robust_acc", "der", "detected", "anomaly_index",
-            "suspected_targets", "det_tpr", "det_fpr", "det_auroc", "clean_budget", "wall_s", "defense_s",
+            "suspected_targets", "det_tpr", "det_fpr", "det_auroc", "det_threshold", "clean_budget", "wall_s", "defense_s",
             "peak_rss_mb"]
 
 
@@ -47,7 +47,8 @@ class CornerFilter(Defense):
 
     def run(self, context):
         assert context.train_x is None  # ...and input detection does not.
-        return DefenseOutcome(input_detector=lambda x: (_corner_is_white(x).float(), _corner_is_white(x)))
+        return DefenseOutcome(input_detector=lambda x: (_corner_is_white(x).float(), _corner_is_white(x)),
+                              threshold=0.5)
 
 
 class Crash(Defense):
@@ -121,6 +122,7 @@ def test_every_outcome_kind_is_scored_by_the_runner(tmp_path, tiny_grid, test_de
     filtered = rows.loc[("badnets", "corner-filter")]
     assert filtered.det_tpr == 1.0 and filtered.det_fpr < 0.05 and filtered.det_auroc > 0.95
     assert filtered.asr == filtered.asr_before  # a filter does not change the model
+    assert filtered.det_threshold == 0.5 and inspected.det_threshold != inspected.det_threshold  # null
     crashed = rows.loc[("badnets", "crash")]
     assert crashed.status == "error" and crashed.error == "RuntimeError: boom"
     assert crashed.clean_acc != crashed.clean_acc  # no numbers: an error is never "not detected"

@@ -121,6 +121,8 @@ def _score_outcome(outcome: DefenseOutcome, spec: ExperimentSpec, dataset: Datas
         row["anomaly_index"] = float(outcome.anomaly_index)
     if outcome.suspected_targets is not None:
         row["suspected_targets"] = [int(t) for t in outcome.suspected_targets]
+    if outcome.threshold is not None:
+        row["det_threshold"] = float(outcome.threshold)
     if outcome.sample_scores is not None:
         row["det_auroc"] = metrics.auroc(outcome.sample_scores.cpu(), poisoned.poison_mask)
     if outcome.flagged is not None:

@@ -52,6 +52,7 @@ COLUMNS: dict[str, str] = {
     "det_tpr": "REAL",
     "det_fpr": "REAL",
     "det_auroc": "REAL",
+    "det_threshold": "REAL",
     "clean_budget": "INTEGER",
     "victim_cached": "INTEGER",
     "victim_train_s": "REAL",

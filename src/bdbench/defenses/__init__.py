@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+from bdbench.defenses.abl import AntiBackdoorLearning
+from bdbench.defenses.ac import ActivationClustering
 from bdbench.defenses.base import (
     Defense, DefenseContext, DefenseKind, DefenseOutcome, InputDetector, SEES_TRAINING_SET,
 )
+from bdbench.defenses.beatrix import Beatrix
 from bdbench.defenses.ft import FineTuning
 from bdbench.defenses.none import NoDefense
+from bdbench.defenses.scaleup import ScaleUp
+from bdbench.defenses.scan import SCAn
+from bdbench.defenses.sentinet import SentiNet
+from bdbench.defenses.spectre import Spectre
+from bdbench.defenses.ss import SpectralSignatures
+from bdbench.defenses.strip import Strip
+from bdbench.defenses.teco import TeCo
 from bdbench.registry import Registry
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 DEFENSES.register("none")(NoDefense)
 DEFENSES.register("ft")(FineTuning)
+# Training-data detection: the runner retrains on the samples they keep.
+DEFENSES.register("ac")(ActivationClustering)
+DEFENSES.register("ss")(SpectralSignatures)
+DEFENSES.register("spectre")(Spectre)
+DEFENSES.register("scan")(SCAn)
+DEFENSES.register("beatrix")(Beatrix)
+# Run-time input detection.
+DEFENSES.register("strip")(Strip)
+DEFENSES.register("sentinet")(SentiNet)
+DEFENSES.register("teco")(TeCo)
+DEFENSES.register("scaleup")(ScaleUp)
+# Robust training on the poisoned set.
+DEFENSES.register("abl")(AntiBackdoorLearning)
 
 __all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseKind", "DefenseOutcome", "InputDetector",
            "SEES_TRAINING_SET"]

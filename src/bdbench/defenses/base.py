@@ -86,6 +86,8 @@ class DefenseOutcome:
     - `sample_scores`, `flagged`: per training sample suspicion (higher = more suspicious) and the
       samples to remove; the runner retrains on the kept ones.
     - `input_detector`: a run-time filter, which the runner applies to clean and triggered test images.
+    - `threshold`: the score above which a detector flags (set on the defender's own data), where it
+      has one threshold; reported as `det_threshold`.
     """
 
     model: nn.Module | None = None
@@ -95,6 +97,7 @@ class DefenseOutcome:
     sample_scores: torch.Tensor | None = None
     flagged: torch.Tensor | None = None
     input_detector: InputDetector | None = None
+    threshold: float | None = None
 
 
 class Defense(ABC):

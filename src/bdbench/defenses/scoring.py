@@ -1,0 +1,72 @@
+"""Small helpers shared by the detection defenses: thresholds set on the clean budget, and
+the per-class removal budget of the spectral cleansers."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from bdbench.errors import ConfigError
+
+
+def check_rate(name: str, value: float, low: float = 0.0, high: float = 1.0) -> float:
+    """A rate parameter in (low, high), or a one-line error naming it."""
+    if not low < value < high:
+        raise ConfigError(f"{name} must be in ({low}, {high}), not {value}")
+    return float(value)
+
+
+def clean_threshold(clean_scores: torch.Tensor, false_rejection: float) -> float:
+    """The threshold that flags (score > threshold) at most `false_rejection` of the clean budget's
+    scores: their (1 - false_rejection) quantile, the rule STRIP uses to fix its false rejection rate."""
+    scores = clean_scores.double().flatten()
+    if not len(scores):
+        raise ValueError("the clean budget gave no scores to set a threshold on")
+    return float(torch.quantile(scores, 1.0 - false_rejection))
+
+
+def removal_budget(poison_fraction: float, total: int, class_size: int) -> int:
+    """How many of a class's samples the spectral cleansers remove: 1.5 times the expected number of
+    poisoned samples (poison_fraction x training set size, Tran et al. 2018), at most half the class
+    (their assumption that most of every class is clean)."""
+    return min(math.ceil(1.5 * poison_fraction * total), class_size // 2)
+
+
+def top_k_flags(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean flags for the k highest scores."""
+    flags = torch.zeros(len(scores), dtype=torch.bool)
+    if k > 0:
+        flags[torch.topk(scores, k).indices] = True
+    return flags
+
+
+class ThresholdDetector:
+    """A run-time input detector: `score` maps uint8 images to suspicion scores (higher = more
+    likely triggered); an image is flagged when its score exceeds `threshold`."""
+
+    def __init__(self, score: Callable[[torch.Tensor], torch.Tensor], threshold: float) -> None:
+        self.score, self.threshold = score, threshold
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.score(x).double().cpu()
+        return scores, scores > self.threshold
+
+
+def remove_per_class(labels: torch.Tensor, poison_fraction: float, min_size: int,
+                     score_class: Callable[[torch.Tensor, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spectral cleansers' loop: for each class with at least `min_size` samples, score its members
+    with `score_class(member_indices, budget)` and flag its `removal_budget` highest. Scores are
+    divided by their class mean so that they compare across classes (for AUROC)."""
+    scores = torch.zeros(len(labels), dtype=torch.float64)
+    flagged = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        if len(members) < min_size:
+            continue
+        budget = removal_budget(poison_fraction, len(labels), len(members))
+        class_scores = score_class(members, budget)
+        scores[members] = class_scores / class_scores.mean().clamp_min(1e-12)
+        flagged[members] = top_k_flags(class_scores, budget)
+    return scores, flagged

@@ -1,0 +1,68 @@
+"""SentiNet (Chou, Tramer and Pellegrino, "SentiNet: Detecting Localized Universal Attacks Against
+Deep Learning Systems", IEEE S&P Workshops 2020).
+
+A localized trigger is both the region the model attends to and a region that hijacks any image
+it is pasted on. For each input, Grad-CAM (at the final feature map, for the predicted class)
+picks the most salient `region_fraction` of pixels; that region is transplanted onto `carriers`
+clean images from the defender's budget, and the score is the fooled rate, the share of them
+then predicted as the input's class. Threshold: the clean budget's fooled rates (budget images
+transplanted onto other budget images) at a `false_rejection` rate of 5%.
+
+Simplification: the paper also measures the average confidence on an inert (noise) pattern in the
+same region and draws its decision boundary in that 2-D plane; we keep the fooled rate alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.layers import grad_cam
+from bdbench.defenses.scoring import ThresholdDetector, check_rate, clean_threshold
+from bdbench.training import predict
+
+
+def salient_masks(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor,
+                  region_fraction: float) -> torch.Tensor:
+    """Boolean (N, H, W) masks of the `region_fraction` most salient pixels of float images for `classes`."""
+    cams = grad_cam(model, images, classes).flatten(1)
+    keep = max(1, int(round(region_fraction * cams.shape[1])))
+    cut = cams.topk(keep, dim=1).values[:, -1:]
+    return (cams >= cut).view(-1, *images.shape[-2:])
+
+
+def fooled_rate(model: torch.nn.Module, x: torch.Tensor, carriers: torch.Tensor, region_fraction: float,
+                chunk: int = 64) -> torch.Tensor:
+    """Share of carrier images that take each uint8 input's predicted class once its salient region is pasted in."""
+    rates = []
+    for start in range(0, len(x), chunk):
+        xb = x[start:start + chunk]
+        classes = predict(model, xb)
+        masks = salient_masks(model, xb.float().div(255.0), classes, region_fraction)[:, None, None]
+        pasted = torch.where(masks, xb[:, None], carriers[None])  # (n, carriers, C, H, W)
+        hits = predict(model, pasted.flatten(0, 1)).view(len(xb), len(carriers)) == classes[:, None]
+        rates.append(hits.float().mean(1))
+    return torch.cat(rates)
+
+
+class SentiNet(Defense):
+    """SentiNet (Chou et al. 2020): flag inputs whose Grad-CAM region hijacks clean images it is pasted on."""
+
+    kind = DefenseKind.INPUT_DETECTION
+    citation = ("Chou, Tramer, Pellegrino. SentiNet: Detecting Localized Universal Attacks Against Deep Learning "
+                "Systems. IEEE S&P Workshops 2020.")
+
+    def __init__(self, carriers: int = 100, region_fraction: float = 0.15, false_rejection: float = 0.05) -> None:
+        self.carriers = carriers
+        self.region_fraction = check_rate("sentinet region_fraction", region_fraction)
+        self.false_rejection = check_rate("sentinet false_rejection", false_rejection)
+
+    def run(self, context: DefenseContext) -> DefenseOutcome:
+        model, budget = context.model, context.clean_x
+        generator = context.generator("sentinet")
+        order = torch.randperm(len(budget), generator=generator)
+        carriers = budget[order[:min(self.carriers, len(budget) // 2)]]
+        scored = budget[order[len(carriers):]]  # calibrate on budget images that are not carriers
+        threshold = clean_threshold(fooled_rate(model, scored, carriers, self.region_fraction), self.false_rejection)
+        detector = ThresholdDetector(lambda x: fooled_rate(model, x, carriers, self.region_fraction), threshold)
+        return DefenseOutcome(input_detector=detector, threshold=threshold)

@@ -1,0 +1,44 @@
+"""Spectral Signatures (Tran, Li and Madry, "Spectral Signatures in Backdoor Attacks", NeurIPS 2018).
+
+For each class (by the label the training set carries), centre the penultimate representations
+of its samples, take the top right singular vector, and score each sample by its squared
+projection on it. Poisoned samples leave a spectral signature: they dominate that direction.
+The paper removes, in every class, the 1.5 x eps x n highest-scoring samples, where eps bounds the
+share of poisoned data; as in common reimplementations, we read eps x n as the expected number
+of poisoned samples in the whole training set (eps = `poison_fraction`, the defender's assumed
+bound, default 0.1 as in the paper's experiments), capped at half of each class.
+
+Scores are divided by their class mean so that they compare across classes (for AUROC); the
+flagged set is the per-class top, so there is no single threshold (`threshold` stays None).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.layers import read_activations
+from bdbench.defenses.scoring import check_rate, remove_per_class
+
+
+def spectral_scores(features: torch.Tensor) -> torch.Tensor:
+    """Squared projections of centred `features` (n, d) on their top right singular vector."""
+    centred = features.double() - features.double().mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ vh[0]).pow(2)
+
+
+class SpectralSignatures(Defense):
+    """Spectral Signatures (Tran et al. 2018): remove the top outliers along each class's top singular direction."""
+
+    kind = DefenseKind.DATA_DETECTION
+    citation = "Tran, Li, Madry. Spectral Signatures in Backdoor Attacks. NeurIPS 2018."
+
+    def __init__(self, poison_fraction: float = 0.1) -> None:
+        self.poison_fraction = check_rate("ss poison_fraction", poison_fraction)
+
+    def run(self, context: DefenseContext) -> DefenseOutcome:
+        features = read_activations(context.model, context.train_x, "penultimate")
+        scores, flagged = remove_per_class(context.train_y, self.poison_fraction, 2,
+                                           lambda members, _budget: spectral_scores(features[members]))
+        return DefenseOutcome(sample_scores=scores, flagged=flagged)

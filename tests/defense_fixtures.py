@@ -1,0 +1,48 @@
+"""A poisoned digits model and the context a defender would get for it, shared by defense tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bdbench.attacks import ATTACKS, Attack, PoisonedTrainingSet, TriggeredTestSet
+from bdbench.data import Dataset
+from bdbench.defenses import DefenseContext
+from bdbench.models import create_model, with_normalization
+from bdbench.training import TrainConfig, train
+
+TRAINING = TrainConfig(epochs=10, batch_size=64)
+
+
+@dataclass
+class Poisoned:
+    dataset: Dataset
+    attack: Attack
+    poisoned: PoisonedTrainingSet
+    triggered: TriggeredTestSet
+    model: torch.nn.Module
+
+    def new_model(self) -> torch.nn.Module:
+        net = create_model("cnn-small", 10, 1, self.dataset.image_size, width=16)
+        return with_normalization(net, self.dataset.mean, self.dataset.std)
+
+    def context(self, sees_training_set: bool) -> DefenseContext:
+        budget = torch.randperm(len(self.dataset.y_train), generator=torch.Generator().manual_seed(1))[:150]
+        return DefenseContext(
+            model=self.model, clean_x=self.dataset.x_train[budget], clean_y=self.dataset.y_train[budget],
+            num_classes=10, in_channels=1, image_size=self.dataset.image_size, crop_padding=1, allow_hflip=False,
+            train_config=TRAINING, seed=0, device=torch.device("cpu"), new_model=self.new_model,
+            train_x=self.poisoned.x if sees_training_set else None,
+            train_y=self.poisoned.y if sees_training_set else None)
+
+
+def poisoned_digits(dataset: Dataset, attack: str, params: dict, poison_rate: float) -> Poisoned:
+    """A cnn-small (width 16) trained on digits poisoned by `attack` (target class 0)."""
+    chosen = ATTACKS.build(attack, params)
+    chosen.prepare(dataset, 0, 0)
+    poisoned = chosen.poison(dataset, poison_rate, 0, torch.Generator().manual_seed(0))
+    result = Poisoned(dataset, chosen, poisoned, chosen.triggered_test_set(dataset, 0), None)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    result.model = train(result.new_model(), poisoned.x, poisoned.y, TRAINING, seed=0, crop_padding=1)
+    return result

@@ -1,0 +1,64 @@
+"""Training-data cleansers and robust training on a tiny poisoned digits set (seconds each)."""
+
+import pytest
+import torch
+
+from bdbench import metrics
+from bdbench.defenses import DEFENSES, DefenseKind
+from bdbench.training import predict
+
+from defense_fixtures import poisoned_digits
+
+
+@pytest.fixture(scope="module")
+def badnets(digits):
+    # 4% of the set: the poisons are about a quarter of the target class, the regime the
+    # clustering and spectral papers were designed for.
+    return poisoned_digits(digits, "badnets", {"patch_size": 2}, 0.04)
+
+
+def _detect(name, badnets, **params):
+    outcome = DEFENSES.build(name, params).run(badnets.context(sees_training_set=True))
+    mask = badnets.poisoned.poison_mask
+    assert outcome.flagged.shape == mask.shape and outcome.sample_scores.shape == mask.shape
+    tpr, fpr = metrics.detection_rates(outcome.flagged, mask)
+    return outcome, tpr, fpr, metrics.auroc(outcome.sample_scores, mask)
+
+
+def test_data_defenses_declare_the_kind_that_gets_the_training_set():
+    for name in ("ac", "ss", "spectre", "scan", "beatrix"):
+        assert DEFENSES.get(name).kind is DefenseKind.DATA_DETECTION
+    assert DEFENSES.get("abl").kind is DefenseKind.ROBUST_TRAINING
+
+
+def test_scan_flags_the_poisons_of_the_target_class_only(badnets):
+    outcome, tpr, fpr, auroc = _detect("scan", badnets)
+    assert tpr >= 0.8 and fpr <= 0.05
+    assert outcome.threshold == pytest.approx(2.718, abs=1e-3)
+
+
+def test_activation_clustering_flags_the_small_poisoned_cluster(badnets):
+    outcome, tpr, fpr, _ = _detect("ac", badnets)
+    assert tpr >= 0.8 and fpr <= 0.2
+    assert bool((outcome.sample_scores[outcome.flagged] > outcome.threshold).all())
+
+
+@pytest.mark.parametrize("name", ["ss", "spectre"])
+def test_spectral_cleansers_rank_poisons_first_in_their_class(name, badnets):
+    _, tpr, _, auroc = _detect(name, badnets, poison_fraction=0.04)
+    assert tpr >= 0.8 and auroc >= 0.85
+
+
+def test_beatrix_scores_poisons_above_clean_samples(badnets):
+    _, _, fpr, auroc = _detect("beatrix", badnets)
+    assert auroc >= 0.75 and fpr <= 0.1
+
+
+def test_abl_trains_a_model_without_the_backdoor(badnets):
+    defense = DEFENSES.build("abl", {"isolation_epochs": 5, "tuning_epochs": 5, "unlearning_epochs": 20})
+    model = defense.run(badnets.context(sees_training_set=True)).model
+    triggered = badnets.triggered
+    asr_before = metrics.attack_success_rate(predict(badnets.model, triggered.x), triggered.y_target)
+    asr_after = metrics.attack_success_rate(predict(model, triggered.x), triggered.y_target)
+    clean_acc = metrics.accuracy(predict(model, badnets.dataset.x_test), badnets.dataset.y_test)
+    assert asr_before > 0.9 and asr_after < 0.3 and clean_acc > 0.6

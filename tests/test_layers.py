@@ -1,0 +1,59 @@
+import pytest
+import torch
+from torch import nn
+
+from bdbench.defenses.layers import (
+    capture, classifier_layer, feature_map_layer, grad_cam, last_conv, norm_layers, read_activations,
+)
+from bdbench.models import MODELS, create_model, with_normalization
+
+SMALL = {"cnn-small": {"width": 8}, "preact-resnet18": {"width": 0.125}, "vgg11-bn": {"width": 0.125}}
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_layers_are_found_and_read_on_every_registered_model(name):
+    torch.manual_seed(0)
+    model = with_normalization(create_model(name, 10, 1, 8, **SMALL.get(name, {})), (0.5,), (0.25,)).eval()
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    head = classifier_layer(model)
+    assert isinstance(head, nn.Linear) and head.out_features == 10
+    assert isinstance(last_conv(model), nn.Conv2d)
+    assert norm_layers(model) and all(isinstance(m, nn.BatchNorm2d) for m in norm_layers(model))
+
+    features = read_activations(model, x, "penultimate")
+    assert features.shape == (6, head.in_features)
+    # The penultimate representation is exactly what the head turns into logits.
+    with torch.no_grad():
+        logits = model(x.float() / 255)
+    assert torch.allclose(head(features), logits, atol=1e-5)
+
+    maps = read_activations(model, x, "feature_map")
+    assert maps.ndim == 4 and len(maps) == 6
+    with torch.no_grad(), capture(feature_map_layer(model), "input") as seen:
+        model(x.float() / 255)
+    assert seen and seen[0].shape[1] == maps.shape[1]
+
+    cams = grad_cam(model, x.float() / 255, logits.argmax(1))
+    assert cams.shape == (6, 8, 8) and cams.min() >= 0 and cams.max() <= 1 + 1e-6
+
+
+def test_grad_cam_points_at_the_pixels_that_decide_the_class():
+    # A toy classifier whose class-1 logit is the mean of the top-left quadrant.
+    class Quadrant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 1, bias=False)
+            nn.init.ones_(self.conv.weight)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Linear(1, 2, bias=False)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.tensor([[0.0], [1.0]]))
+
+        def forward(self, x):
+            weights = torch.zeros_like(x)
+            weights[..., :4, :4] = 1.0
+            return self.head(self.pool(self.conv(x) * weights).flatten(1))
+
+    x = torch.rand(2, 1, 8, 8)
+    cam = grad_cam(Quadrant(), x, torch.tensor([1, 1]))
+    assert cam[:, :3, :3].mean() > cam[:, 5:, 5:].mean() + 0.5
