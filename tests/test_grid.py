@@ -34,7 +34,7 @@ def test_clean_attack_is_trained_once_per_seed_across_rates(tiny_grid):
 
 @pytest.mark.parametrize("change, message", [
     ({"attack": ["badnets"]}, "unknown key 'attack' in grid spec; valid keys: name, description, dataset"),
-    ({"attacks": ["badnetz"]}, "unknown attack 'badnetz'; choose one of: badnets, blended, none"),
+    ({"attacks": ["badnetz"]}, "unknown attack 'badnetz'; choose one of: advdoor, badnets, blended,"),
     ({"defenses": ["nc9"]}, "unknown defense 'nc9'; choose one of: ft, none"),
     ({"attacks": [{"name": "badnets", "size": 3}]}, "attack 'badnets' has no parameter 'size'; valid parameters:"),
     ({"poison_rates": [1.5]}, "grid spec poison_rates: poison rate 1.5 is not in"),
@@ -52,7 +52,7 @@ def test_config_errors_are_one_line_and_name_the_problem(tiny_grid, change, mess
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigError, match="no config file or built-in grid named 'demoo'; built-ins: demo"):
+    with pytest.raises(ConfigError, match="no config file or built-in grid named 'demoo'; built-ins: .*demo"):
         read_config("demoo")
     with pytest.raises(ConfigError, match="no such config file"):
         read_config(tmp_path / "missing.yaml")
@@ -78,3 +78,24 @@ def test_overrides_set_nested_keys_and_list_items(tiny_grid):
         apply_overrides(tiny_grid, ["seeds"])
     with pytest.raises(ConfigError, match="attacks has no item 7"):
         apply_overrides(tiny_grid, ["attacks.7.alpha=0.1"])
+
+
+def test_an_attack_may_carry_its_own_poison_rate(tiny_grid):
+    tiny_grid["attacks"].append({"name": "sig", "poison_rate": 0.03})
+    tiny_grid["poison_rates"] = [0.1, 0.2]
+    specs = expand(load_grid(tiny_grid))
+    rates = {(s.attack.name, s.poison_rate) for s in specs}
+    assert rates == {("none", 0.0), ("badnets", 0.1), ("badnets", 0.2), ("sig", 0.03)}
+    sig = next(s for s in specs if s.attack.name == "sig")
+    assert "poison_rate" not in sig.attack.params  # a grid key, not an attack parameter
+    tiny_grid["attacks"][-1]["poison_rate"] = 1.5
+    with pytest.raises(ConfigError, match="poison_rate 1.5 is not in"):
+        load_grid(tiny_grid)
+
+
+def test_builtin_attacks_grid_covers_every_part_a_attack():
+    specs = expand(load_grid("attacks"))
+    names = {s.attack.name for s in specs}
+    assert {"none", "badnets", "blended", "sig", "lc", "trojannn", "advdoor", "source_specific", "lsp"} <= names
+    assert all(s.defense.name == "none" and s.dataset.name == "mnist5k" for s in specs)
+    assert {s.poison_rate for s in specs if s.attack.name in ("badnets", "blended", "trojannn", "advdoor")} == {0.1}

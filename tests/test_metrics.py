@@ -50,3 +50,53 @@ def test_auroc_matches_sklearn_on_random_scores():
     scores = torch.randint(0, 20, (300,), generator=g).float()  # many ties
     truth = torch.rand(300, generator=g) < 0.3
     assert math.isclose(metrics.auroc(scores, truth), roc_auc_score(truth.numpy(), scores.numpy()), rel_tol=1e-9)
+
+
+# ---------------------------------------------------------------- PSNR and SSIM
+
+def test_psnr_hand_computed():
+    from bdbench.metrics import psnr
+
+    clean = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    shifted = clean + 10  # MSE 100 on every image: 10 log10(255^2 / 100)
+    assert psnr(clean, shifted) == pytest.approx(10 * math.log10(255 ** 2 / 100))
+    half = clean.clone()
+    half[0] = 51  # image 0 has MSE 51^2, image 1 is unchanged and skipped
+    assert psnr(clean, half) == pytest.approx(20 * math.log10(5))
+    assert psnr(clean, clean) is None and psnr(clean[:0], clean[:0]) is None
+
+
+def test_ssim_hand_cases_and_properties():
+    from bdbench.metrics import ssim
+
+    # Constant images a and b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    a, b = 100.0, 140.0
+    c1 = (0.01 * 255) ** 2
+    x = torch.full((1, 1, 16, 16), a)
+    y = torch.full((1, 1, 16, 16), b)
+    assert ssim(x, y) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1))
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 3, 24, 24), generator=g).float()
+    noisy = (img + 20 * torch.randn(img.shape, generator=g)).clamp(0, 255)
+    noisier = (img + 60 * torch.randn(img.shape, generator=g)).clamp(0, 255)
+    assert ssim(img, img) == pytest.approx(1.0)
+    assert ssim(img, noisy) == pytest.approx(ssim(noisy, img))  # symmetric
+    assert 1 > ssim(img, noisy) > ssim(img, noisier) > -1  # falls as the distortion grows
+    assert ssim(img, 255 - img) < 0  # anti-correlated structure
+    assert 0 < ssim(img[:, :, :8, :8], noisy[:, :, :8, :8]) < 1  # 8x8 digits: a 7x7 window
+
+
+def test_psnr_and_ssim_match_skimage():
+    skimage_metrics = pytest.importorskip("skimage.metrics")
+    from bdbench.metrics import psnr, ssim
+
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 256, (3, 3, 28, 28), generator=g).to(torch.uint8)
+    poisoned = (clean.int() + torch.randint(-40, 41, clean.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    ref_ssim = sum(skimage_metrics.structural_similarity(
+        c.numpy(), p.numpy(), channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=255) for c, p in zip(clean, poisoned)) / 3
+    ref_psnr = sum(skimage_metrics.peak_signal_noise_ratio(c.numpy(), p.numpy(), data_range=255)
+                   for c, p in zip(clean, poisoned)) / 3
+    assert ssim(clean, poisoned) == pytest.approx(ref_ssim, abs=1e-9)
+    assert psnr(clean, poisoned) == pytest.approx(ref_psnr, abs=1e-9)

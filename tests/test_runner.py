@@ -77,6 +77,8 @@ def test_tiny_grid_rows_cache_and_rerun(tmp_path, tiny_grid):
     clean = rows[(rows.attack == "none") & (rows.defense == "none")].iloc[0]
     assert badnets.asr > 0.9 and badnets.clean_acc > 0.8
     assert clean.asr is None or clean.asr != clean.asr  # no trigger on a clean model: null
+    assert 10 < badnets.psnr < 60 and 0.5 < badnets.ssim < 1  # stealth of the triggered test set
+    assert clean.psnr != clean.psnr and clean.ssim != clean.ssim  # null (NaN in pandas) without an attack
     per_class = torch.bincount(load_dataset("digits").y_train)
     assert badnets.clean_budget == sum(round(0.05 * int(n)) for n in per_class) == 70  # 5% of each class
     ft = rows[(rows.attack == "badnets") & (rows.defense == "ft")].iloc[0]

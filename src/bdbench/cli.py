@@ -1,4 +1,4 @@
-"""The command line: `bdbench run`, `bdbench results`, `bdbench report`, `bdbench list`."""
+"""The command line: `bdbench run`, `bdbench results`, `bdbench report`, `bdbench triggers`, `bdbench list`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import click
 from bdbench.errors import BdbenchError
 
 _TABLE_COLUMNS = ["dataset", "model", "attack", "poison_rate", "defense", "precision", "seed", "status",
-                  "clean_acc", "asr", "robust_acc", "der", "detected", "det_tpr", "det_fpr", "defense_s"]
+                  "clean_acc", "asr", "robust_acc", "der", "psnr", "ssim", "detected", "det_tpr", "det_fpr", "defense_s"]
 
 
 class _OneLineErrors(click.Group):
@@ -95,6 +95,32 @@ def report(out: str, output: str | None) -> None:
     from bdbench.report import report_from_out
 
     click.echo(str(report_from_out(out, output)))
+
+
+@main.command()
+@click.argument("config", required=False)
+@click.option("--attack", "attacks", multiple=True, metavar="NAME",
+              help="An attack name or mapping, e.g. --attack sig --attack '{name: badnets, patch_size: 4}' (repeatable).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--dataset", default=None, help="Data set  [default: the grid's, else mnist5k]")
+@click.option("--out", default="bdbench-out", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder whose cache holds learned triggers and surrogates.")
+@click.option("--images", default=4, show_default=True, type=click.IntRange(1, 16), help="Test images per attack.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key of CONFIG.")
+def triggers(config: str | None, attacks: tuple[str, ...], output: str, dataset: str | None, out: str,
+             images: int, overrides: tuple[str, ...]) -> None:
+    """Draw clean test images beside their triggered versions, one row per attack, with PSNR/SSIM."""
+    from bdbench.errors import ConfigError
+    from bdbench.triggers import write_trigger_picture
+
+    if config is None and not attacks:
+        raise ConfigError("bdbench triggers needs a CONFIG or at least one --attack NAME")
+    rows = write_trigger_picture(output, config, attacks, dataset, out, images, overrides)
+    for row in rows:
+        psnr = "n/a" if row.psnr is None else f"{row.psnr:.2f}"
+        ssim = "n/a" if row.ssim is None else f"{row.ssim:.4f}"
+        click.echo(f"{row.label}: PSNR {psnr} dB, SSIM {ssim}")
+    click.echo(output)
 
 
 @main.command(name="list")

@@ -110,6 +110,13 @@ def evaluate(model: nn.Module, dataset: Dataset, triggered: TriggeredTestSet | N
     return result
 
 
+def trigger_stealth(triggered: TriggeredTestSet | None) -> dict[str, float | None]:
+    """PSNR (dB) and SSIM of the triggered test images against the same images without the trigger."""
+    if triggered is None or triggered.x_clean is None:
+        return {"psnr": None, "ssim": None}
+    return {"psnr": metrics.psnr(triggered.x_clean, triggered.x), "ssim": metrics.ssim(triggered.x_clean, triggered.x)}
+
+
 def _score_outcome(outcome: DefenseOutcome, spec: ExperimentSpec, dataset: Dataset, poisoned: PoisonedTrainingSet,
                    triggered: TriggeredTestSet | None, device: torch.device) -> tuple[nn.Module | None, dict]:
     """Score what a defense returned against ground truth; return the model to measure (if it changed)."""
@@ -215,7 +222,7 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> di
     repaired, detection = _score_outcome(outcome, spec, dataset, poisoned, triggered, device)
     after = evaluate(repaired, dataset, triggered, device) if repaired is not None else before
 
-    row: dict[str, Any] = {**after, **detection}
+    row: dict[str, Any] = {**after, **detection, **trigger_stealth(triggered)}
     row.update(clean_acc_before=before["clean_acc"], asr_before=before["asr"], robust_acc_before=before["robust_acc"],
                clean_budget=len(budget_y), victim_cached=victim.cached,
                victim_train_s=None if victim.train_s is None else round(victim.train_s, 3),

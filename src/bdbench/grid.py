@@ -96,7 +96,10 @@ class GridSpec(BaseModel):
         # Build each component once so unknown names and parameters fail now, not mid-grid.
         # Constructors do no work, so this is cheap.
         for attack in self.attacks:
-            ATTACKS.build(attack.name, attack.params)
+            own_rate = attack.params.get("poison_rate")
+            if own_rate is not None and not (isinstance(own_rate, (int, float)) and 0 < own_rate < 1):
+                raise ValueError(f"attack {attack.name} poison_rate {own_rate} is not in (0, 1)")
+            ATTACKS.build(attack.name, without_poison_rate(attack).params)
         for defense in self.defenses:
             DEFENSES.build(defense.name, defense.params)
         for precision in self.precisions:
@@ -140,14 +143,26 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def without_poison_rate(attack: Component) -> Component:
+    """The attack without its own `poison_rate` (a grid key, not an attack parameter)."""
+    if "poison_rate" not in attack.params:
+        return attack
+    return Component(name=attack.name, params={k: v for k, v in attack.params.items() if k != "poison_rate"})
+
+
 def expand(grid: GridSpec) -> list[ExperimentSpec]:
     """Every experiment of a grid, grouped so that experiments sharing a victim are adjacent.
 
-    Attack `none` trains one clean model per seed (its poison rate is recorded as 0).
+    Attack `none` trains one clean model per seed (its poison rate is recorded as 0). An attack
+    entry with its own `poison_rate` (a clean-label attack at its paper's rate) runs at that rate
+    instead of the grid's `poison_rates`.
     """
     specs: list[ExperimentSpec] = []
     seen: set[str] = set()
-    for seed, attack, rate in itertools.product(grid.seeds, grid.attacks, grid.poison_rates):
+    runs = [(attack, rate) for attack in grid.attacks
+            for rate in ([attack.params["poison_rate"]] if "poison_rate" in attack.params else grid.poison_rates)]
+    for seed, (attack, rate) in itertools.product(grid.seeds, runs):
+        attack = without_poison_rate(attack)
         rate = 0.0 if attack.name == "none" else rate
         for defense, precision in itertools.product(grid.defenses, grid.precisions):
             spec = ExperimentSpec(dataset=grid.dataset, model=grid.model, training=grid.training,

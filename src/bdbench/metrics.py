@@ -63,3 +63,53 @@ def auroc(scores: torch.Tensor, is_positive: torch.Tensor) -> float | None:
     ranks[order] = (rank_sums / counts)[inverse]
     u = float(ranks[is_positive].sum()) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
+
+
+# ---------------------------------------------------------------- stealthiness of a trigger
+
+def psnr(clean: torch.Tensor, poisoned: torch.Tensor, data_range: float = 255.0) -> float | None:
+    """Mean over images of the peak signal-to-noise ratio 10 log10(R^2 / MSE), in dB, of (N, C, H, W)
+    batches. Images the trigger left unchanged are skipped (their PSNR is infinite); None when
+    every image is unchanged or the batch is empty."""
+    clean, poisoned = clean.double(), poisoned.double()
+    mse = (clean - poisoned).pow(2).flatten(1).mean(1)
+    changed = mse > 0
+    if not changed.any():
+        return None
+    return float((10 * torch.log10(data_range ** 2 / mse[changed])).mean())
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(clean: torch.Tensor, poisoned: torch.Tensor, data_range: float = 255.0,
+         window: int = 11, sigma: float = 1.5) -> float | None:
+    """Mean structural similarity (Wang, Bovik, Sheikh and Simoncelli, "Image Quality Assessment:
+    From Error Visibility to Structural Similarity", IEEE TIP 2004) of (N, C, H, W) batches.
+
+    Local statistics use an 11x11 Gaussian window with sigma 1.5 and K1 = 0.01, K2 = 0.03, over
+    the positions where the window fits (as the paper and skimage's gaussian_weights mode);
+    channels are averaged, then images. Images smaller than the window use the largest odd
+    window that fits (7x7 on 8x8 digits). None for an empty batch.
+    """
+    if clean.numel() == 0:
+        return None
+    x, y = clean.double(), poisoned.double()
+    n, c, h, w = x.shape
+    size = min(window, h - (1 - h % 2), w - (1 - w % 2))
+    kernel = _gaussian_window(size, sigma).to(x.device).expand(c, 1, size, size)
+
+    def blur(img: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(img, kernel, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return float(ssim_map.flatten(1).mean(1).mean())

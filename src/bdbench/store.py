@@ -46,6 +46,8 @@ COLUMNS: dict[str, str] = {
     "clean_acc_before": "REAL",
     "asr_before": "REAL",
     "robust_acc_before": "REAL",
+    "psnr": "REAL",
+    "ssim": "REAL",
     "detected": "INTEGER",
     "anomaly_index": "REAL",
     "suspected_targets": "TEXT",

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from bdbench.attacks.advdoor import AdvDoor
 from bdbench.attacks.badnets import BadNets
-from bdbench.attacks.base import Attack, PoisonedTrainingSet, TriggeredTestSet
+from bdbench.attacks.base import Attack, CleanLabelAttack, PoisonedTrainingSet, TriggeredTestSet
 from bdbench.attacks.blended import Blended
+from bdbench.attacks.lc import LabelConsistent
+from bdbench.attacks.lsp import LabelSmoothingPoisoning
 from bdbench.attacks.none import NoAttack
+from bdbench.attacks.sig import SIG
+from bdbench.attacks.source_specific import SourceSpecific
+from bdbench.attacks.trojannn import TrojanNN
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.registry import Registry
 
@@ -13,5 +19,11 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 ATTACKS.register("none")(NoAttack)
 ATTACKS.register("badnets")(BadNets)
 ATTACKS.register("blended")(Blended)
+ATTACKS.register("sig")(SIG)
+ATTACKS.register("lc")(LabelConsistent)
+ATTACKS.register("trojannn")(TrojanNN)
+ATTACKS.register("advdoor")(AdvDoor)
+ATTACKS.register("source_specific")(SourceSpecific)
+ATTACKS.register("lsp")(LabelSmoothingPoisoning)
 
-__all__ = ["ATTACKS", "Attack", "AttackWorkshop", "PoisonedTrainingSet", "TriggeredTestSet"]
+__all__ = ["ATTACKS", "Attack", "AttackWorkshop", "CleanLabelAttack", "PoisonedTrainingSet", "TriggeredTestSet"]

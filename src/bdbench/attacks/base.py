@@ -22,12 +22,17 @@ from bdbench.training import BatchHook
 LabelMode = Literal["all2one", "all2all"]
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] -> uint8 images, as a poisoned image file would store them."""
+    return x.clamp(0, 1).mul(255.0).round().to(torch.uint8)
+
+
 @dataclass(frozen=True, eq=False)
 class PoisonedTrainingSet:
     """The training set the victim learns from, and which of its samples the attack touched."""
 
     x: torch.Tensor  # uint8 (N, C, H, W)
-    y: torch.Tensor  # int64 (N,)
+    y: torch.Tensor  # int64 (N,), or float (N, K) label distributions for soft-label attacks (lsp)
     poison_mask: torch.Tensor  # bool (N,)
 
 
@@ -38,6 +43,7 @@ class TriggeredTestSet:
     x: torch.Tensor
     y_true: torch.Tensor
     y_target: torch.Tensor
+    x_clean: torch.Tensor | None = None  # the same images without the trigger (PSNR/SSIM); None if unknown
 
 
 class Attack(ABC):
@@ -45,10 +51,15 @@ class Attack(ABC):
     the constructor, and implement `add_trigger` on float batches in [0, 1]."""
 
     citation: ClassVar[str] = ""
+    label_modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
+    single_target_reason: ClassVar[str] = ""  # why an attack without all-to-all has one target
 
     def __init__(self, label_mode: LabelMode = "all2one") -> None:
         if label_mode not in ("all2one", "all2all"):
             raise ConfigError(f"label_mode must be 'all2one' or 'all2all', not {label_mode!r}")
+        if label_mode not in self.label_modes:
+            raise ConfigError(f"{type(self).__name__} supports label_mode {' or '.join(self.label_modes)} only, "
+                              f"not {label_mode!r}: {self.single_target_reason}")
         self.label_mode = label_mode
 
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
@@ -61,8 +72,7 @@ class Attack(ABC):
 
     def trigger(self, x: torch.Tensor) -> torch.Tensor:
         """Put the trigger on uint8 images, returning uint8 images (as a poisoned file would be)."""
-        out = self.add_trigger(x.float().div(255.0))
-        return out.clamp(0, 1).mul(255.0).round().to(torch.uint8)
+        return to_uint8(self.add_trigger(x.float().div(255.0)))
 
     def target_labels(self, y: torch.Tensor, target_label: int, num_classes: int) -> torch.Tensor:
         if self.label_mode == "all2all":
@@ -81,18 +91,40 @@ class Attack(ABC):
                generator: torch.Generator) -> PoisonedTrainingSet:
         idx = self.select(dataset.y_train, poison_rate, target_label, generator)
         x, y = dataset.x_train.clone(), dataset.y_train.clone()
-        x[idx] = self.trigger(x[idx])
+        x[idx] = self.poison_images(x[idx], idx)
         y[idx] = self.target_labels(y[idx], target_label, dataset.num_classes)
         mask = torch.zeros(len(y), dtype=torch.bool)
         mask[idx] = True
         return PoisonedTrainingSet(x, y, mask)
 
+    def poison_images(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The poisoned versions of the uint8 training images `x` (training-set indices `idx`); by
+        default the test-time trigger. Attacks that perturb training images differently from test
+        images (label-consistent) override this."""
+        return self.trigger(x)
+
     def triggered_test_set(self, dataset: Dataset, target_label: int) -> TriggeredTestSet:
         """Every test image whose label the attack would change, with the trigger on it."""
         y_target = self.target_labels(dataset.y_test, target_label, dataset.num_classes)
         keep = y_target != dataset.y_test
-        return TriggeredTestSet(self.trigger(dataset.x_test[keep]), dataset.y_test[keep], y_target[keep])
+        clean = dataset.x_test[keep]
+        return TriggeredTestSet(self.trigger(clean), dataset.y_test[keep], y_target[keep], x_clean=clean)
 
     def training_hook(self) -> BatchHook | None:
         """A hook for attacks that control training; none for pure data poisoning."""
         return None
+
+
+class CleanLabelAttack(Attack):
+    """A clean-label attack: it poisons only training images of the target class and keeps their
+    (correct) labels, so it has one target by nature and only the all-to-one mode."""
+
+    label_modes = ("all2one",)
+    single_target_reason = "a clean-label attack poisons target-class images under their own label"
+
+    def select(self, y: torch.Tensor, poison_rate: float, target_label: int,
+               generator: torch.Generator) -> torch.Tensor:
+        """`poison_rate` of the whole training set, drawn from the target class only (all of it at most)."""
+        candidates = torch.nonzero(y == target_label).flatten()
+        count = min(len(candidates), int(round(poison_rate * len(y))))
+        return candidates[torch.randperm(len(candidates), generator=generator)[:count]]

@@ -72,3 +72,16 @@ class AttackWorkshop:
         net = fresh()
         net.load_state_dict(self.learned("surrogate", params, build))
         return net.to(self.device).eval()
+
+
+def surrogate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An attack's `surrogate` parameter -> keyword arguments of `AttackWorkshop.surrogate`.
+
+    `{model: cnn-small, epochs: 4, width: 8}`: `model` names the architecture (default cnn-small),
+    the keys of TrainConfig (epochs, batch_size, lr, ...) set its training (default TrainConfig()),
+    and any other key is a model option. Tests pass tiny surrogates this way.
+    """
+    options = dict(options or {})
+    model = options.pop("model", "cnn-small")
+    training = {k: options.pop(k) for k in list(options) if k in TrainConfig.model_fields}
+    return {"model": model, "training": TrainConfig(**training), **options}

@@ -1,0 +1,119 @@
+"""`bdbench triggers`: a picture of clean test images beside their triggered versions, one row per
+attack, with the PSNR and SSIM of each attack's triggered test set against its clean images (the
+same numbers as the `psnr`/`ssim` result columns)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from bdbench import metrics
+from bdbench.attacks import ATTACKS, Attack, AttackWorkshop
+from bdbench.data import Dataset, load_dataset
+from bdbench.errors import ConfigError
+from bdbench.grid import Component, load_grid, without_poison_rate
+from bdbench.seeding import derive_seed
+from bdbench.store import ArtifactCache
+from bdbench.training import default_device
+
+
+@dataclass
+class TriggerRow:
+    label: str
+    clean: torch.Tensor  # uint8 (n, C, H, W)
+    triggered: torch.Tensor  # uint8 (n, C, H, W)
+    psnr: float | None
+    ssim: float | None
+
+
+def _label(attack: Component) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in attack.params.items())
+    return f"{attack.name} ({params})" if params else attack.name
+
+
+def trigger_rows(dataset: Dataset, attacks: Iterable[Component], target_label: int, workshop: AttackWorkshop,
+                 images: int = 4) -> list[TriggerRow]:
+    """For each attack, the first `images` images of its triggered test set (clean and triggered)
+    and its PSNR/SSIM over the whole triggered test set."""
+    rows = []
+    for component in attacks:
+        component = without_poison_rate(component)
+        if component.name == "none":
+            continue
+        attack: Attack = ATTACKS.build(component.name, component.params)
+        attack.prepare(dataset, target_label, workshop)
+        triggered = attack.triggered_test_set(dataset, target_label)
+        clean = triggered.x_clean
+        if clean is None:
+            raise ConfigError(f"attack {component.name} does not report the clean test images behind its triggers")
+        rows.append(TriggerRow(_label(component), clean[:images], triggered.x[:images],
+                               metrics.psnr(clean, triggered.x), metrics.ssim(clean, triggered.x)))
+    return rows
+
+
+def draw(rows: list[TriggerRow], path: str | Path) -> Path:
+    """Write the grid picture: per row, pairs of (clean, triggered) images and the row's PSNR/SSIM."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ConfigError("no attack to draw: give a grid with attacks other than none, or --attack NAME")
+    pairs = max(len(r.clean) for r in rows)
+    fig, axes = plt.subplots(len(rows), 2 * pairs, figsize=(1.3 * 2 * pairs + 2.6, 1.45 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for p in range(pairs):
+            for side, images in enumerate((row.clean, row.triggered)):
+                ax = axes[r, 2 * p + side]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if p < len(images):
+                    img = images[p].permute(1, 2, 0).numpy()
+                    ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=255,
+                              interpolation="nearest")
+                if r == 0:
+                    ax.set_title("clean" if side == 0 else "triggered", fontsize=8)
+        psnr = "n/a" if row.psnr is None else f"{row.psnr:.1f} dB"
+        ssim = "n/a" if row.ssim is None else f"{row.ssim:.3f}"
+        axes[r, 0].set_ylabel(f"{row.label}\nPSNR {psnr}\nSSIM {ssim}", rotation=0, ha="right", va="center",
+                              fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_trigger_picture(output: str | Path, config: str | None = None, attacks: Iterable[str] = (),
+                          dataset: str | None = None, out: str | Path = "bdbench-out", images: int = 4,
+                          overrides: Iterable[str] = ()) -> list[TriggerRow]:
+    """The `bdbench triggers` command: attacks from a grid (its data set, target and first seed) or
+    from `attacks` (names or YAML mappings such as '{name: badnets, patch_size: 4}'), on `dataset`
+    (default: the grid's, else mnist5k). Learned triggers are cached in `out`/cache like a run's."""
+    import yaml
+
+    if config is not None:
+        grid = load_grid(config, overrides)
+        dataset_spec, target_label, seed = grid.dataset, grid.target_label, grid.seeds[0]
+        components = list(grid.attacks)
+    else:
+        dataset_spec, target_label, seed, components = Component(name="mnist5k"), 0, 0, []
+    if dataset is not None:
+        dataset_spec = Component(name=dataset)
+    if attacks:
+        components = [Component.model_validate(yaml.safe_load(a) if a.lstrip().startswith("{") else a)
+                      for a in attacks]
+    for component in components:
+        ATTACKS.build(component.name, without_poison_rate(component).params)  # bad names fail before any work
+    data = load_dataset(dataset_spec.name, **dataset_spec.params)
+    workshop = AttackWorkshop(seed=derive_seed(seed, "attack"), device=default_device(),
+                              cache=ArtifactCache(Path(out) / "cache"), dataset_key=dataset_spec.model_dump_json())
+    rows = trigger_rows(data, components, target_label, workshop, images)
+    draw(rows, output)
+    return rows

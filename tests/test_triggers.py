@@ -1,0 +1,32 @@
+"""`bdbench triggers`: the picture of clean and triggered test images with PSNR/SSIM per attack."""
+
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from bdbench.cli import main
+
+
+def test_triggers_cli_draws_one_row_per_attack_with_psnr_and_ssim(tmp_path):
+    out = tmp_path / "triggers.png"
+    result = CliRunner().invoke(main, ["triggers", "--attack", "badnets", "--attack", "{name: sig, delta: 40}",
+                                       "--dataset", "digits", "--out", str(tmp_path), "-o", str(out), "--images", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("badnets: PSNR ") and "SSIM" in lines[0]
+    assert lines[1].startswith("sig (delta=40): PSNR ")
+    width, height = Image.open(out).size
+    assert width > height > 100  # two rows of three (clean, triggered) pairs
+
+
+def test_triggers_cli_reads_a_grid_and_refuses_nothing_to_draw(tmp_path, tiny_grid):
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(tiny_grid))
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(main, ["triggers", str(config), "--out", str(tmp_path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("badnets (patch_size=2): PSNR") and out.is_file()  # `none` has no row
+    result = CliRunner().invoke(main, ["triggers", "-o", str(out)])
+    assert result.exit_code == 2 and "needs a CONFIG or at least one --attack" in result.output
+    result = CliRunner().invoke(main, ["triggers", "--attack", "nope", "-o", str(out)])
+    assert result.exit_code == 2 and "unknown attack 'nope'" in result.output
