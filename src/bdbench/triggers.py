@@ -36,8 +36,8 @@ def _label(attack: Component) -> str:
 
 def trigger_rows(dataset: Dataset, attacks: Iterable[Component], target_label: int, workshop: AttackWorkshop,
                  images: int = 4) -> list[TriggerRow]:
-    """For each attack, the first `images` images of its triggered test set (clean and triggered)
-    and its PSNR/SSIM over the whole triggered test set."""
+    """For each attack, `images` images spread evenly over its triggered test set (clean and
+    triggered; test sets are often sorted by class) and its PSNR/SSIM over the whole set."""
     rows = []
     for component in attacks:
         component = without_poison_rate(component)
@@ -49,7 +49,8 @@ def trigger_rows(dataset: Dataset, attacks: Iterable[Component], target_label: i
         clean = triggered.x_clean
         if clean is None:
             raise ConfigError(f"attack {component.name} does not report the clean test images behind its triggers")
-        rows.append(TriggerRow(_label(component), clean[:images], triggered.x[:images],
+        picks = torch.linspace(0, len(clean) - 1, min(images, len(clean))).round().long()
+        rows.append(TriggerRow(_label(component), clean[picks], triggered.x[picks],
                                metrics.psnr(clean, triggered.x), metrics.ssim(clean, triggered.x)))
     return rows
 
