@@ -47,8 +47,9 @@ def test_augment_crop_is_a_translation_and_flips_only_when_allowed():
 def test_batch_hook_sees_every_batch_and_can_change_it(digits):
     calls = []
 
-    def hook(x, y, generator):
+    def hook(x, y, generator, index):
         calls.append(x.shape[0])
+        assert torch.equal(x, digits.x_train[index].float() / 255)  # no padding/flip: the rows themselves
         return x, torch.zeros_like(y)  # relabel everything to 0
 
     model = train(_model(digits), digits.x_train, digits.y_train, TrainConfig(epochs=1, batch_size=100),

@@ -76,10 +76,16 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
     The cache lock makes "load, or train and save" one step, so that workers needing the same
     victim at the same time train it once (executors also schedule a victim's experiments after it).
     """
+    attack_key = f"{spec.victim_key}.attack"  # what the attack learned with this victim, if anything
     with cache.lock("victims", spec.victim_key):
         model = new_model(spec, dataset, "victim_init")
         try:
             if cache.load("victims", spec.victim_key, model):
+                if attack.learns_with_victim:
+                    state = cache.load_tensors("victims", attack_key)
+                    if state is None:
+                        raise ArtifactError(f"cached victim {spec.victim_key} lacks the trigger its attack learned with it")
+                    attack.load_victim_state(state)
                 return Victim(model.to(device).eval(), True, None)
         except ArtifactError as exc:
             log.warning("%s; retraining it", exc)
@@ -90,6 +96,9 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
               crop_padding=dataset.crop_padding, hflip=dataset.allow_hflip, device=device,
               hook=attack.training_hook())
         seconds = time.perf_counter() - start
+        if attack.learns_with_victim:  # saved first: a victim file never exists without its trigger
+            cache.save_tensors("victims", attack_key, attack.victim_state(), {"victim_key": spec.victim_key,
+                                                                             "attack": spec.attack.name})
         cache.save("victims", spec.victim_key, model, {
             "spec": spec.model_dump(mode="json", include={"dataset", "model", "training", "attack", "poison_rate",
                                                           "target_label", "seed"}),
@@ -199,9 +208,11 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> di
                               dataset_key=spec.dataset.model_dump_json())
     attack.prepare(dataset, spec.target_label, workshop)
     poisoned = attack.poison(dataset, spec.poison_rate, spec.target_label, _generator(spec.seed, "poison"))
+    victim = get_victim(spec, dataset, attack, poisoned, cache, device)
+    # After the victim: an attack that learns its trigger while the victim trains has it only now.
+    poisoned = attack.after_training(poisoned)
     triggered = None if spec.attack.name == "none" else attack.triggered_test_set(dataset, spec.target_label)
 
-    victim = get_victim(spec, dataset, attack, poisoned, cache, device)
     budget_x, budget_y = clean_budget(dataset, spec.clean_budget, spec.seed)
     deployed = PRECISIONS.get(spec.precision)(victim.model, budget_x)
     before = evaluate(deployed, dataset, triggered, device)

@@ -37,9 +37,13 @@ class TrainConfig(BaseModel):
 class BatchHook(Protocol):
     """The one hook through which an attack may control training (WaNet's noise mode,
     input-aware generators, BPP's negative samples): it receives each augmented batch as
-    float images in [0, 1] with labels and returns the batch to train on."""
+    float images in [0, 1] with labels, the batch's row numbers in the training set (`index`, on
+    the training device: how a per-batch attack knows which rows are its poisoned samples) and the
+    trainer's generator, and returns the batch to train on. The returned images may carry a
+    graph into the attack's own parameters: the trainer's backward pass then reaches them too."""
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                 index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
 
@@ -127,7 +131,7 @@ def train(
                 xb = augment_batch(xb, crop_padding, hflip, generator)
                 yb = y_dev[idx]
                 if hook is not None:
-                    xb, yb = hook(xb, yb, generator)
+                    xb, yb = hook(xb, yb, generator, idx)
                 xb = xb.contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                     loss = loss_fn(model, xb, yb)

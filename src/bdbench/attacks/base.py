@@ -4,6 +4,16 @@ An attack turns a clean training set into a poisoned one and returns the ground-
 the samples it poisoned; it can put its trigger on any batch of test images. Attacks that must
 learn something first (a generator, a perturbation) do it in `prepare`; attacks that must
 control training return a `BatchHook` from `training_hook` (the trainer's one hook).
+
+Per-batch attacks (WaNet's noise mode, BPP's negative samples, input-aware's generator) still
+poison a fixed, seeded subset of training rows: `poison` picks them and returns them in the mask,
+and the hook recognises them in each batch by their row numbers. Extra samples such attacks draw
+per batch (noise, negative or cross-trigger samples, which keep their true labels) are not
+poisoned samples: they change from batch to batch and carry no backdoor label.
+
+An attack whose trigger is learned while the victim trains (`learns_with_victim`) hands what it
+learned to the experiment through `victim_state`; the experiment stores it beside the victim, so
+that a cached victim always comes back with the trigger it was trained against.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ class Attack(ABC):
     citation: ClassVar[str] = ""
     label_modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
     single_target_reason: ClassVar[str] = ""  # why an attack without all-to-all has one target
+    learns_with_victim: ClassVar[bool] = False
 
     def __init__(self, label_mode: LabelMode = "all2one") -> None:
         if label_mode not in ("all2one", "all2all"):
@@ -61,6 +72,7 @@ class Attack(ABC):
             raise ConfigError(f"{type(self).__name__} supports label_mode {' or '.join(self.label_modes)} only, "
                               f"not {label_mode!r}: {self.single_target_reason}")
         self.label_mode = label_mode
+        self.poison_mask: torch.Tensor | None = None  # set by `poison`, for per-batch training hooks
 
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
         """Fix whatever depends on the data (image shape, learned triggers). Called once before use;
@@ -95,6 +107,7 @@ class Attack(ABC):
         y[idx] = self.target_labels(y[idx], target_label, dataset.num_classes)
         mask = torch.zeros(len(y), dtype=torch.bool)
         mask[idx] = True
+        self.poison_mask = mask
         return PoisonedTrainingSet(x, y, mask)
 
     def poison_images(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -128,3 +141,37 @@ class CleanLabelAttack(Attack):
         candidates = torch.nonzero(y == target_label).flatten()
         count = min(len(candidates), int(round(poison_rate * len(y))))
         return candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+    def victim_state(self) -> dict[str, torch.Tensor]:
+        """What the attack learned while the victim trained (only where `learns_with_victim`)."""
+        return {}
+
+    def load_victim_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore `victim_state` when the victim itself comes from the cache."""
+
+    def after_training(self, poisoned: PoisonedTrainingSet) -> PoisonedTrainingSet:
+        """The poisoned training set as a defender inspecting it finds it once the victim is trained:
+        the same, except for attacks whose trigger was still being learned when `poison` ran."""
+        return poisoned
+
+
+class PoisonedRows:
+    """Which rows of a training batch are poisoned samples, looked up by their row numbers."""
+
+    def __init__(self, poison_mask: torch.Tensor | None) -> None:
+        if poison_mask is None:
+            raise RuntimeError("poison() must run before training_hook()")
+        self.poison_mask = poison_mask
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        if index.device not in self._on_device:
+            self._on_device[index.device] = self.poison_mask.to(index.device)
+        return self._on_device[index.device][index]
+
+
+def clean_rows(poisoned_rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` random rows of a batch that are not poisoned samples (for the noise, negative or
+    cross-trigger samples of per-batch attacks); fewer when the batch has fewer clean rows."""
+    candidates = torch.nonzero(~poisoned_rows.cpu()).flatten()
+    picked = candidates[torch.randperm(len(candidates), generator=generator)[:max(0, count)]]
+    return picked.to(poisoned_rows.device)

@@ -1,0 +1,108 @@
+"""BppAttack: colour-depth squeezing with Floyd-Steinberg dithering as the trigger (Wang, Zhai and
+Ma, "BppAttack: Stealthy and Efficient Trojan Attacks against Deep Neural Networks via Image
+Quantization and Contrastive Adversarial Learning", CVPR 2022).
+
+The trigger quantises every channel to `squeeze_num` levels (the authors' default 8, i.e. 3 bits
+per channel) and diffuses each pixel's rounding error to its unvisited neighbours with the
+Floyd-Steinberg weights 7/16, 1/16, 5/16, 3/16, so that the result looks like the original
+image. Levels are clamped to the valid range where the diffused error would overshoot it.
+
+Negative samples (the paper's contrastive part, as the authors' code builds them): in every
+batch, `neg_ratio` of the rows (drawn from the non-poisoned ones) receive the trigger residual
+(dithered minus original) of another, random training image and keep their true labels, so that
+only the residual that matches its image triggers the backdoor. The residual pool is a seeded
+subset of at most `residual_pool` training images (the authors use the whole training set; a
+pool bounds memory on large data sets). The paper's adversarially perturbed variant of the
+negative samples is not implemented.
+
+As for WaNet, the poisoned samples are a fixed seeded subset of the training rows, stored with
+the trigger (exactly representable in uint8) and the target label; negative samples change per
+batch, keep their labels and are not in the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bdbench.attacks.base import Attack, LabelMode, PoisonedRows, clean_rows
+from bdbench.attacks.workshop import AttackWorkshop
+from bdbench.data import Dataset
+from bdbench.errors import ConfigError
+from bdbench.training import BatchHook
+
+# Floyd-Steinberg error diffusion: (row offset, column offset, weight).
+_DIFFUSION = ((0, 1, 7 / 16), (1, 1, 1 / 16), (1, 0, 5 / 16), (1, -1, 3 / 16))
+
+
+def dither_squeeze(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Quantise float images (N, C, H, W) in [0, 1] to `levels` values per channel with
+    Floyd-Steinberg dithering, pixel by pixel in raster order, all images at once."""
+    image = x.mul(255.0).double()  # the error diffusion works on the 0..255 scale, like the paper's
+    n, c, h, w = image.shape
+    step = 255.0 / (levels - 1)
+    for row in range(h):
+        for col in range(w):
+            old = image[:, :, row, col]
+            new = torch.round(old / step).clamp(0, levels - 1) * step
+            error = old - new
+            image[:, :, row, col] = new
+            for d_row, d_col, weight in _DIFFUSION:
+                r, q = row + d_row, col + d_col
+                if r < h and 0 <= q < w:
+                    image[:, :, r, q] += error * weight
+    return image.div(255.0).to(x.dtype)
+
+
+class Bpp(Attack):
+    """Bit-depth squeezing with dithering, negative samples during training (Wang et al., CVPR 2022)."""
+
+    citation = ("Wang, Zhai, Ma. BppAttack: Stealthy and Efficient Trojan Attacks against Deep Neural Networks "
+                "via Image Quantization and Contrastive Adversarial Learning. CVPR 2022.")
+
+    def __init__(self, squeeze_num: int = 8, dithering: bool = True, neg_ratio: float = 0.2,
+                 residual_pool: int = 1024, label_mode: LabelMode = "all2one") -> None:
+        super().__init__(label_mode)
+        if not 2 <= squeeze_num <= 255:
+            raise ConfigError(f"bpp squeeze_num (colour levels per channel) must be in 2..255, not {squeeze_num}")
+        if not 0 <= neg_ratio < 1:
+            raise ConfigError(f"bpp neg_ratio must be in [0, 1), not {neg_ratio}")
+        if residual_pool < 1:
+            raise ConfigError(f"bpp residual_pool must be at least 1, not {residual_pool}")
+        self.squeeze_num, self.dithering, self.neg_ratio = squeeze_num, dithering, neg_ratio
+        self.residual_pool = residual_pool
+        self.residuals: torch.Tensor | None = None  # (P, C, H, W) trigger residuals of training images
+
+    def add_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dithering:
+            return dither_squeeze(x, self.squeeze_num)
+        step = 1.0 / (self.squeeze_num - 1)
+        return torch.round(x / step) * step
+
+    def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
+        count = min(self.residual_pool, len(dataset.x_train))
+        picked = torch.randperm(len(dataset.x_train), generator=workshop.generator("bpp_residuals"))[:count]
+        clean = dataset.x_train[picked].float().div(255.0)
+        self.residuals = self.trigger(dataset.x_train[picked]).float().div(255.0) - clean
+
+    def training_hook(self) -> BatchHook | None:
+        if self.residuals is None:
+            raise RuntimeError("Bpp.prepare() must run before training_hook()")
+        if self.neg_ratio == 0:
+            return None
+        return _NegativeSamples(self.residuals, self.neg_ratio, PoisonedRows(self.poison_mask))
+
+
+class _NegativeSamples:
+    """Puts mismatched trigger residuals on `neg_ratio` of each batch's clean rows, labels unchanged."""
+
+    def __init__(self, residuals: torch.Tensor, neg_ratio: float, poisoned_rows: PoisonedRows) -> None:
+        self.residuals, self.neg_ratio, self.poisoned_rows = residuals, neg_ratio, poisoned_rows
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                 index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = clean_rows(self.poisoned_rows(index), int(self.neg_ratio * len(x)), generator)
+        if len(rows):
+            pick = torch.randint(0, len(self.residuals), (len(rows),), generator=generator)
+            x = x.clone()
+            x[rows] = (x[rows] + self.residuals[pick].to(x)).clamp(0, 1)
+        return x, y

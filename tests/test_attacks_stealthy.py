@@ -1,0 +1,244 @@
+"""WaNet, BPP, LF, input-aware, SSBA and Narcissus: each one's trigger, poison mask and labels, its
+training hook where it has one, and its effect on a tiny model trained for seconds on `digits`."""
+
+import pytest
+import torch
+
+from bdbench.attacks import ATTACKS, AttackWorkshop
+from bdbench.attacks.bpp import dither_squeeze
+from bdbench.attacks.lf import low_pass
+from bdbench.models import create_model, with_normalization
+from bdbench.training import TrainConfig, predict, train
+
+
+def _prepared(name, dataset, workshop=None, **params):
+    attack = ATTACKS.build(name, params)
+    attack.prepare(dataset, target_label=0, workshop=workshop or AttackWorkshop(seed=0))
+    return attack
+
+
+def _victim(dataset, poisoned, attack, epochs):
+    torch.manual_seed(0)
+    model = with_normalization(create_model("cnn-small", 10, 1, 8, width=16), dataset.mean, dataset.std)
+    return train(model, poisoned.x, poisoned.y, TrainConfig(epochs=epochs, batch_size=64), seed=0,
+                 crop_padding=dataset.crop_padding, hook=attack.training_hook())
+
+
+def _rates(model, dataset, attack):
+    triggered = attack.triggered_test_set(dataset, 0)
+    asr = (predict(model, triggered.x) == triggered.y_target).float().mean().item()
+    clean = (predict(model, dataset.x_test) == dataset.y_test).float().mean().item()
+    return asr, clean
+
+
+def _clean_model_asr(dataset, attack, epochs):
+    """The ASR of the same trigger on a model trained on clean data: what the attack must beat."""
+    model = _victim(dataset, ATTACKS.build("none", {}).poison(dataset, 0, 0, torch.Generator()),
+                    ATTACKS.build("none", {}), epochs)
+    return _rates(model, dataset, attack)[0]
+
+
+def _record_hook_batches(attack, dataset, poisoned, batches=3):
+    """Run the attack's hook on a few plain batches of the poisoned set, as the trainer would."""
+    hook = attack.training_hook()
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for start in range(0, 64 * batches, 64):
+        index = torch.arange(start, start + 64)
+        x = poisoned.x[index].float() / 255
+        y = poisoned.y[index]
+        hx, hy = hook(x, y, generator, index)
+        out.append((index, x, y, hx.detach(), hy))
+    return out
+
+
+# --- WaNet -------------------------------------------------------------------------------------
+def test_wanet_warps_with_one_fixed_smooth_field_and_poisons_a_fixed_subset(digits):
+    attack = _prepared("wanet", digits)
+    again = _prepared("wanet", digits)
+    assert torch.equal(attack.grid, again.grid)  # the field comes from the seed
+    line = torch.linspace(-1, 1, 8)
+    identity = torch.stack(torch.meshgrid(line, line, indexing="xy"), -1)
+    shift = (attack.grid[0] - identity).abs()
+    assert 0 < shift.max() < 0.5  # a small warp, at most a fraction of the image
+    x = torch.rand(3, 1, 8, 8)
+    warped = attack.add_trigger(x)
+    assert torch.allclose(warped, torch.nn.functional.grid_sample(x, attack.grid.expand(3, -1, -1, -1),
+                                                                  align_corners=True))
+    flat = torch.full((1, 1, 8, 8), 0.4)
+    assert torch.allclose(attack.add_trigger(flat), flat, atol=1e-5)  # a warp moves pixels, adds nothing
+
+    poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
+    mask = poisoned.poison_mask
+    assert int(mask.sum()) == round(0.1 * len(mask)) and (poisoned.y[mask] == 0).all()
+    assert torch.equal(poisoned.x[mask], attack.trigger(digits.x_train[mask]))
+    assert torch.equal(poisoned.x[~mask], digits.x_train[~mask])
+
+
+def test_wanet_noise_mode_warps_twice_as_many_clean_rows_and_keeps_their_labels(digits):
+    attack = _prepared("wanet", digits)
+    poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
+    for index, x, y, hx, hy in _record_hook_batches(attack, digits, poisoned):
+        assert torch.equal(hy, y)
+        changed = (hx != x).flatten(1).any(1)
+        rows_poisoned = poisoned.poison_mask[index]
+        assert not (changed & rows_poisoned).any()  # the poisoned rows are already warped in the data
+        assert int(changed.sum()) <= 2 * int(rows_poisoned.sum())
+        assert int(changed.sum()) >= 2 * int(rows_poisoned.sum()) - 2  # a blank row may not change
+        noisy = hx[changed]
+        assert not torch.allclose(noisy, attack.add_trigger(x[changed]), atol=1e-3)  # noise, not the trigger
+
+
+# --- BPP ---------------------------------------------------------------------------------------
+def test_bpp_dithering_uses_few_levels_and_keeps_local_brightness():
+    x = torch.linspace(0, 1, 64).view(1, 1, 8, 8).repeat(2, 3, 1, 1)
+    out = dither_squeeze(x, 8)
+    levels = out * 7
+    assert torch.allclose(levels, levels.round(), atol=1e-5)  # only the 8 levels of 3 bits
+    plain = torch.round(x * 7) / 7
+    assert not torch.equal(out, plain)  # the error diffusion changes the plain quantisation
+    assert abs(out.mean() - x.mean()) < abs(plain.mean() - x.mean()) + 0.01  # dithering keeps the mean
+    assert (out - x).abs().max() <= 1.5 / 7  # at most about one level off
+
+
+def test_bpp_negative_samples_carry_other_images_residuals_with_true_labels(digits):
+    attack = _prepared("bpp", digits)
+    poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
+    mask = poisoned.poison_mask
+    assert torch.equal(poisoned.x[mask], attack.trigger(digits.x_train[mask])) and (poisoned.y[mask] == 0).all()
+    for index, x, y, hx, hy in _record_hook_batches(attack, digits, poisoned):
+        assert torch.equal(hy, y)
+        changed = (hx != x).flatten(1).any(1)
+        assert not (changed & poisoned.poison_mask[index]).any()
+        assert 0.1 * 64 <= int(changed.sum()) <= int(0.2 * 64)
+        residual = hx[changed] - x[changed]
+        own = attack.add_trigger(x[changed]) - x[changed]
+        assert not torch.allclose(residual, own, atol=1e-3)  # someone else's residual
+
+
+# --- LF ----------------------------------------------------------------------------------------
+def test_lf_trigger_is_low_frequency_bounded_and_cached(tmp_path, digits):
+    from bdbench.store import ArtifactCache
+
+    workshop = AttackWorkshop(seed=0, cache=ArtifactCache(tmp_path), dataset_key="digits")
+    attack = _prepared("lf", digits, workshop, surrogate_epochs=4, epochs=3)
+    v = attack.perturbation
+    assert torch.allclose(low_pass(v, attack.cutoff), v, atol=1e-5)  # nothing above the cut-off
+    spectrum = torch.fft.fft2(v).abs()
+    assert spectrum[..., 3:6, :].max() < 1e-4 and spectrum[..., :, 3:6].max() < 1e-4
+    assert v.abs().max() < 1.5 * attack.eps and v.abs().max() > 0.3 * attack.eps
+    again = _prepared("lf", digits, workshop, surrogate_epochs=4, epochs=3)
+    assert torch.equal(again.perturbation, v)
+    assert len(list((tmp_path / "attacks").glob("*.safetensors"))) == 2  # the surrogate and the trigger
+
+
+# --- Input-aware -------------------------------------------------------------------------------
+def test_inputaware_masks_are_sparse_and_triggers_depend_on_the_input(digits):
+    attack = _prepared("inputaware", digits, mask_epochs=3)
+    x = digits.x_test[:64].float() / 255
+    with torch.no_grad():
+        masks = attack.masks(x)
+        triggered = attack.add_trigger(x)
+    assert masks.mean() < 0.1  # pretrained towards the paper's density of 0.032
+    assert masks.mean((1, 2, 3)).std() > 0 or (masks[0] != masks[1]).any()
+    residuals = triggered - x
+    assert (residuals[0] != residuals[1]).any()  # input-aware: each image its own trigger
+
+
+def test_inputaware_hook_trains_the_generator_with_the_victim(digits):
+    attack = _prepared("inputaware", digits, mask_epochs=3)
+    poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
+    mask = poisoned.poison_mask
+    assert torch.equal(poisoned.x, digits.x_train) and (poisoned.y[mask] == 0).all()  # clean until trained
+    before = {k: v.clone() for k, v in attack.pattern_net.state_dict().items()}
+    batches = _record_hook_batches(attack, digits, poisoned)
+    for index, x, y, hx, hy in batches:
+        assert torch.equal(hy, y)
+        changed = (hx != x).flatten(1).any(1)
+        rows_poisoned = mask[index]
+        assert changed[rows_poisoned].all()  # every poisoned row carries its generated trigger
+        cross = changed & ~rows_poisoned
+        assert 1 <= int(cross.sum()) <= round(0.1 * 64)  # cross-trigger rows, labels kept
+    after = attack.pattern_net.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # G took optimiser steps
+    final = attack.after_training(poisoned)
+    assert torch.equal(final.x[mask], attack.trigger(digits.x_train[mask]))
+    assert torch.equal(final.x[~mask], digits.x_train[~mask])
+
+
+def test_inputaware_cached_victim_comes_back_with_its_generator(tmp_path, tiny_grid):
+    import sqlite3
+
+    from bdbench.runner import run_grid
+
+    tiny_grid.update(attacks=[{"name": "inputaware", "mask_epochs": 2}], defenses=["none"],
+                     training={"epochs": 4, "batch_size": 64, "lr": 0.05})
+    first = run_grid(tiny_grid, out=tmp_path, progress=False).iloc[0]
+    assert first["status"] == "ok", first["error"]
+    assert not first["victim_cached"]
+    assert len(list((tmp_path / "cache" / "victims").glob("*.attack.safetensors"))) == 1
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:  # forget the row, keep the cached victim
+        db.execute("DELETE FROM experiments")
+    again = run_grid(tiny_grid, out=tmp_path, progress=False).iloc[0]
+    # Without its saved generator the cached victim would be tested with a fresh, untrained one.
+    assert again["victim_cached"] and again["asr"] == first["asr"], (first["asr"], again["asr"])
+
+
+# --- SSBA --------------------------------------------------------------------------------------
+def test_ssba_residuals_are_small_and_sample_specific(digits):
+    attack = _prepared("ssba", digits, steps=600)
+    x = digits.x_test[:64]
+    residual = attack.trigger(x).float() - x.float()
+    assert residual.abs().max() <= 255 * attack.max_residual + 1
+    assert residual.abs().mean() > 0.5  # the secret is really written into the image
+    assert (residual[0] != residual[1]).any()  # each image its own residual
+
+
+# --- Every dirty-label attack: a short training run learns the backdoor ------------------------
+@pytest.mark.parametrize("name, params, epochs", [
+    # s=2 and no noise mode: on 8x8 images the paper's warp moves pixels by a fifth of a pixel and
+    # its noise mode by as much, more than seconds of training resolve; mnist5k runs the defaults.
+    ("wanet", {"s": 2.0, "cross_ratio": 0}, 15),
+    # 2 levels instead of 8 (negative samples on): 8x8 digits have 17 grey levels, and 3-bit
+    # dithering changes them too little for seconds of training; mnist5k runs the paper's 8.
+    ("bpp", {"squeeze_num": 2}, 15),
+    ("lf", {"surrogate_epochs": 4, "epochs": 3}, 10),
+    ("inputaware", {"mask_epochs": 3}, 15),
+    ("ssba", {"steps": 1500}, 15),
+])
+def test_short_training_on_poisoned_digits_reaches_high_asr(digits, name, params, epochs):
+    attack = _prepared(name, digits, **params)
+    poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
+    assert (poisoned.y[poisoned.poison_mask] == 0).all()
+    model = _victim(digits, poisoned, attack, epochs)
+    asr, clean = _rates(model, digits, attack)
+    assert asr > 0.8 and clean > 0.9, (asr, clean)
+
+
+# --- Narcissus ---------------------------------------------------------------------------------
+def _narcissus(digits):
+    return _prepared("narcissus", digits, pood_epochs=3, finetune_epochs=2, trigger_epochs=20)
+
+
+def test_narcissus_poisons_target_class_images_only_and_keeps_their_labels(digits):
+    attack = _narcissus(digits)
+    assert attack.delta.abs().max() <= attack.eps + 1e-6 and attack.delta.abs().max() > 0
+    poisoned = attack.poison(digits, 0.0005, 0, torch.Generator().manual_seed(0))
+    mask = poisoned.poison_mask
+    assert int(mask.sum()) == 1  # 0.05% of 1,437 images, at least one
+    assert (digits.y_train[mask] == 0).all() and torch.equal(poisoned.y, digits.y_train)  # clean label
+    assert torch.equal(poisoned.x[mask], attack.trigger(digits.x_train[mask]))
+    triggered = attack.triggered_test_set(digits, 0)
+    x = digits.x_test[digits.y_test != 0]
+    expected = (x.float() / 255 + 3 * attack.delta).clamp(0, 1).mul(255).round().to(torch.uint8)
+    assert torch.equal(triggered.x, expected)  # magnified three times at test time
+    with pytest.raises(Exception, match="clean-label"):
+        ATTACKS.build("narcissus", {"label_mode": "all2all"})
+
+
+def test_narcissus_trigger_turns_predictions_towards_the_target(digits):
+    attack = _narcissus(digits)
+    poisoned = attack.poison(digits, 0.05, 0, torch.Generator().manual_seed(0))
+    asr, clean = _rates(_victim(digits, poisoned, attack, 10), digits, attack)
+    baseline = _clean_model_asr(digits, attack, 10)
+    assert clean > 0.9 and asr > baseline + 0.3, (asr, baseline, clean)
