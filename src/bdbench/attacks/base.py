@@ -127,6 +127,18 @@ class Attack(ABC):
         """A hook for attacks that control training; none for pure data poisoning."""
         return None
 
+    def victim_state(self) -> dict[str, torch.Tensor]:
+        """What the attack learned while the victim trained (only where `learns_with_victim`)."""
+        return {}
+
+    def load_victim_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore `victim_state` when the victim itself comes from the cache."""
+
+    def after_training(self, poisoned: PoisonedTrainingSet) -> PoisonedTrainingSet:
+        """The poisoned training set as a defender inspecting it finds it once the victim is trained:
+        the same, except for attacks whose trigger was still being learned when `poison` ran."""
+        return poisoned
+
 
 class CleanLabelAttack(Attack):
     """A clean-label attack: it poisons only training images of the target class and keeps their
@@ -141,17 +153,6 @@ class CleanLabelAttack(Attack):
         candidates = torch.nonzero(y == target_label).flatten()
         count = min(len(candidates), int(round(poison_rate * len(y))))
         return candidates[torch.randperm(len(candidates), generator=generator)[:count]]
-    def victim_state(self) -> dict[str, torch.Tensor]:
-        """What the attack learned while the victim trained (only where `learns_with_victim`)."""
-        return {}
-
-    def load_victim_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore `victim_state` when the victim itself comes from the cache."""
-
-    def after_training(self, poisoned: PoisonedTrainingSet) -> PoisonedTrainingSet:
-        """The poisoned training set as a defender inspecting it finds it once the victim is trained:
-        the same, except for attacks whose trigger was still being learned when `poison` ran."""
-        return poisoned
 
 
 class PoisonedRows:
