@@ -52,7 +52,7 @@ class _Spy(Defense):
     seen: list = []
 
     def run(self, context):
-        type(self).seen.append(context)
+        _Spy.seen.append((self.kind, context))
         return DefenseOutcome()
 
 
@@ -73,7 +73,8 @@ def test_a_defense_can_reach_no_test_image_and_no_poison_mask(tmp_path, tiny_gri
     finally:
         DEFENSES.unregister("data-spy")
         DEFENSES.unregister("input-spy")
-    data_context, input_context = _Spy.seen[-2:]
+    seen = dict(_Spy.seen)
+    data_context, input_context = seen[DefenseKind.DATA_DETECTION], seen[DefenseKind.INPUT_DETECTION]
     train_rows = {bytes(row.numpy()) for row in digits.x_train}
     test_only = {bytes(row.numpy()) for row in digits.x_test} - train_rows
     for context in (data_context, input_context):
