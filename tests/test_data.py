@@ -71,7 +71,8 @@ def test_npz_not_an_archive(tmp_path):
 
 
 def test_unknown_dataset_and_parameter():
-    with pytest.raises(ConfigError, match="unknown dataset 'cifar'; choose one of: digits, mnist5k, npz"):
+    with pytest.raises(ConfigError, match="unknown dataset 'cifar'; choose one of: cifar10, cifar100, digits, "
+                                          "fashion-mnist, gtsrb, imagefolder, mnist, mnist5k, npz, tiny-imagenet"):
         load_dataset("cifar")
     with pytest.raises(ConfigError, match="dataset 'npz' needs parameter 'path'"):
         load_dataset("npz")

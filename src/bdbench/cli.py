@@ -126,5 +126,9 @@ def _catalogue(what: str) -> list[dict]:
             item["citation"] = entry.obj.citation
         if hasattr(entry.obj, "kind"):
             item["kind"] = entry.obj.kind.value
+        if what == "models":
+            from bdbench.models import count_parameters
+
+            item["params"] = count_parameters(entry.name)  # at 32x32x3, 10 classes, default width
         entries.append(item)
     return entries

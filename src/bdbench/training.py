@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from bdbench.seeding import derive_seed
+
 
 class TrainConfig(BaseModel):
     """Training settings. `crop_padding` and `hflip` left as None take the data set's own facts."""
@@ -113,22 +115,26 @@ def train(
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)
     scheduler = _scheduler(optimizer, config, config.epochs * steps_per_epoch)
-    for _ in range(config.epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            xb = x_dev[idx].float().div_(255.0)
-            xb = augment_batch(xb, crop_padding, hflip, generator)
-            yb = y_dev[idx]
-            if hook is not None:
-                xb, yb = hook(xb, yb, generator)
-            xb = xb.contiguous(memory_format=memory_format)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                loss = loss_fn(model, xb, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    # Random layers (dropout, stochastic depth) draw from the global generators: seed those from
+    # `seed` for the length of training, so that the experiment's seed fixes them too.
+    with torch.random.fork_rng(devices=[device] if on_cuda else []):
+        torch.manual_seed(derive_seed(seed, "random_layers"))
+        for _ in range(config.epochs):
+            order = torch.randperm(n, generator=generator).to(device)
+            for step in range(steps_per_epoch):
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                xb = x_dev[idx].float().div_(255.0)
+                xb = augment_batch(xb, crop_padding, hflip, generator)
+                yb = y_dev[idx]
+                if hook is not None:
+                    xb, yb = hook(xb, yb, generator)
+                xb = xb.contiguous(memory_format=memory_format)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                    loss = loss_fn(model, xb, yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
     return model.eval()
 
 

@@ -58,9 +58,20 @@ class Dataset:
         )
 
 
-def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    xf = x.to(torch.float64) / 255.0
-    mean = xf.mean(dim=(0, 2, 3))
-    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units.
+
+    Summed in chunks, so that a large data set never needs a float64 copy of itself.
+    """
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for start in range(0, len(x), chunk):
+        xf = x[start:start + chunk].to(torch.float64).div_(255.0)
+        total += xf.sum(dim=(0, 2, 3))
+        squares += xf.square_().sum(dim=(0, 2, 3))
+    count = x.numel() // x.shape[1]
+    mean = total / count
+    # Unbiased, as torch.std: sum((x - mean)^2) / (count - 1).
+    variance = (squares - count * mean.square()) / max(1, count - 1)
+    std = variance.clamp_min(0).sqrt().clamp_min(1e-3)
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)

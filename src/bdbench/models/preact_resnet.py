@@ -1,5 +1,7 @@
-"""Pre-activation ResNet-18 (He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016),
-in the CIFAR form used by BackdoorBench: 3x3 stem, four stages of two pre-activation blocks."""
+"""Pre-activation ResNet-18 (He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016):
+four stages of two pre-activation blocks. For small images the CIFAR form used by BackdoorBench
+(one 3x3 convolution as the stem); above 64 px the ImageNet form (7x7 stride-2 convolution,
+BN-ReLU and max pool), as in the paper's ImageNet models. See models/common.py."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.models import MODELS
+from bdbench.models.common import imagenet_stem, scaled
+from bdbench.models.resnet import residual_stages, stem
 
 
 class PreActBlock(nn.Module):
@@ -34,24 +38,16 @@ class PreActResNet(nn.Module):
     def __init__(self, blocks: tuple[int, ...], num_classes: int, in_channels: int, image_size: int,
                  width: float = 1.0) -> None:
         super().__init__()
-        channels = [max(8, int(round(c * width))) for c in (64, 128, 256, 512)]
-        self.conv1 = nn.Conv2d(in_channels, channels[0], 3, stride=1, padding=1, bias=False)
-        stages = []
-        cin = channels[0]
-        size = image_size
-        for i, (cout, n) in enumerate(zip(channels, blocks)):
-            # Downsample only while the feature map is large enough, so tiny inputs still work.
-            stride = 2 if i > 0 and size >= 4 else 1
-            size = (size + stride - 1) // stride
-            layers = []
-            for j in range(n):
-                layers.append(PreActBlock(cin, cout, stride if j == 0 else 1))
-                cin = cout
-            stages.append(nn.Sequential(*layers))
+        channels = [scaled(c, width) for c in (64, 128, 256, 512)]
+        if imagenet_stem(image_size):
+            self.conv1, size = stem(in_channels, channels[0], image_size)
+        else:
+            self.conv1, size = nn.Conv2d(in_channels, channels[0], 3, stride=1, padding=1, bias=False), image_size
+        stages = residual_stages(PreActBlock, channels, blocks, size)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn = nn.BatchNorm2d(cin)
+        self.bn = nn.BatchNorm2d(channels[-1])
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(cin, num_classes)
+        self.linear = nn.Linear(channels[-1], num_classes)
 
     def forward(self, x):
         out = self.conv1(x)
@@ -62,5 +58,5 @@ class PreActResNet(nn.Module):
 
 @MODELS.register("preact-resnet18")
 def preact_resnet18(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
-    """Pre-activation ResNet-18 (He et al. 2016), CIFAR stem; `width` scales every stage's channels."""
+    """Pre-activation ResNet-18 (He et al. 2016); CIFAR stem up to 64 px, ImageNet stem above; `width` scales channels."""
     return PreActResNet((2, 2, 2, 2), num_classes, in_channels, image_size, width)
