@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bdbench-installed
+TEST_STAMP := $(VENV)/.bdbench-test-installed
 OUT ?= bdbench-out
 
 .PHONY: setup run test clean
@@ -17,10 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The tests also need the optional Ray extra (the ray executor's test starts a local cluster).
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
+	touch $(TEST_STAMP)
+
 run: setup
 	$(BIN)/bdbench run demo --out $(OUT)
 
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -185,16 +185,17 @@ def _wait_for_rows(db: Path, count: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"no {count} rows within {timeout}s")
 
 
-def test_kill_minus_nine_mid_grid_then_resume(tmp_path, tiny_grid):
-    tiny_grid["seeds"] = [0, 1]
-    tiny_grid["training"]["epochs"] = 30  # slow enough (about 1 s per victim) to be killed mid-grid
+def kill_mid_grid_then_resume(tmp_path: Path, grid: dict, *options: str, at_kill=lambda proc: None):
+    """`bdbench run` a grid of 8 experiments, kill -9 it once 2 rows are stored, run it again, and
+    check that nothing was lost, duplicated or run twice. Returns what `at_kill(proc)` returned."""
     config = tmp_path / "grid.yaml"
-    config.write_text(yaml.safe_dump(tiny_grid))
+    config.write_text(yaml.safe_dump(grid))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bdbench", "run", str(config), "--out", str(out)]
+    cmd = [sys.executable, "-m", "bdbench", "run", str(config), "--out", str(out), *options]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_rows(out / "results.sqlite", 2, proc)
+        _wait_for_rows(out / "results.sqlite", 2, proc, timeout=300)
+        seen = at_kill(proc)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
@@ -208,6 +209,13 @@ def test_kill_minus_nine_mid_grid_then_resume(tmp_path, tiny_grid):
     kept = rows.set_index("experiment_id").loc[partial.experiment_id]
     assert kept.finished_at.tolist() == partial.finished_at.tolist()
     assert f"{8 - len(partial)}/{8 - len(partial)}]" in done.stderr
+    return seen
+
+
+def test_kill_minus_nine_mid_grid_then_resume(tmp_path, tiny_grid):
+    tiny_grid["seeds"] = [0, 1]
+    tiny_grid["training"]["epochs"] = 30  # slow enough (about 1 s per victim) to be killed mid-grid
+    kill_mid_grid_then_resume(tmp_path, tiny_grid)
 
 
 def test_cli_results_json_and_one_line_errors(tmp_path, tiny_grid):

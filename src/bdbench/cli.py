@@ -43,13 +43,21 @@ def main() -> None:
               help="Output folder: results.sqlite, cached models, logs.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a grid key, e.g. --set seeds=[0,1] --set dataset.path=data.npz (repeatable).")
-@click.option("--executor", default="local", show_default=True, help="How to run experiments.")
+@click.option("--executor", default="local", show_default=True,
+              help="How to run experiments: local (in this process), process (worker processes), ray (a Ray cluster).")
+@click.option("--workers", default=1, show_default=True, type=int, help="Experiments run at once (process, ray).")
+@click.option("--threads", default=None, type=int,
+              help="Torch threads per experiment  [default: this machine's cores / workers]")
+@click.option("--ray-address", default=None, metavar="HOST:PORT",
+              help="Join this Ray cluster (with --executor ray); otherwise a local one is started for the run.")
 @click.option("--retry-errors", is_flag=True, help="Run experiments stored with status error again.")
-def run(config: str, out: str, overrides: tuple[str, ...], executor: str, retry_errors: bool) -> None:
+def run(config: str, out: str, overrides: tuple[str, ...], executor: str, workers: int, threads: int | None,
+        ray_address: str | None, retry_errors: bool) -> None:
     """Run a grid (a YAML file or a built-in name) into --out; stored experiments are skipped."""
     from bdbench.runner import run_grid
 
-    rows = run_grid(config, out=out, overrides=overrides, executor=executor, retry_errors=retry_errors)
+    rows = run_grid(config, out=out, overrides=overrides, executor=executor, retry_errors=retry_errors,
+                    workers=workers, threads=threads, ray_address=ray_address)
     counts = rows["status"].value_counts().to_dict()
     click.echo(f"{len(rows)} experiments in {Path(out) / 'results.sqlite'}: "
                + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))

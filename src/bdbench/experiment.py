@@ -71,26 +71,31 @@ class Victim:
 
 def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned: PoisonedTrainingSet,
                cache: ArtifactCache, device: torch.device) -> Victim:
-    """The trained victim of this cell, from the cache when the same spec and seed trained it before."""
-    model = new_model(spec, dataset, "victim_init")
-    try:
-        if cache.load("victims", spec.victim_key, model):
-            return Victim(model.to(device).eval(), True, None)
-    except ArtifactError as exc:
-        log.warning("%s; retraining it", exc)
-        cache.discard("victims", spec.victim_key)
+    """The trained victim of this cell, from the cache when the same spec and seed trained it before.
+
+    The cache lock makes "load, or train and save" one step, so that workers needing the same
+    victim at the same time train it once (executors also schedule a victim's experiments after it).
+    """
+    with cache.lock("victims", spec.victim_key):
         model = new_model(spec, dataset, "victim_init")
-    start = time.perf_counter()
-    train(model, poisoned.x, poisoned.y, spec.training, seed=derive_seed(spec.seed, "victim_train"),
-          crop_padding=dataset.crop_padding, hflip=dataset.allow_hflip, device=device,
-          hook=attack.training_hook())
-    seconds = time.perf_counter() - start
-    cache.save("victims", spec.victim_key, model, {
-        "spec": spec.model_dump(mode="json", include={"dataset", "model", "training", "attack", "poison_rate",
-                                                      "target_label", "seed"}),
-        "train_s": round(seconds, 3),
-        "poisoned_samples": int(poisoned.poison_mask.sum()),
-    })
+        try:
+            if cache.load("victims", spec.victim_key, model):
+                return Victim(model.to(device).eval(), True, None)
+        except ArtifactError as exc:
+            log.warning("%s; retraining it", exc)
+            cache.discard("victims", spec.victim_key)
+            model = new_model(spec, dataset, "victim_init")
+        start = time.perf_counter()
+        train(model, poisoned.x, poisoned.y, spec.training, seed=derive_seed(spec.seed, "victim_train"),
+              crop_padding=dataset.crop_padding, hflip=dataset.allow_hflip, device=device,
+              hook=attack.training_hook())
+        seconds = time.perf_counter() - start
+        cache.save("victims", spec.victim_key, model, {
+            "spec": spec.model_dump(mode="json", include={"dataset", "model", "training", "attack", "poison_rate",
+                                                          "target_label", "seed"}),
+            "train_s": round(seconds, 3),
+            "poisoned_samples": int(poisoned.poison_mask.sum()),
+        })
     return Victim(model.eval(), False, seconds)
 
 
@@ -157,6 +162,8 @@ def run_experiment(spec: ExperimentSpec, cache: ArtifactCache, device: torch.dev
     """Run one experiment and return its row. A failure is a row with status `error`, never an exception."""
     device = device or default_device()
     row = base_row(spec)
+    # Float reductions split across threads, so the thread count is part of "same device, same numbers".
+    row.update(device=str(device), torch_threads=torch.get_num_threads())
     start = time.perf_counter()
     try:
         row.update(_run(spec, cache, device))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -17,8 +17,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from bdbench.data import load_dataset
-from bdbench.errors import BdbenchError
-from bdbench.executors import EXECUTORS
+from bdbench.errors import BdbenchError, ConfigError
+from bdbench.executors import EXECUTORS, Resources
 from bdbench.grid import ExperimentSpec, expand, load_grid
 from bdbench.store import ResultStore
 
@@ -63,15 +63,22 @@ def _summary(spec: ExperimentSpec, row: dict[str, Any]) -> str:
 
 
 def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out", overrides: Iterable[str] = (),
-             executor: str = "local", retry_errors: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Run every experiment of a grid that the output folder does not hold yet; return the grid's rows.
+             executor: str = "local", retry_errors: bool = False, progress: bool = True, workers: int = 1,
+             threads: int | None = None, ray_address: str | None = None) -> pd.DataFrame:
+    """Run every experiment of a grid that the output folder does not hold yet; return the grid's rows
+    in grid order.
 
     `config` is a YAML path, a built-in grid name or a mapping; `overrides` are `KEY=VALUE` strings.
-    Rows with status `error` are kept as results; `retry_errors=True` runs them again.
+    Rows with status `error` are kept as results; `retry_errors=True` runs them again. `executor`
+    is `local`, `process` or `ray`, running `workers` experiments at once with `threads` torch
+    threads each (default: the cores divided among the workers); `ray_address` joins a cluster.
     """
     grid = load_grid(config, overrides)
     specs = expand(grid)
     run = EXECUTORS.get(executor)
+    resources = Resources(workers, threads, ray_address)
+    if ray_address and executor != "ray":
+        raise ConfigError(f"--ray-address joins a Ray cluster; it needs --executor ray, not {executor}")
     out = Path(out)
     load_dataset(grid.dataset.name, **grid.dataset.params)  # a missing data file fails here, before any work
     with exclusive(out):
@@ -80,15 +87,23 @@ def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out
             stored = store.statuses()
             todo = [s for s in specs if s.experiment_id not in stored
                     or (retry_errors and stored[s.experiment_id] == "error")]
-            log.info("grid %s: %d experiments, %d stored, %d to run, output in %s",
-                     grid.name, len(specs), len(specs) - len(todo), len(todo), out)
+            log.info("grid %s: %d experiments, %d stored, %d to run on %s (%d worker%s, %d torch thread%s each), "
+                     "output in %s", grid.name, len(specs), len(specs) - len(todo), len(todo), executor,
+                     resources.workers, "s"[:resources.workers != 1], resources.threads_per_experiment,
+                     "s"[:resources.threads_per_experiment != 1], out)
             by_id = {s.experiment_id: s for s in todo}
             with tqdm(total=len(todo), desc=grid.name, unit="exp", disable=not progress or None,
                       file=sys.stderr, dynamic_ncols=True) as bar:
-                for done, row in enumerate(run(todo, out), start=1):
-                    store.write(row)
-                    bar.write(f"[{done}/{len(todo)}] " + _summary(by_id[row["experiment_id"]], row), file=sys.stderr)
-                    bar.update(1)
-            return store.dataframe(s.experiment_id for s in specs)
+                if todo:  # (a Ray cluster is not started for nothing)
+                    # closing(): an interrupt stops the executor's workers at once, not when collected.
+                    with closing(run(todo, out, resources)) as finished:
+                        for done, row in enumerate(finished, start=1):
+                            store.write(row)
+                            bar.write(f"[{done}/{len(todo)}] " + _summary(by_id[row["experiment_id"]], row),
+                                      file=sys.stderr)
+                            bar.update(1)
+            position = {s.experiment_id: i for i, s in enumerate(specs)}
+            rows = store.dataframe(position)
+            return rows.iloc[rows.experiment_id.map(position).argsort()].reset_index(drop=True)
         finally:
             store.close()

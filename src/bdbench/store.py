@@ -11,8 +11,9 @@ import json
 import os
 import sqlite3
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ContextManager, Iterable, Iterator
 
 import pandas as pd
 import torch
@@ -57,6 +58,8 @@ COLUMNS: dict[str, str] = {
     "wall_s": "REAL",
     "defense_s": "REAL",
     "peak_rss_mb": "REAL",
+    "device": "TEXT",
+    "torch_threads": "INTEGER",
     "victim_key": "TEXT",
     "spec": "TEXT",
     "finished_at": "TEXT",
@@ -154,6 +157,25 @@ class ArtifactCache:
         _atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
         _atomic_write(meta, lambda tmp: tmp.write_text(json.dumps(info, indent=2, sort_keys=True)))
 
+    def load_info(self, kind: str, key: str) -> dict[str, Any] | None:
+        """The JSON stored beside an artifact (what produced it), or None when not cached."""
+        meta = self._paths(kind, key)[1]
+        try:
+            return json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def keys(self, kind: str) -> list[str]:
+        """The keys of every complete artifact of one kind."""
+        folder = self.root / kind
+        return sorted(p.stem for p in folder.glob("*.safetensors") if p.with_suffix(".json").is_file())
+
+    def lock(self, kind: str, key: str) -> ContextManager[None]:
+        """Hold an exclusive lock on one artifact while loading or building it, so that workers
+        of one machine that need the same artifact at the same time build it once: the first
+        builds and saves, the others wait and then load."""
+        return _file_lock(self.root / kind / f".{key}.lock")
+
     def load_tensors(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
         """The stored tensors, or None when not cached; a corrupt file is an `ArtifactError`."""
         weights, meta = self._paths(kind, key)
@@ -185,6 +207,47 @@ class ArtifactCache:
             path.unlink(missing_ok=True)
 
 
+class MemoryCache(ArtifactCache):
+    """Artifacts held in memory, for a worker that cannot see the output folder (a Ray node).
+
+    It starts with the artifacts the driver sends (`entries`: (kind, key) -> (tensors, info));
+    what the worker saves lands in `produced` too, for the driver to store in the output folder.
+    """
+
+    def __init__(self, entries: dict[tuple[str, str], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> None:
+        super().__init__("<memory>")
+        self.entries = dict(entries or {})
+        self.produced: dict[tuple[str, str], tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+
+    def save_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        entry = ({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, info)
+        self.entries[(kind, key)] = self.produced[(kind, key)] = entry
+
+    def load_tensors(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+        entry = self.entries.get((kind, key))
+        return None if entry is None else dict(entry[0])
+
+    def lock(self, kind: str, key: str) -> ContextManager[None]:
+        return nullcontext()  # one worker owns this cache
+
+    def discard(self, kind: str, key: str) -> None:
+        self.entries.pop((kind, key), None)
+        self.produced.pop((kind, key), None)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -196,4 +259,4 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["COLUMNS", "ArtifactCache", "ResultStore", "load_results"]
+__all__ = ["COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results"]

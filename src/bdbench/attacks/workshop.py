@@ -38,18 +38,18 @@ class AttackWorkshop:
         they were learned before, otherwise built now and cached."""
         description = {"name": name, "params": dict(params), "dataset": self.dataset_key, "seed": self.seed}
         key = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        if self.cache is not None:
+        if self.cache is None:
+            return build()
+        with self.cache.lock("attacks", key):  # concurrent workers learn it once
             try:
                 cached = self.cache.load_tensors("attacks", key)
             except ArtifactError:
                 self.cache.discard("attacks", key)
                 cached = None
-            if cached is not None:
-                return cached
-        tensors = build()
-        if self.cache is not None:
-            self.cache.save_tensors("attacks", key, tensors, description)
-        return tensors
+            if cached is None:
+                cached = build()
+                self.cache.save_tensors("attacks", key, cached, description)
+        return cached
 
     def surrogate(self, dataset: Dataset, model: str = "cnn-small", training: TrainConfig | None = None,
                   **options: Any) -> nn.Module:
