@@ -338,7 +338,7 @@ def test_imagefolder_bad_layouts(tmp_path):
     with pytest.raises(DataError, match="class folder 'b' has no counterpart"):
         official.load_imagefolder(str(tmp_path))
     (tmp_path / "val" / "b").rename(tmp_path / "val" / "a")
-    with pytest.raises(DataError, match=r"y.png: 9x9 pixels, but x.png is 8x8; set the data set's size"):
+    with pytest.raises(DataError, match=r"y.png: 9x9 pixels; without a size every image must be square and as large as x.png"):
         official.load_imagefolder(str(tmp_path))
     (tmp_path / "train" / "a" / "y.png").write_bytes(b"broken")
     with pytest.raises(DataError, match="y.png: not a readable image"):

@@ -61,7 +61,7 @@ class Crash(Defense):
 
 
 @pytest.fixture
-def test_defenses():
+def temporary_defenses():
     for name, cls in (("corner-inspector", CornerInspector), ("corner-filter", CornerFilter), ("crash", Crash)):
         DEFENSES.register(name)(cls)
     yield
@@ -111,7 +111,7 @@ def test_same_spec_same_seed_same_numbers(tmp_path, tiny_grid):
     assert not other[["clean_acc", "asr"]].equals(first[["clean_acc", "asr"]])
 
 
-def test_every_outcome_kind_is_scored_by_the_runner(tmp_path, tiny_grid, test_defenses):
+def test_every_outcome_kind_is_scored_by_the_runner(tmp_path, tiny_grid, temporary_defenses):
     tiny_grid["defenses"] = ["corner-inspector", "corner-filter", "crash"]
     rows = run_grid(tiny_grid, out=tmp_path, progress=False).set_index(["attack", "defense"])
     inspected = rows.loc[("badnets", "corner-inspector")]
@@ -132,7 +132,7 @@ def test_every_outcome_kind_is_scored_by_the_runner(tmp_path, tiny_grid, test_de
     assert "RuntimeError: boom" in log.read_text()
 
 
-def test_error_rows_are_kept_then_retried_on_request(tmp_path, tiny_grid, test_defenses):
+def test_error_rows_are_kept_then_retried_on_request(tmp_path, tiny_grid, temporary_defenses):
     tiny_grid["defenses"] = ["crash"]
     tiny_grid["attacks"] = ["none"]
     first = run_grid(tiny_grid, out=tmp_path, progress=False)
@@ -219,7 +219,7 @@ def kill_mid_grid_then_resume(tmp_path: Path, grid: dict, *options: str, at_kill
 def test_kill_minus_nine_mid_grid_then_resume(tmp_path, tiny_grid):
     tiny_grid["seeds"] = [0, 1]
     tiny_grid["training"]["epochs"] = 30  # slow enough (about 1 s per victim) to be killed mid-grid
-    kill_mid_grid_then_resume(tmp_path, tiny_grid)
+    kill_mid_grid_then_resume(tmp_path, tiny_grid)  # asserts: no lost, duplicate or re-run row
 
 
 def test_cli_results_json_and_one_line_errors(tmp_path, tiny_grid):

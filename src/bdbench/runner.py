@@ -94,13 +94,14 @@ def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out
             by_id = {s.experiment_id: s for s in todo}
             with tqdm(total=len(todo), desc=grid.name, unit="exp", disable=not progress or None,
                       file=sys.stderr, dynamic_ncols=True) as bar:
-                # closing(): an interrupt stops the executor's workers at once, not when collected.
-                with closing(run(todo, out, resources) if todo else iter(())) as rows:
-                    for done, row in enumerate(rows, start=1):
-                        store.write(row)
-                        bar.write(f"[{done}/{len(todo)}] " + _summary(by_id[row["experiment_id"]], row),
-                                  file=sys.stderr)
-                        bar.update(1)
+                if todo:  # (a Ray cluster is not started for nothing)
+                    # closing(): an interrupt stops the executor's workers at once, not when collected.
+                    with closing(run(todo, out, resources)) as finished:
+                        for done, row in enumerate(finished, start=1):
+                            store.write(row)
+                            bar.write(f"[{done}/{len(todo)}] " + _summary(by_id[row["experiment_id"]], row),
+                                      file=sys.stderr)
+                            bar.update(1)
             position = {s.experiment_id: i for i, s in enumerate(specs)}
             rows = store.dataframe(position)
             return rows.iloc[rows.experiment_id.map(position).argsort()].reset_index(drop=True)

@@ -42,7 +42,8 @@ def fingerprint(files: Iterable[Path]) -> list[tuple[str, int, int]]:
     out = []
     for path in files:
         stat = path.stat()
-        out.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+        # abspath, not resolve: resolving costs a system call per path component and file.
+        out.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
     return out
 
 

@@ -302,8 +302,8 @@ def decode_images(paths: Sequence[Path], size: int | None, resize: Callable = _r
         if resize is not None:
             image = resize(image, size)
         if image.size != (size, size):
-            raise DataError(f"{paths[i]}: {image.size[0]}x{image.size[1]} pixels, but {paths[0].name} is "
-                            f"{size}x{size}; set the data set's size to resize every image")
+            raise DataError(f"{paths[i]}: {image.size[0]}x{image.size[1]} pixels; without a size every image must "
+                            f"be square and as large as {paths[0].name}; set the data set's size to resize them")
         pixels = np.asarray(image)
         gray[i] = pixels.ndim == 2
         out[i] = pixels if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
@@ -315,7 +315,8 @@ def decode_images(paths: Sequence[Path], size: int | None, resize: Callable = _r
 
 def _decode_labelled(name: str, splits: dict[str, tuple[list[Path], list[int]]], size: int | None,
                      resize: Callable | None, key: dict) -> dict[str, np.ndarray]:
-    """Decode a train and a test list of (files, labels) through the cache."""
+    """Decode a train and a test list of (files, labels) through the cache, with the training
+    split's channel statistics (`stats`: mean and std rows) for sets without published ones."""
     files = splits["train"][0] + splits["test"][0]
 
     def build() -> dict[str, np.ndarray]:
@@ -328,6 +329,7 @@ def _decode_labelled(name: str, splits: dict[str, tuple[list[Path], list[int]]],
             # One split all grayscale, the other with colour: give both three channels.
             arrays = {k: np.repeat(v, 3, axis=1) if k.startswith("x_") and v.shape[1] == 1 else v
                       for k, v in arrays.items()}
+        arrays["stats"] = np.array(channel_stats(torch.from_numpy(arrays["x_train"])), dtype=np.float64)
         return arrays
 
     return cached_arrays(name, {**key, "size": size, "files": fingerprint(files)}, build)
@@ -448,7 +450,9 @@ def load_tiny_imagenet(root: str, size: int = 64) -> Dataset:
 # ----------------------------------------------------------------------------- image folders
 
 def _class_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # os.walk knows files from folders without a stat per entry; image folders hold many files.
+    return [Path(p) for p in sorted(os.path.join(parent, name) for parent, _, names in os.walk(folder, followlinks=True)
+                                    for name in names if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)]
 
 
 @DATASETS.register("imagefolder")
@@ -489,7 +493,7 @@ def load_imagefolder(root: str, size: int | None = None, allow_hflip: bool = Fal
     arrays = _decode_labelled("imagefolder", splits, size, _resize_center_crop if size else None,
                               {"root": str(base.resolve())})
     x_train, x_test = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["x_test"])
-    mean, std = channel_stats(x_train)
+    mean, std = (tuple(float(v) for v in row) for row in arrays["stats"])
     return Dataset(base.name, x_train, torch.from_numpy(np.asarray(arrays["y_train"])), x_test,
                    torch.from_numpy(np.asarray(arrays["y_test"])), tuple(classes), mean, std,
                    allow_hflip=allow_hflip, crop_padding=max(1, round(x_train.shape[2] / 8)))
