@@ -18,7 +18,9 @@ def test_layers_are_found_and_read_on_every_registered_model(name):
     head = classifier_layer(model)
     assert isinstance(head, nn.Linear) and head.out_features == 10
     assert isinstance(last_conv(model), nn.Conv2d)
-    assert norm_layers(model) and all(isinstance(m, nn.BatchNorm2d) for m in norm_layers(model))
+    norms = norm_layers(model)
+    assert norms and all(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm)) for m in norms)
+    assert all(m.weight is not None and m.weight.shape[0] == m.bias.shape[0] for m in norms)
 
     features = read_activations(model, x, "penultimate")
     assert features.shape == (6, head.in_features)
@@ -29,30 +31,33 @@ def test_layers_are_found_and_read_on_every_registered_model(name):
 
     maps = read_activations(model, x, "feature_map")
     assert maps.ndim == 4 and len(maps) == 6
-    with torch.no_grad(), capture(feature_map_layer(model), "input") as seen:
+    with torch.no_grad(), capture(feature_map_layer(model, x[:1].float() / 255))  as seen:
         model(x.float() / 255)
-    assert seen and seen[0].shape[1] == maps.shape[1]
+    assert seen and seen[0].shape[1:] == maps.shape[1:]
 
     cams = grad_cam(model, x.float() / 255, logits.argmax(1))
     assert cams.shape == (6, 8, 8) and cams.min() >= 0 and cams.max() <= 1 + 1e-6
 
 
 def test_grad_cam_points_at_the_pixels_that_decide_the_class():
-    # A toy classifier whose class-1 logit is the mean of the top-left quadrant.
+    # A toy classifier whose class-1 logit is the mean of the top-left quadrant of a conv map.
     class Quadrant(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(1, 1, 1, bias=False)
             nn.init.ones_(self.conv.weight)
+            mask = torch.zeros(1, 1, 8, 8)
+            mask[..., :4, :4] = 1.0
+            self.keep = nn.Conv2d(1, 1, 1, bias=False)  # the final feature map: conv output x mask
+            nn.init.ones_(self.keep.weight)
+            self.register_buffer("mask", mask)
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.head = nn.Linear(1, 2, bias=False)
             with torch.no_grad():
                 self.head.weight.copy_(torch.tensor([[0.0], [1.0]]))
 
         def forward(self, x):
-            weights = torch.zeros_like(x)
-            weights[..., :4, :4] = 1.0
-            return self.head(self.pool(self.conv(x) * weights).flatten(1))
+            return self.head(self.pool(self.keep(self.conv(x) * self.mask)).flatten(1))
 
     x = torch.rand(2, 1, 8, 8)
     cam = grad_cam(Quadrant(), x, torch.tensor([1, 1]))

@@ -2,9 +2,9 @@
 
 Every model is a `NormalizedClassifier` whose network ends in an `nn.Linear`; the input of that
 last linear layer is the penultimate representation (what Activation Clustering, Spectral
-Signatures, SPECTRE and SCAn analyse), and the input of the last global pooling layer is the final
-spatial feature map (what Grad-CAM and Gram-matrix statistics use). Layers are found by walking
-`model.modules()` in registration order, so no defense needs per-architecture code.
+Signatures, SPECTRE and SCAn analyse), and the last 4-D output before it is the final spatial
+feature map (what Grad-CAM and Gram-matrix statistics use). Layers are found by walking
+`model.modules()` or by tracing one forward pass, so no defense needs per-architecture code.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 
 
@@ -36,11 +35,41 @@ def last_conv(model: nn.Module) -> nn.Conv2d:
     return _last(model, (nn.Conv2d,), "nn.Conv2d layer")  # type: ignore[return-value]
 
 
-def feature_map_layer(model: nn.Module) -> nn.Module:
-    """The module whose input is the final spatial feature map: the last global pooling layer, or the
-    last convolution (read at its output) where a model has no pooling."""
-    pools = [m for m in model.modules() if isinstance(m, _POOLS)]
-    return pools[-1] if pools else last_conv(model)
+def feature_map_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The module whose output is the final spatial feature map: of all modules, the last to finish
+    a forward pass of the float images `x` with a 4-D output larger than 1x1 before the
+    classification layer runs (global pooling and squeeze-excitation outputs are 1x1); the last
+    4-D output of any size where a model shrinks the image to 1x1 first.
+
+    Found by tracing one forward pass, so it is right whether a model pools with a module or with
+    `F.adaptive_avg_pool2d`, and whatever order its submodules were registered in. For a vision
+    transformer, whose blocks work on tokens, it is the patch embedding.
+    """
+    head = classifier_layer(model)
+    order: list[tuple[nn.Module, bool]] = []
+    head_called = False
+
+    def note(module: nn.Module, _inputs: tuple, output: object) -> None:
+        if not head_called and isinstance(output, torch.Tensor) and output.ndim == 4:
+            order.append((module, output.shape[-2:].numel() > 1))
+
+    def stop(_module: nn.Module, _inputs: tuple) -> None:
+        nonlocal head_called
+        head_called = True
+
+    handles = [m.register_forward_hook(note) for m in model.modules() if m is not model]
+    handles.append(head.register_forward_pre_hook(stop))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not order:
+        raise ValueError(f"{type(model).__name__} produces no spatial feature map; defenses that read it "
+                         "cannot run on this model")
+    spatial = [module for module, larger in order if larger]
+    return spatial[-1] if spatial else order[-1][0]
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
@@ -67,11 +96,6 @@ def capture(module: nn.Module, which: Literal["input", "output"] = "output") -> 
         handle.remove()
 
 
-def _spatial_module(model: nn.Module) -> tuple[nn.Module, Literal["input", "output"]]:
-    module = feature_map_layer(model)
-    return module, ("input" if isinstance(module, _POOLS) else "output")
-
-
 @torch.no_grad()
 def read_activations(model: nn.Module, x: torch.Tensor, layer: Literal["penultimate", "feature_map"],
                      batch_size: int = 256, device: torch.device | None = None) -> torch.Tensor:
@@ -80,14 +104,14 @@ def read_activations(model: nn.Module, x: torch.Tensor, layer: Literal["penultim
     `penultimate`: (N, D), the input of the classification layer. `feature_map`: (N, C', H', W'),
     the final spatial feature map.
     """
+    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
     if layer == "penultimate":
         module, which = classifier_layer(model), "input"
     elif layer == "feature_map":
-        module, which = _spatial_module(model)
+        module, which = feature_map_layer(model, x[:1].to(device).float().div_(255.0)), "output"
     else:
         raise ValueError(f"layer must be 'penultimate' or 'feature_map', not {layer!r}")
-    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
     out = []
     with capture(module, which) as seen:
         for start in range(0, len(x), batch_size):
@@ -99,9 +123,9 @@ def read_activations(model: nn.Module, x: torch.Tensor, layer: Literal["penultim
 def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Grad-CAM heat maps (Selvaraju et al., ICCV 2017) of float images `x` in [0, 1] for `classes`,
     at the final spatial feature map, upsampled to the image size and scaled to [0, 1] per image."""
-    module, which = _spatial_module(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
+    module, which = feature_map_layer(model, x[:1].to(device)), "output"
     maps = []
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].to(device)
