@@ -22,7 +22,11 @@ the surrogate learns from the *other* embedded digit set than the experiment's: 
 the experiment's image size and channels. This data is public and disjoint from the training
 set, as the threat model asks, but it is closer to MNIST than Tiny-ImageNet is to CIFAR-10 (same
 ten digit classes, other writers and scanner); the paper finds closer POOD data helps the attack,
-so on mnist5k this setting favours the attacker.
+so on mnist5k this setting favours the attacker. POOD images of the target digit are left out, as
+the paper's POOD shares no class with the task. Measured limitation: the surrogate still tells the
+two scanners apart more easily than the target digit from the others, so the trigger it yields
+encodes "this scanner" and does not move the victim (ASR 0.0 on `digits` at eps 16-48/255; see
+the strict xfail in tests/test_attacks_stealthy.py); it needs a class-disjoint POOD set.
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ class Narcissus(Attack):
     def _synthesise(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> torch.Tensor:
         device = workshop.device
         pood_x, pood_y = public_ood_images(dataset)
+        # The paper's POOD data shares no class with the task; ours has the same ten digits, so its
+        # images of the target digit would teach the surrogate that "target" means "other scanner".
+        pood_x, pood_y = pood_x[pood_y != target_label], pood_y[pood_y != target_label]
         extra_class = int(pood_y.max()) + 1
         target_x = dataset.x_train[dataset.y_train == target_label]  # all the attacker knows of the task
         with torch.random.fork_rng(devices=[]):
