@@ -15,3 +15,8 @@ class DataError(BdbenchError):
 
 class ArtifactError(BdbenchError):
     """A cached or user-supplied model file that cannot be trusted or read."""
+
+
+class NotApplicable(BdbenchError):
+    """A defense that cannot run on this model at all (e.g. it needs input gradients that neither the
+    deployed model nor a straight-through twin can give); the row's status is `not_applicable`."""

@@ -22,11 +22,11 @@ from torch import nn
 from bdbench import metrics
 from bdbench.attacks import ATTACKS, Attack, AttackWorkshop, PoisonedTrainingSet, TriggeredTestSet
 from bdbench.data import Dataset, load_dataset
-from bdbench.defenses import DEFENSES, SEES_TRAINING_SET, DefenseContext, DefenseOutcome
-from bdbench.errors import ArtifactError, BdbenchError
+from bdbench.defenses import DEFENSES, SEES_TRAINING_SET, Defense, DefenseContext, DefenseOutcome
+from bdbench.errors import ArtifactError, BdbenchError, NotApplicable
 from bdbench.grid import CleanBudget, ExperimentSpec
 from bdbench.models import create_model, with_normalization
-from bdbench.precision import PRECISIONS
+from bdbench.precision import PRECISIONS, Deployed, Precision, is_int8_kernel, passes_input_gradient
 from bdbench.profiling import measure
 from bdbench.seeding import derive_seed
 from bdbench.store import ArtifactCache
@@ -108,12 +108,13 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
     return Victim(model.eval(), False, seconds)
 
 
-def evaluate(model: nn.Module, dataset: Dataset, triggered: TriggeredTestSet | None, device: torch.device) -> dict:
-    """Clean accuracy on the test set; ASR and robust accuracy on its triggered images."""
-    result = {"clean_acc": metrics.accuracy(predict(model, dataset.x_test, device=device), dataset.y_test),
+def evaluate(model: nn.Module, dataset: Dataset, triggered: TriggeredTestSet | None) -> dict:
+    """Clean accuracy on the test set; ASR and robust accuracy on its triggered images, on the
+    model's own device (int8 kernels run on the CPU)."""
+    result = {"clean_acc": metrics.accuracy(predict(model, dataset.x_test), dataset.y_test),
               "asr": None, "robust_acc": None}
     if triggered is not None and len(triggered.x):
-        pred = predict(model, triggered.x, device=device)
+        pred = predict(model, triggered.x)
         result["asr"] = metrics.attack_success_rate(pred, triggered.y_target)
         result["robust_acc"] = metrics.robust_accuracy(pred, triggered.y_true)
     return result
@@ -164,13 +165,37 @@ def _score_outcome(outcome: DefenseOutcome, spec: ExperimentSpec, dataset: Datas
     return model, row
 
 
+def model_for_defense(defense: Defense, deployed: Deployed, budget_x: torch.Tensor) -> tuple[nn.Module, str | None]:
+    """The model a defense receives under quantize-then-defend, and the proxy used (None or "ste").
+
+    A defense that only queries predictions gets the deployed model. One that needs the model's
+    internals gets it too if it passes input gradients; otherwise its straight-through twin, or,
+    without one, the experiment is not applicable (never "not detected").
+    """
+    if not defense.needs_internals or passes_input_gradient(deployed.model, budget_x[:8].float().div(255.0)):
+        return deployed.model, None
+    if deployed.twin is not None:
+        return deployed.twin, "ste"
+    raise NotApplicable(f"{type(defense).__name__} needs input gradients, which this deployed model does not "
+                        "pass and for which its precision has no straight-through twin")
+
+
+def redeploy(precision: Precision, model: nn.Module, calibration_x: torch.Tensor) -> nn.Module:
+    """`model` as deployed: float networks (a repaired copy, a twin, a retrained model) go through
+    the precision again; a model that already holds int8 kernels is deployed as it is."""
+    if any(is_int8_kernel(m) for m in model.modules()):
+        return model
+    return precision.deploy(model, calibration_x).model
+
+
 def base_row(spec: ExperimentSpec) -> dict[str, Any]:
     return {
         "experiment_id": spec.experiment_id, "victim_key": spec.victim_key,
         "dataset": spec.dataset.name, "model": spec.model.name,
         "attack": spec.attack.name, "attack_params": spec.attack.params, "poison_rate": spec.poison_rate,
         "target_label": spec.target_label, "defense": spec.defense.name, "defense_params": spec.defense.params,
-        "defense_kind": DEFENSES.get(spec.defense.name).kind.value, "precision": spec.precision, "seed": spec.seed,
+        "defense_kind": DEFENSES.get(spec.defense.name).kind.value, "precision": spec.precision,
+        "precision_order": spec.precision_order, "seed": spec.seed,
         "spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True),
     }
 
@@ -186,6 +211,8 @@ def run_experiment(spec: ExperimentSpec, cache: ArtifactCache, device: torch.dev
     try:
         row.update(_run(spec, cache, device))
         row["status"] = "ok"
+    except NotApplicable as exc:
+        row.update(status="not_applicable", error=str(exc))
     except BdbenchError as exc:
         row.update(status="error", error=str(exc))
     except Exception as exc:  # a crash in an attack or defense is a result, not the end of the grid
@@ -214,13 +241,18 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> di
     triggered = None if spec.attack.name == "none" else attack.triggered_test_set(dataset, spec.target_label)
 
     budget_x, budget_y = clean_budget(dataset, spec.clean_budget, spec.seed)
-    deployed = PRECISIONS.get(spec.precision)(victim.model, budget_x)
-    before = evaluate(deployed, dataset, triggered, device)
+    precision = PRECISIONS.get(spec.precision)
+    deployed = precision.deploy(victim.model, budget_x)
+    before = evaluate(deployed.model, dataset, triggered)
 
     defense = DEFENSES.build(spec.defense.name, spec.defense.params)
+    if spec.precision_order == "defend_then_quantize":
+        defended, proxy = victim.model, None
+    else:
+        defended, proxy = model_for_defense(defense, deployed, budget_x)
     sees_training_set = defense.kind in SEES_TRAINING_SET
     context = DefenseContext(
-        model=copy.deepcopy(deployed), clean_x=budget_x.clone(), clean_y=budget_y.clone(),
+        model=copy.deepcopy(defended), clean_x=budget_x.clone(), clean_y=budget_y.clone(),
         num_classes=dataset.num_classes, in_channels=dataset.in_channels, image_size=dataset.image_size,
         crop_padding=dataset.crop_padding, allow_hflip=dataset.allow_hflip, train_config=spec.training,
         seed=derive_seed(spec.seed, "defense", spec.defense.name), device=device,
@@ -231,10 +263,12 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> di
     with measure() as cost:
         outcome = defense.run(context)
     repaired, detection = _score_outcome(outcome, spec, dataset, poisoned, triggered, device)
-    after = evaluate(repaired, dataset, triggered, device) if repaired is not None else before
+    # Whatever the defense hands back is measured as it would be deployed.
+    after = evaluate(redeploy(precision, repaired, budget_x), dataset, triggered) if repaired is not None else before
 
     row: dict[str, Any] = {**after, **detection, **trigger_stealth(triggered)}
     row.update(clean_acc_before=before["clean_acc"], asr_before=before["asr"], robust_acc_before=before["robust_acc"],
+               quantized_layers=deployed.quantized_layers, proxy=proxy,
                clean_budget=len(budget_y), victim_cached=victim.cached,
                victim_train_s=None if victim.train_s is None else round(victim.train_s, 3),
                defense_s=round(cost.seconds, 3), peak_rss_mb=cost.peak_rss_mb)

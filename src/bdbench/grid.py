@@ -13,7 +13,7 @@ import itertools
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,9 @@ from bdbench.errors import ConfigError
 from bdbench.models import MODELS
 from bdbench.precision import PRECISIONS
 from bdbench.training import TrainConfig
+
+
+PrecisionOrder = Literal["quantize_then_defend", "defend_then_quantize"]
 
 
 class Component(BaseModel):
@@ -80,6 +83,9 @@ class GridSpec(BaseModel):
     target_label: int = Field(0, ge=0)
     defenses: list[Component] = Field([Component(name="none")], min_length=1)
     precisions: list[str] = Field(["fp32"], min_length=1)
+    # quantize_then_defend: the defender receives the deployed model; defend_then_quantize: the
+    # defense repairs the FP32 model, which is then deployed. Both are measured as deployed.
+    precision_order: PrecisionOrder = "quantize_then_defend"
     seeds: list[int] = Field([0], min_length=1)
     clean_budget: CleanBudget = CleanBudget()
 
@@ -124,10 +130,14 @@ class ExperimentSpec(BaseModel):
     precision: str
     seed: int
     clean_budget: CleanBudget
+    precision_order: PrecisionOrder = "quantize_then_defend"
 
     @property
     def experiment_id(self) -> str:
-        return _hash(self.model_dump(mode="json"))
+        fields = self.model_dump(mode="json")
+        if fields["precision_order"] == "quantize_then_defend":  # ids from before the field existed hold
+            del fields["precision_order"]
+        return _hash(fields)
 
     @property
     def victim_key(self) -> str:
@@ -136,7 +146,8 @@ class ExperimentSpec(BaseModel):
 
     def describe(self) -> str:
         attack = self.attack.name if self.attack.name == "none" else f"{self.attack.name}@{self.poison_rate:g}"
-        return f"{attack} / {self.defense.name} / {self.precision} / seed {self.seed}"
+        order = " (defend, then quantize)" if self.precision_order == "defend_then_quantize" else ""
+        return f"{attack} / {self.defense.name} / {self.precision}{order} / seed {self.seed}"
 
 
 def _hash(obj: Any) -> str:
@@ -168,7 +179,10 @@ def expand(grid: GridSpec) -> list[ExperimentSpec]:
             spec = ExperimentSpec(dataset=grid.dataset, model=grid.model, training=grid.training,
                                   attack=attack, poison_rate=rate, target_label=grid.target_label,
                                   defense=defense, precision=precision, seed=seed,
-                                  clean_budget=grid.clean_budget)
+                                  clean_budget=grid.clean_budget,
+                                  # At fp32 both orders are the same experiment.
+                                  precision_order="quantize_then_defend" if precision == "fp32"
+                                  else grid.precision_order)
             if spec.experiment_id not in seen:
                 seen.add(spec.experiment_id)
                 specs.append(spec)

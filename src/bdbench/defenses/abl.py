@@ -46,6 +46,7 @@ class AntiBackdoorLearning(Defense):
     """Anti-Backdoor Learning (Li et al. 2021): isolate the fastest-learned 1% by loss flooding, then unlearn them."""
 
     kind = DefenseKind.ROBUST_TRAINING
+    needs_internals = False  # trains its own model from scratch
     citation = "Li, Lyu, Koren, Lyu, Li, Ma. Anti-Backdoor Learning: Training Clean Models on Poisoned Data. NeurIPS 2021."
 
     def __init__(self, isolation_epochs: int = 20, tuning_epochs: int = 60, unlearning_epochs: int = 20,

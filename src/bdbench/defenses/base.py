@@ -105,6 +105,10 @@ class Defense(ABC):
 
     kind: ClassVar[DefenseKind]
     citation: ClassVar[str] = ""
+    # True where the defense differentiates through the model, trains it or reads its layers; the
+    # runner then checks that the deployed model passes input gradients and, where it does not
+    # (int8 kernels), hands over its straight-through twin. False: only queries predictions.
+    needs_internals: ClassVar[bool] = True
 
     @abstractmethod
     def run(self, context: DefenseContext) -> DefenseOutcome:

@@ -9,6 +9,7 @@ class NoDefense(Defense):
     """No defense: measures the deployed model as it is (the reference for DER)."""
 
     kind = DefenseKind.NONE
+    needs_internals = False  # touches nothing
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         return DefenseOutcome()

@@ -35,6 +35,7 @@ class ScaleUp(Defense):
     """SCALE-UP (Guo et al. 2023): flag inputs whose prediction survives pixel-value amplification."""
 
     kind = DefenseKind.INPUT_DETECTION
+    needs_internals = False  # only queries predictions
     citation = ("Guo, Li, Chen, Wang, Ma, Xia. SCALE-UP: An Efficient Black-box Input-level Backdoor Detection "
                 "via Analyzing Scaled Prediction Consistency. ICLR 2023.")
 

@@ -36,6 +36,7 @@ class Strip(Defense):
     """STRIP (Gao et al. 2019): flag inputs whose predictions stay confident under superimposed clean images."""
 
     kind = DefenseKind.INPUT_DETECTION
+    needs_internals = False  # only queries predictions
     citation = "Gao et al. STRIP: A Defence Against Trojan Attacks on Deep Neural Networks. ACSAC 2019."
 
     def __init__(self, overlays: int = 100, false_rejection: float = 0.01) -> None:

@@ -85,6 +85,7 @@ class TeCo(Defense):
     """TeCo (Liu et al. 2023): flag inputs whose robustness differs widely across corruption types."""
 
     kind = DefenseKind.INPUT_DETECTION
+    needs_internals = False  # only queries predictions
     citation = ("Liu et al. Detecting Backdoors During the Inference Stage Based on Corruption Robustness "
                 "Consistency. CVPR 2023.")
 
