@@ -10,7 +10,8 @@ from bdbench import run_grid
 from bdbench.defenses import DEFENSES, DefenseKind
 from bdbench.defenses.fp import prune_dormant_channels
 from bdbench.defenses.layers import capture, feature_map_layer, read_activations
-from bdbench.defenses.mmbd import max_statistic_p_value
+from bdbench.defenses.mmbd import max_margins, max_statistic_p_value
+from bdbench.defenses.nc import reverse_engineer_triggers
 from bdbench.training import predict
 
 from defense_fixtures import poisoned_digits
@@ -105,6 +106,17 @@ def test_nc_leaves_a_benign_model_alone(benign, nc_badnets):
     _, outcome = _run("nc", benign)
     assert not outcome.detected and outcome.suspected_targets == () and outcome.model is None
     assert outcome.anomaly_index < nc_badnets[1].anomaly_index
+
+
+def test_label_groups_give_the_same_optimisation_as_one_batch(badnets):
+    # Many labels per pass or a few: the same summed gradient, so the same triggers and margins.
+    context = badnets.context(sees_training_set=False)
+    norms = [reverse_engineer_triggers(context.model, context.clean_x, 10, torch.Generator().manual_seed(0),
+                                       epochs=2, images_per_pass=images).norms for images in (2048, 70)]
+    assert torch.allclose(norms[0], norms[1])
+    margins = [max_margins(context.model, 10, (1, 8, 8), torch.Generator().manual_seed(0), restarts=4, steps=5,
+                           images_per_pass=images) for images in (2048, 9)]
+    assert torch.allclose(margins[0], margins[1])
 
 
 def test_mmbd_finds_the_target_of_a_backdoored_model_and_not_of_a_benign_one(badnets, benign):

@@ -6,17 +6,18 @@ the trigger's form. For every class k, maximise the margin logit_k(x) - max_{j !
 over images x in [0, 1], starting from `restarts` (the paper's code: 30) uniform random images,
 by gradient ascent: SGD at lr 0.01 with momentum 0.2 for at most `steps` (300) steps, a class
 stopping once its summed margin changes by less than a relative 1e-5 in a step (the paper's code).
-Every class and restart is one batch, so all classes are optimised in the same forward passes.
-Here each step is projected back onto [0, 1]; the paper's code clamps inside the forward pass
-instead. A class's statistic is the largest margin any of its restarts reached.
+Every class and restart is one batch, so all classes are optimised in the same forward passes
+(in groups of classes where a pass would exceed 2,048 images). Here each step is projected back
+onto [0, 1]; the paper's code clamps inside the forward pass instead. A class's statistic is the
+largest margin any of its restarts reached at any step.
 
 Detection: fit a gamma distribution (shape, location and scale, by maximum likelihood, as the
 paper's code with scipy) to the statistics of all classes but the largest, and take as p-value the
 chance that the largest of K draws from it is at least the largest statistic,
-p = 1 - F(max) ** K. `detected` when p < `significance` (0.05); `suspected_targets` the class of the
-largest statistic when detected, none otherwise; `anomaly_index` is -log10(p) (so the detection threshold is -log10 0.05 = 1.30, stored as
-`threshold`). Data-free: the clean budget is not used, and there is nothing to tune. Detection
-only: the model is not repaired.
+p = 1 - F(max) ** K. `detected` when p < `significance` (0.05); `suspected_targets` the class of
+the largest statistic when detected, none otherwise; `anomaly_index` is -log10(p) (so the
+detection threshold is -log10 0.05 = 1.30, stored as `threshold`). Data-free: the clean budget is
+not used, and there is nothing to tune. Detection only: the model is not repaired.
 """
 
 from __future__ import annotations
@@ -34,37 +35,45 @@ from bdbench.defenses.scoring import check_rate
 from bdbench.errors import ConfigError
 
 
+def _margins(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """logit_k - max_{j != k} logit_j of images (labels, restarts, C, H, W), each row for its class k."""
+    logits = model(images.flatten(0, 1)).view(len(labels), images.shape[1], num_classes)
+    own = torch.nn.functional.one_hot(labels, num_classes).bool()[:, None, :]
+    return logits.masked_fill(~own, -math.inf).amax(2) - logits.masked_fill(own, -math.inf).amax(2)
+
+
 def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int], generator: torch.Generator, *,
                 restarts: int = 30, steps: int = 300, lr: float = 0.01, momentum: float = 0.2,
-                tolerance: float = 1e-5) -> torch.Tensor:
+                tolerance: float = 1e-5, images_per_pass: int = 2048) -> torch.Tensor:
     """The largest margin logit_k - max_{j != k} logit_j reached by gradient ascent on images in
-    [0, 1], per class k (K,), all classes and restarts in one batch."""
+    [0, 1], per class k (K,). All classes and restarts share each step; where that is more than
+    `images_per_pass` images, classes go through the model in groups (the same step, in bounded memory)."""
     device = next(model.parameters()).device
     model.eval()
     images = torch.rand(num_classes, restarts, *shape, generator=generator).to(device).requires_grad_()
     optimizer = torch.optim.SGD([images], lr=lr, momentum=momentum)
-    own = torch.eye(num_classes, dtype=torch.bool, device=device)[:, None, :]  # (K, 1, K): a class's own logit
     best = torch.full((num_classes,), -math.inf, dtype=torch.float64)
     last_total = torch.full((num_classes,), math.inf, dtype=torch.float64)
     active = torch.ones(num_classes, dtype=torch.bool)
+    group = max(1, images_per_pass // restarts)
     for _ in range(steps):
-        labels = torch.nonzero(active).flatten().to(device)
-        logits = model(images[labels].flatten(0, 1)).view(len(labels), restarts, num_classes)
-        mine = own[labels]
-        margin = logits.masked_fill(~mine, -math.inf).amax(2) - logits.masked_fill(mine, -math.inf).amax(2)
-        total = margin.sum(1)
-        optimizer.zero_grad(set_to_none=True)
-        images.grad, = torch.autograd.grad(-total.sum(), [images])
+        labels = torch.nonzero(active).flatten()
+        images.grad = torch.zeros_like(images)
+        reached, total = torch.empty(len(labels), dtype=torch.float64), torch.empty(len(labels), dtype=torch.float64)
+        for first in range(0, len(labels), group):
+            chunk = labels[first:first + group].to(device)
+            margin = _margins(model, images[chunk], chunk, num_classes)
+            images.grad += torch.autograd.grad(-margin.sum(), [images])[0]
+            reached[first:first + group] = margin.detach().amax(1).double().cpu()
+            total[first:first + group] = margin.detach().sum(1).double().cpu()
         optimizer.step()
         with torch.no_grad():
             images.clamp_(0, 1)
-        reached = margin.detach().amax(1).double().cpu()
-        idx = labels.cpu()
-        best[idx] = torch.maximum(best[idx], reached)
-        total = total.detach().double().cpu()
-        converged = (last_total[idx] - total).abs() < tolerance * last_total[idx].abs()
-        last_total[idx] = total
-        active[idx[converged]] = False
+        best[labels] = torch.maximum(best[labels], reached)
+        # A class stops once its summed margin barely moves (the paper code's relative 1e-5).
+        converged = (last_total[labels] - total).abs() < tolerance * last_total[labels].abs()
+        last_total[labels] = total
+        active[labels[converged]] = False
         if not active.any():
             break
     return best
