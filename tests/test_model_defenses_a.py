@@ -138,8 +138,8 @@ def test_mmbd_p_value_of_the_largest_statistic():
 
 
 def test_model_defenses_run_through_the_runner(tmp_path, tiny_grid):
-    tiny_grid["defenses"] = [{"name": "fp", "epochs": 2}, {"name": "nc", "epochs": 10, "unlearning_epochs": 2},
-                             {"name": "mmbd", "restarts": 5, "steps": 50}]
+    tiny_grid["defenses"] = [{"name": "fp", "epochs": 1}, {"name": "nc", "epochs": 4, "unlearning_epochs": 1},
+                             {"name": "mmbd", "restarts": 4, "steps": 20}]
     rows = run_grid(tiny_grid, out=tmp_path, progress=False)
     assert len(rows) == 6 and set(rows.status) == {"ok"}, rows[["defense", "error"]]
     assert (rows.defense_s > 0).all() and (rows.peak_rss_mb > 0).all()

@@ -201,8 +201,7 @@ def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
 
 
 class NeuralCleanse(Defense):
-    """Neural Cleanse (Wang et al. 2019): reverse-engineer a minimal trigger per label, flag outlier small
-    ones, and unlearn them."""
+    """Neural Cleanse (Wang et al. 2019): reverse-engineer a minimal trigger per label, flag small outliers, unlearn them."""
 
     kind = DefenseKind.MODEL_DETECTION
     citation = ("Wang, Yao, Shan, Li, Viswanath, Zheng, Zhao. Neural Cleanse: Identifying and Mitigating Backdoor "
