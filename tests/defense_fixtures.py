@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,9 +22,11 @@ class Poisoned:
     poisoned: PoisonedTrainingSet
     triggered: TriggeredTestSet
     model: torch.nn.Module
+    architecture: str = "cnn-small"
+    model_params: dict = field(default_factory=lambda: {"width": 16})
 
     def new_model(self) -> torch.nn.Module:
-        net = create_model("cnn-small", 10, 1, self.dataset.image_size, width=16)
+        net = create_model(self.architecture, 10, 1, self.dataset.image_size, **self.model_params)
         return with_normalization(net, self.dataset.mean, self.dataset.std)
 
     def context(self, sees_training_set: bool) -> DefenseContext:
@@ -37,12 +39,14 @@ class Poisoned:
             train_y=self.poisoned.y if sees_training_set else None)
 
 
-def poisoned_digits(dataset: Dataset, attack: str, params: dict, poison_rate: float) -> Poisoned:
-    """A cnn-small (width 16) trained on digits poisoned by `attack` (target class 0)."""
+def poisoned_digits(dataset: Dataset, attack: str, params: dict, poison_rate: float,
+                    architecture: str = "cnn-small", model_params: dict | None = None) -> Poisoned:
+    """A model (default: cnn-small, width 16) trained on digits poisoned by `attack` (target class 0)."""
     chosen = ATTACKS.build(attack, params)
     chosen.prepare(dataset, 0, 0)
     poisoned = chosen.poison(dataset, poison_rate, 0, torch.Generator().manual_seed(0))
-    result = Poisoned(dataset, chosen, poisoned, chosen.triggered_test_set(dataset, 0), None)  # type: ignore[arg-type]
+    result = Poisoned(dataset, chosen, poisoned, chosen.triggered_test_set(dataset, 0), None,  # type: ignore[arg-type]
+                      architecture, {"width": 16} if model_params is None else model_params)
     torch.manual_seed(0)
     result.model = train(result.new_model(), poisoned.x, poisoned.y, TRAINING, seed=0, crop_padding=1)
     return result

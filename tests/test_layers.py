@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from bdbench.defenses.layers import (
-    capture, classifier_layer, feature_map_layer, grad_cam, last_conv, norm_layers, read_activations,
+    capture, classifier_layer, feature_map_layer, grad_cam, last_conv, mask_channels, norm_layers, read_activations,
 )
 from bdbench.models import MODELS, create_model, with_normalization
 
@@ -34,6 +34,16 @@ def test_layers_are_found_and_read_on_every_registered_model(name):
     with torch.no_grad(), capture(feature_map_layer(model, x[:1].float() / 255))  as seen:
         model(x.float() / 255)
     assert seen and seen[0].shape[1:] == maps.shape[1:]
+    assert maps.shape[1] >= 8  # (N, C, H, W): channels first, never a channels-last MLP output
+
+    # Pruning by mask: the masked channels of the feature map are zero, the others untouched.
+    layer = feature_map_layer(model, x[:1].float() / 255)
+    keep = torch.ones(maps.shape[1], dtype=torch.bool)
+    keep[::2] = False
+    mask_channels(layer, keep)
+    with torch.no_grad(), capture(layer) as seen:
+        model(x.float() / 255)
+    assert seen[0][:, ~keep].abs().max() == 0 and torch.equal(seen[0][:, keep], maps[:, keep].to(seen[0].dtype))
 
     cams = grad_cam(model, x.float() / 255, logits.argmax(1))
     assert cams.shape == (6, 8, 8) and cams.min() >= 0 and cams.max() <= 1 + 1e-6

@@ -116,7 +116,8 @@ class ResultStore:
         for column in _BOOL_COLUMNS:
             df[column] = df[column].map(lambda v: None if pd.isna(v) else bool(v)).astype(object)
         for column in _JSON_COLUMNS:
-            df[column] = df[column].map(lambda v: None if v is None else json.loads(v)).astype(object)
+            # NULL reads back as None or NaN, depending on the column's other values and the pandas version.
+            df[column] = df[column].map(lambda v: json.loads(v) if isinstance(v, str) else None).astype(object)
         return df
 
     def close(self) -> None:

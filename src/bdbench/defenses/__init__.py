@@ -8,7 +8,10 @@ from bdbench.defenses.base import (
     Defense, DefenseContext, DefenseKind, DefenseOutcome, InputDetector, SEES_TRAINING_SET,
 )
 from bdbench.defenses.beatrix import Beatrix
+from bdbench.defenses.fp import FinePruning
 from bdbench.defenses.ft import FineTuning
+from bdbench.defenses.mmbd import MaxMarginDetection
+from bdbench.defenses.nc import NeuralCleanse
 from bdbench.defenses.none import NoDefense
 from bdbench.defenses.scaleup import ScaleUp
 from bdbench.defenses.scan import SCAn
@@ -22,6 +25,10 @@ from bdbench.registry import Registry
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 DEFENSES.register("none")(NoDefense)
 DEFENSES.register("ft")(FineTuning)
+# Model repair and model inspection: they see the deployed model and the clean budget only.
+DEFENSES.register("fp")(FinePruning)
+DEFENSES.register("nc")(NeuralCleanse)
+DEFENSES.register("mmbd")(MaxMarginDetection)
 # Training-data detection: the runner retrains on the samples they keep.
 DEFENSES.register("ac")(ActivationClustering)
 DEFENSES.register("ss")(SpectralSignatures)

@@ -11,8 +11,28 @@ from __future__ import annotations
 
 import copy
 
+import torch
+from torch import nn
+
 from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.errors import ConfigError
+
+
+def check_fine_tuning(name: str, epochs: int, lr: float) -> None:
+    """A one-line error for fine-tuning settings that cannot train."""
+    if epochs < 1 or lr <= 0:
+        raise ConfigError(f"{name} needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+
+
+def fine_tune(context: DefenseContext, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
+              lr: float, batch_size: int, purpose: str) -> nn.Module:
+    """Fine-tune `model` in place on (x, y) with the victim's training settings, SGD at `lr` on a cosine
+    schedule: the recipe of `ft`, shared by the defenses that end with fine-tuning (Fine-Pruning,
+    Neural Cleanse's unlearning)."""
+    config = context.train_config.model_copy(update={
+        "epochs": epochs, "lr": lr, "schedule": "cosine", "batch_size": batch_size,
+    })
+    return context.fit(model, x, y, config, purpose)
 
 
 class FineTuning(Defense):
@@ -22,14 +42,10 @@ class FineTuning(Defense):
     citation = "Liu, Dolan-Gavitt, Garg. Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks. RAID 2018 (fine-tuning baseline)."
 
     def __init__(self, epochs: int = 10, lr: float = 0.01, batch_size: int = 32) -> None:
-        if epochs < 1 or lr <= 0:
-            raise ConfigError(f"ft needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+        check_fine_tuning("ft", epochs, lr)
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        config = context.train_config.model_copy(update={
-            "epochs": self.epochs, "lr": self.lr, "schedule": "cosine",
-            "batch_size": self.batch_size,
-        })
         model = copy.deepcopy(context.model)
-        return DefenseOutcome(model=context.fit(model, context.clean_x, context.clean_y, config, "ft"))
+        return DefenseOutcome(model=fine_tune(context, model, context.clean_x, context.clean_y, epochs=self.epochs,
+                                              lr=self.lr, batch_size=self.batch_size, purpose="ft"))

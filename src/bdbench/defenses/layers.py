@@ -5,6 +5,7 @@ last linear layer is the penultimate representation (what Activation Clustering,
 Signatures, SPECTRE and SCAn analyse), and the last 4-D output before it is the final spatial
 feature map (what Grad-CAM and Gram-matrix statistics use). Layers are found by walking
 `model.modules()` or by tracing one forward pass, so no defense needs per-architecture code.
+`mask_channels` zeroes chosen channels of a layer's output, which is how pruning defenses prune.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def feature_map_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
     head_called = False
 
     def note(module: nn.Module, _inputs: tuple, output: object) -> None:
-        if not head_called and isinstance(output, torch.Tensor) and output.ndim == 4:
+        if (not head_called and isinstance(output, torch.Tensor) and output.ndim == 4
+                and not _channels_last(module)):
             order.append((module, output.shape[-2:].numel() > 1))
 
     def stop(_module: nn.Module, _inputs: tuple) -> None:
@@ -70,6 +72,32 @@ def feature_map_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
                          "cannot run on this model")
     spatial = [module for module, larger in order if larger]
     return spatial[-1] if spatial else order[-1][0]
+
+
+def _channels_last(module: nn.Module) -> bool:
+    """Whether a 4-D output of `module` is (N, H, W, C): linear layers and a plain LayerNorm act on
+    the last dimension (ConvNeXt's MLP), so their maps are not (N, C, H, W) feature maps."""
+    return isinstance(module, nn.Linear) or type(module) is nn.LayerNorm
+
+
+def mask_channels(module: nn.Module, keep: torch.Tensor) -> None:
+    """Zero the output channels (dimension 1) of `module` where the boolean `keep` is False, on every
+    later forward pass, training included (how pruning defenses remove a channel from any model).
+
+    The mask is a buffer of the module (`channel_mask`: it moves with the model and is part of its
+    state dict); calling again replaces it. Channels stay in place, so shapes never change.
+    """
+    mask = keep.detach().to(torch.float32).view(1, -1, 1, 1)
+    if hasattr(module, "channel_mask"):
+        module.channel_mask = mask
+        return
+    module.register_buffer("channel_mask", mask)
+    module.register_forward_hook(_apply_channel_mask)
+
+
+def _apply_channel_mask(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    # A parameter-free module (ReLU, pooling) cannot tell where the model lives: follow the output.
+    return output * module.channel_mask.to(device=output.device, dtype=output.dtype)
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,124 @@
+"""MM-BD (Wang, Xiang, Miller and Kesidis, "MM-BD: Post-Training Detection of Backdoor Attacks with
+Arbitrary Backdoor Pattern Types Using a Maximum Margin Statistic", IEEE S&P 2024).
+
+A backdoor makes its target class reachable with an abnormally large classification margin, whatever
+the trigger's form. For every class k, maximise the margin logit_k(x) - max_{j != k} logit_j(x)
+over images x in [0, 1], starting from `restarts` (the paper's code: 30) uniform random images,
+by gradient ascent: SGD at lr 0.01 with momentum 0.2 for at most `steps` (300) steps, a class
+stopping once its summed margin changes by less than a relative 1e-5 in a step (the paper's code).
+Every class and restart is one batch, so all classes are optimised in the same forward passes
+(in groups of classes where a pass would exceed 2,048 images). Here each step is projected back
+onto [0, 1]; the paper's code clamps inside the forward pass instead. A class's statistic is the
+largest margin any of its restarts reached at any step.
+
+Detection: fit a gamma distribution (shape, location and scale, by maximum likelihood, as the
+paper's code with scipy) to the statistics of all classes but the largest, and take as p-value the
+chance that the largest of K draws from it is at least the largest statistic,
+p = 1 - F(max) ** K. `detected` when p < `significance` (0.05); `suspected_targets` the class of
+the largest statistic when detected, none otherwise; `anomaly_index` is -log10(p) (so the
+detection threshold is -log10 0.05 = 1.30, stored as `threshold`). Data-free: the clean budget is
+not used, and there is nothing to tune. Detection only: the model is not repaired.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.scoring import check_rate
+from bdbench.errors import ConfigError
+
+
+def _margins(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """logit_k - max_{j != k} logit_j of images (labels, restarts, C, H, W), each row for its class k."""
+    logits = model(images.flatten(0, 1)).view(len(labels), images.shape[1], num_classes)
+    own = torch.nn.functional.one_hot(labels, num_classes).bool()[:, None, :]
+    return logits.masked_fill(~own, -math.inf).amax(2) - logits.masked_fill(own, -math.inf).amax(2)
+
+
+def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int], generator: torch.Generator, *,
+                restarts: int = 30, steps: int = 300, lr: float = 0.01, momentum: float = 0.2,
+                tolerance: float = 1e-5, images_per_pass: int = 2048) -> torch.Tensor:
+    """The largest margin logit_k - max_{j != k} logit_j reached by gradient ascent on images in
+    [0, 1], per class k (K,). All classes and restarts share each step; where that is more than
+    `images_per_pass` images, classes go through the model in groups (the same step, in bounded memory)."""
+    device = next(model.parameters()).device
+    model.eval()
+    images = torch.rand(num_classes, restarts, *shape, generator=generator).to(device).requires_grad_()
+    optimizer = torch.optim.SGD([images], lr=lr, momentum=momentum)
+    best = torch.full((num_classes,), -math.inf, dtype=torch.float64)
+    last_total = torch.full((num_classes,), math.inf, dtype=torch.float64)
+    active = torch.ones(num_classes, dtype=torch.bool)
+    group = max(1, images_per_pass // restarts)
+    for _ in range(steps):
+        labels = torch.nonzero(active).flatten()
+        images.grad = torch.zeros_like(images)
+        reached, total = torch.empty(len(labels), dtype=torch.float64), torch.empty(len(labels), dtype=torch.float64)
+        for first in range(0, len(labels), group):
+            chunk = labels[first:first + group].to(device)
+            margin = _margins(model, images[chunk], chunk, num_classes)
+            images.grad += torch.autograd.grad(-margin.sum(), [images])[0]
+            reached[first:first + group] = margin.detach().amax(1).double().cpu()
+            total[first:first + group] = margin.detach().sum(1).double().cpu()
+        optimizer.step()
+        with torch.no_grad():
+            images.clamp_(0, 1)
+        best[labels] = torch.maximum(best[labels], reached)
+        # A class stops once its summed margin barely moves (the paper code's relative 1e-5).
+        converged = (last_total[labels] - total).abs() < tolerance * last_total[labels].abs()
+        last_total[labels] = total
+        active[labels[converged]] = False
+        if not active.any():
+            break
+    return best
+
+
+def max_statistic_p_value(statistics: np.ndarray) -> float:
+    """p-value of the largest statistic under a gamma null fitted to the others (order statistic of K draws)."""
+    largest = float(statistics.max())
+    null = np.delete(statistics, statistics.argmax())
+    if np.ptp(null) == 0:  # a degenerate null: anything above it is infinitely unlikely
+        return 1.0 if largest <= null[0] else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        shape, loc, scale = stats.gamma.fit(null)
+    # 1 - F^K, computed from the survival function so that a far outlier does not round to 0.
+    log_sf = float(stats.gamma.logsf(largest, shape, loc=loc, scale=scale))
+    return float(-np.expm1(len(statistics) * np.log1p(-np.exp(log_sf)))) if log_sf > -30 else \
+        float(np.exp(np.log(len(statistics)) + log_sf))
+
+
+class MaxMarginDetection(Defense):
+    """MM-BD (Wang et al. 2024): flag a class whose reachable classification margin is an outlier."""
+
+    kind = DefenseKind.MODEL_DETECTION
+    citation = ("Wang, Xiang, Miller, Kesidis. MM-BD: Post-Training Detection of Backdoor Attacks with Arbitrary "
+                "Backdoor Pattern Types Using a Maximum Margin Statistic. IEEE S&P 2024.")
+
+    def __init__(self, restarts: int = 30, steps: int = 300, lr: float = 0.01, momentum: float = 0.2,
+                 significance: float = 0.05) -> None:
+        if restarts < 1 or steps < 1 or lr <= 0 or not 0 <= momentum < 1:
+            raise ConfigError(f"mmbd needs restarts >= 1, steps >= 1, lr > 0 and momentum in [0, 1), got "
+                              f"restarts={restarts}, steps={steps}, lr={lr}, momentum={momentum}")
+        self.restarts, self.steps, self.lr, self.momentum = restarts, steps, lr, momentum
+        self.significance = check_rate("mmbd significance", significance)
+
+    def run(self, context: DefenseContext) -> DefenseOutcome:
+        if context.num_classes < 3:
+            raise ConfigError(f"mmbd fits a null distribution to the other classes' statistics and needs at least "
+                              f"3 classes, not {context.num_classes}")
+        shape = (context.in_channels, context.image_size, context.image_size)
+        statistics = max_margins(context.model, context.num_classes, shape, context.generator("mmbd"),
+                                 restarts=self.restarts, steps=self.steps, lr=self.lr,
+                                 momentum=self.momentum).numpy()
+        p_value = max_statistic_p_value(statistics)
+        detected = p_value < self.significance
+        return DefenseOutcome(detected=detected, anomaly_index=-math.log10(max(p_value, 1e-300)),
+                              suspected_targets=(int(statistics.argmax()),) if detected else (),
+                              threshold=-math.log10(self.significance))
