@@ -40,8 +40,9 @@ def test_layers_are_found_and_read_on_every_registered_model(name):
     layer = feature_map_layer(model, x[:1].float() / 255)
     keep = torch.ones(maps.shape[1], dtype=torch.bool)
     keep[::2] = False
-    mask_channels(layer, keep)
-    with torch.no_grad(), capture(layer) as seen:
+    wrapper = mask_channels(model, layer, keep)
+    assert wrapper.inner is layer and feature_map_layer(model, x[:1].float() / 255) is wrapper
+    with torch.no_grad(), capture(wrapper) as seen:
         model(x.float() / 255)
     assert seen[0][:, ~keep].abs().max() == 0 and torch.equal(seen[0][:, keep], maps[:, keep].to(seen[0].dtype))
 

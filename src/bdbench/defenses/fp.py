@@ -21,7 +21,8 @@ residual networks it is the last block's output, whose channels are those of the
 The activation of a channel is the mean over budget images and positions of max(0, map): where the
 map is taken just before the final ReLU (pre-activation ResNets) this is the activation that ReLU
 passes on; where the map is already post-ReLU it is the map itself. A channel is pruned by zeroing
-its output (`layers.mask_channels`), which works on every registered architecture.
+its output (`layers.mask_channels`, a module wrapped around that layer, so the mask survives
+BatchNorm folding and quantization), which works on every registered architecture.
 """
 
 from __future__ import annotations
@@ -55,19 +56,19 @@ def prune_dormant_channels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m
     order = torch.argsort(activation, stable=True)
     channels = len(order)
     keep = torch.ones(channels, dtype=torch.bool)
-    mask_channels(layer, keep)
+    layer = mask_channels(model, layer, keep)
     baseline = _accuracy(model, x, y)
     step = max(1, math.ceil(channels / max_evaluations))
     pruned = 0
     for count in range(step, int(max_pruned_ratio * channels) + 1, step):
         trial = keep.clone()
         trial[order[:count]] = False
-        mask_channels(layer, trial)
+        mask_channels(model, layer, trial)
         if baseline - _accuracy(model, x, y) > max_accuracy_drop:
             break
         pruned = count
     keep[order[:pruned]] = False
-    mask_channels(layer, keep)
+    mask_channels(model, layer, keep)
     return keep
 
 

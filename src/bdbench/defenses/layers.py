@@ -80,24 +80,40 @@ def _channels_last(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module) is nn.LayerNorm
 
 
-def mask_channels(module: nn.Module, keep: torch.Tensor) -> None:
-    """Zero the output channels (dimension 1) of `module` where the boolean `keep` is False, on every
-    later forward pass, training included (how pruning defenses remove a channel from any model).
+class MaskedOutput(nn.Module):
+    """`inner` with chosen output channels (dimension 1) zeroed by the buffer `channel_mask`.
 
-    The mask is a buffer of the module (`channel_mask`: it moves with the model and is part of its
-    state dict); calling again replaces it. Channels stay in place, so shapes never change.
+    A module rather than a forward hook, so the mask survives what rebuilds a model from its
+    graph (BatchNorm folding, FX quantization for a deployed precision), and is saved with it.
+    """
+
+    def __init__(self, inner: nn.Module, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("channel_mask", keep.detach().to(torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.channel_mask
+
+
+def mask_channels(model: nn.Module, module: nn.Module, keep: torch.Tensor) -> MaskedOutput:
+    """Zero the output channels of `module` (a submodule of `model`) where the boolean `keep` is
+    False, on every later forward pass, training included: how pruning defenses remove a channel
+    from any model. `module` is replaced in `model` by a `MaskedOutput` around it; calling again
+    with the same `module` (or its wrapper) replaces the mask. Shapes never change.
     """
     mask = keep.detach().to(torch.float32).view(1, -1, 1, 1)
-    if hasattr(module, "channel_mask"):
-        module.channel_mask = mask
-        return
-    module.register_buffer("channel_mask", mask)
-    module.register_forward_hook(_apply_channel_mask)
-
-
-def _apply_channel_mask(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    # A parameter-free module (ReLU, pooling) cannot tell where the model lives: follow the output.
-    return output * module.channel_mask.to(device=output.device, dtype=output.dtype)
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, MaskedOutput) and (child is module or child.inner is module):
+                child.channel_mask = mask.to(child.channel_mask.device)
+                return child
+            if child is module:
+                device = next((p.device for p in model.parameters()), torch.device("cpu"))
+                wrapper = MaskedOutput(module, keep).to(device)
+                setattr(parent, name, wrapper)
+                return wrapper
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
