@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from bdbench.defenses.abl import AntiBackdoorLearning
 from bdbench.defenses.ac import ActivationClustering
+from bdbench.defenses.anp import AdversarialNeuronPruning
 from bdbench.defenses.base import (
     Defense, DefenseContext, DefenseKind, DefenseOutcome, InputDetector, SEES_TRAINING_SET,
 )
 from bdbench.defenses.beatrix import Beatrix
+from bdbench.defenses.clp import ChannelLipschitzPruning
 from bdbench.defenses.fp import FinePruning
 from bdbench.defenses.ft import FineTuning
+from bdbench.defenses.ibau import ImplicitBackdoorAdversarialUnlearning
 from bdbench.defenses.mmbd import MaxMarginDetection
+from bdbench.defenses.nad import NeuralAttentionDistillation
 from bdbench.defenses.nc import NeuralCleanse
 from bdbench.defenses.none import NoDefense
 from bdbench.defenses.scaleup import ScaleUp
@@ -25,10 +29,15 @@ from bdbench.registry import Registry
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 DEFENSES.register("none")(NoDefense)
 DEFENSES.register("ft")(FineTuning)
-# Model repair and model inspection: they see the deployed model and the clean budget only.
+# Model repair and model inspection: they see the deployed model and the clean budget only
+# (clp uses no data at all).
 DEFENSES.register("fp")(FinePruning)
 DEFENSES.register("nc")(NeuralCleanse)
 DEFENSES.register("mmbd")(MaxMarginDetection)
+DEFENSES.register("nad")(NeuralAttentionDistillation)
+DEFENSES.register("anp")(AdversarialNeuronPruning)
+DEFENSES.register("ibau")(ImplicitBackdoorAdversarialUnlearning)
+DEFENSES.register("clp")(ChannelLipschitzPruning)
 # Training-data detection: the runner retrains on the samples they keep.
 DEFENSES.register("ac")(ActivationClustering)
 DEFENSES.register("ss")(SpectralSignatures)

@@ -3,18 +3,23 @@
 Every model is a `NormalizedClassifier` whose network ends in an `nn.Linear`; the input of that
 last linear layer is the penultimate representation (what Activation Clustering, Spectral
 Signatures, SPECTRE and SCAn analyse), and the last 4-D output before it is the final spatial
-feature map (what Grad-CAM and Gram-matrix statistics use). Layers are found by walking
+feature map (what Grad-CAM and Gram-matrix statistics use). The ends of the last few stages are
+where attention distillation compares feature maps; the normalisation layer that directly reads a
+convolution's output is what channel-Lipschitz pruning folds into it. Layers are found by walking
 `model.modules()` or by tracing one forward pass, so no defense needs per-architecture code.
 `mask_channels` zeroes chosen channels of a layer's output, which is how pruning defenses prune.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 
@@ -36,6 +41,54 @@ def last_conv(model: nn.Module) -> nn.Conv2d:
     return _last(model, (nn.Conv2d,), "nn.Conv2d layer")  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One module's forward call in a traced pass: its name, its first input and its output, and the
+    version counters of both at that moment (an in-place op in between changes a tensor's version)."""
+
+    name: str
+    module: nn.Module
+    input: torch.Tensor | None
+    input_version: int
+    output: torch.Tensor | None
+    output_version: int
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> list[_Call]:
+    """Every submodule call of one forward pass of `x` (eval mode, no gradients), in the order the
+    calls finish, up to the moment the classification layer starts."""
+    head = classifier_layer(model)
+    calls: list[_Call] = []
+    head_called = False
+
+    def note(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            if head_called:
+                return
+            first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            out = output if isinstance(output, torch.Tensor) else None
+            calls.append(_Call(name, module, first, -1 if first is None else first._version,
+                               out, -1 if out is None else out._version))
+        return hook
+
+    def stop(_module: nn.Module, _inputs: tuple) -> None:
+        nonlocal head_called
+        head_called = True
+
+    handles = [m.register_forward_hook(note(name)) for name, m in model.named_modules() if m is not model]
+    handles.append(head.register_forward_pre_hook(stop))
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics change and no dropout while tracing
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
 def feature_map_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """The module whose output is the final spatial feature map: of all modules, the last to finish
     a forward pass of the float images `x` with a 4-D output larger than 1x1 before the
@@ -46,27 +99,8 @@ def feature_map_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
     `F.adaptive_avg_pool2d`, and whatever order its submodules were registered in. For a vision
     transformer, whose blocks work on tokens, it is the patch embedding.
     """
-    head = classifier_layer(model)
-    order: list[tuple[nn.Module, bool]] = []
-    head_called = False
-
-    def note(module: nn.Module, _inputs: tuple, output: object) -> None:
-        if (not head_called and isinstance(output, torch.Tensor) and output.ndim == 4
-                and not _channels_last(module)):
-            order.append((module, output.shape[-2:].numel() > 1))
-
-    def stop(_module: nn.Module, _inputs: tuple) -> None:
-        nonlocal head_called
-        head_called = True
-
-    handles = [m.register_forward_hook(note) for m in model.modules() if m is not model]
-    handles.append(head.register_forward_pre_hook(stop))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    order = [(call.module, call.output.shape[-2:].numel() > 1) for call in _trace(model, x)
+             if call.output is not None and call.output.ndim == 4 and not _channels_last(call.module)]
     if not order:
         raise ValueError(f"{type(model).__name__} produces no spatial feature map; defenses that read it "
                          "cannot run on this model")
@@ -116,6 +150,77 @@ def mask_channels(model: nn.Module, module: nn.Module, keep: torch.Tensor) -> Ma
     raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
 
 
+def _map_key(output: torch.Tensor | None) -> tuple[int, ...] | None:
+    """The resolution of a feature map, (H, W) of an (N, C, H, W) map or (T,) of (N, T, D) tokens;
+    None for anything else (vectors, 1x1 maps, a single token)."""
+    if output is None:
+        return None
+    if output.ndim == 4 and output.shape[-2:].numel() > 1:
+        return tuple(output.shape[-2:])
+    if output.ndim == 3 and output.shape[1] > 1:
+        return (output.shape[1],)
+    return None
+
+
+def stage_outputs(model: nn.Module, x: torch.Tensor, count: int = 3) -> list[str]:
+    """Names of the modules whose outputs end the network's last `count` stages, deepest last: the
+    feature maps that attention distillation compares (the residual groups of Zagoruyko and
+    Komodakis's attention transfer and of NAD).
+
+    Found by tracing one forward pass of the float images `x`. The backbone is the longest chain of
+    sibling modules in which each takes the previous one's output (an `nn.Sequential` of blocks, or
+    a ResNet's stem and stages), counted by how many resolutions its feature maps pass through; a
+    stage is a run of its feature maps at one resolution, and ends with the run's last module that
+    is not a normalisation layer. A network that never changes resolution (a vision transformer's
+    token blocks) has one stage per block: there the last `count` blocks are returned.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, not {count}")
+    calls = _trace(model, x)
+    parent_of = {call.name: call.name.rpartition(".")[0] for call in calls}
+    best: tuple[tuple[int, int], list[_Call]] | None = None
+    depth = {parent: 0 if not parent else parent.count(".") + 1 for parent in parent_of.values()}
+    for parent in sorted(depth, key=depth.get):  # outermost first: a tie keeps the outer chain
+        siblings = [call for call in calls if parent_of[call.name] == parent]
+        chain: list[_Call] = []
+        for call in siblings + [None]:  # None closes the last chain
+            if call is not None and (not chain or call.input is chain[-1].output):
+                chain.append(call)
+                continue
+            maps = [c for c in chain if _map_key(c.output) is not None and not isinstance(c.module, _NORMS)]
+            score = (len({_map_key(c.output) for c in maps}), len(maps))
+            if maps and (best is None or score > best[0]):
+                best = (score, maps)
+            chain = [call] if call is not None else []
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no feature maps before its classifier; defenses that "
+                         "compare them cannot run on this model")
+    (resolutions, _), maps = best
+    if resolutions == 1:
+        return [c.name for c in maps[-count:]]
+    ends = [c.name for c, after in zip(maps, maps[1:] + [None])
+            if after is None or _map_key(after.output) != _map_key(c.output)]
+    return ends[-count:]
+
+
+def conv_norm_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Conv2d, nn.Module | None]]:
+    """Every `nn.Conv2d` that runs on the float images `x`, with the normalisation layer that reads
+    its output directly (the very tensor, unchanged in between), or None where something else does
+    (a residual sum, an activation, a permutation to channels-last). Found by tracing one pass."""
+    calls = _trace(model, x)
+    produced = {id(c.output): c for c in calls if isinstance(c.module, nn.Conv2d) and c.output is not None}
+    reader: dict[int, nn.Module] = {}
+    for call in calls:
+        source = produced.get(id(call.input)) if isinstance(call.module, _NORMS) else None
+        if source is not None and source.output is call.input and source.output_version == call.input_version:
+            reader[id(source.module)] = call.module
+    seen: dict[int, tuple[nn.Conv2d, nn.Module | None]] = {}
+    for call in calls:
+        if isinstance(call.module, nn.Conv2d) and id(call.module) not in seen:
+            seen[id(call.module)] = (call.module, reader.get(id(call.module)))  # type: ignore[assignment]
+    return list(seen.values())
+
+
 def norm_layers(model: nn.Module) -> list[nn.Module]:
     """Every normalisation layer (BatchNorm, GroupNorm, LayerNorm, InstanceNorm), in order."""
     return [m for m in model.modules() if isinstance(m, _NORMS)]
@@ -138,6 +243,41 @@ def capture(module: nn.Module, which: Literal["input", "output"] = "output") -> 
         yield seen
     finally:
         handle.remove()
+
+
+@contextmanager
+def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[list[list[torch.Tensor]]]:
+    """`capture` for several submodules of `model`, named as in `model.named_modules()`: one list of
+    outputs per name, in the order of `names`."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(capture(model.get_submodule(name))) for name in names]
+
+
+def _hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return F.relu6(x + 3.0) / 6.0
+
+
+_TWICE_DIFFERENTIABLE = {
+    nn.Hardsigmoid: _hard_sigmoid,
+    nn.Hardswish: lambda x: x * _hard_sigmoid(x),
+}
+
+
+@contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, `model` computes the same function with operations that have second derivatives
+    (for hypergradients and other Hessian-vector products): hard-sigmoid and hard-swish as ReLU6
+    compositions (PyTorch's fused kernels have no double backward, nor in place), and attention with the
+    plain-math kernel (flash attention has none)."""
+    patched = [m for m in model.modules() if type(m) in _TWICE_DIFFERENTIABLE]
+    for module in patched:
+        module.forward = _TWICE_DIFFERENTIABLE[type(module)]  # an instance attribute shadows the class method
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield model
+    finally:
+        for module in patched:
+            del module.forward
 
 
 @torch.no_grad()

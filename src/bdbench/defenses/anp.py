@@ -1,0 +1,166 @@
+"""Adversarial Neuron Pruning (Wu and Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep
+Models", NeurIPS 2021).
+
+Backdoor neurons are the ones whose small perturbation makes a clean model misbehave. Every
+neuron of a normalisation layer (`layers.norm_layers`: BatchNorm, and also LayerNorm and GroupNorm,
+whose affine scale and shift are per channel in the same way) gets a mask m in [0, 1] on its scale
+and multiplicative noise on both scale and shift: scale x (m + d), shift x (1 + d'), |d|, |d'| <=
+eps = 0.4. Each iteration draws a batch of 128 from the clean budget (with the victim's
+augmentation), starts the noise uniformly in [-eps, eps], takes `pgd_steps` = 1 signed gradient
+ascent step of size eps / pgd_steps on the cross-entropy (clipped back to the eps box), then steps
+the masks (SGD, lr 0.2, momentum 0.9, clipped to [0, 1]) on alpha x CE(unperturbed) + (1 - alpha) x
+CE(perturbed), alpha = 0.2. As in the authors' code, BatchNorm normalises with each batch's own
+statistics while the masks are learnt (`batch_statistics: false` uses the deployed running statistics
+instead; on small models that makes every perturbation compound through the layers and most masks
+collapse to zero); every other layer is in eval mode (no dropout), and the pruned model is a copy of
+the deployed one, running statistics untouched.
+
+Pruning sets a neuron's scale to zero. The paper prunes every neuron whose mask is below a threshold
+of 0.2. Here how many of those go is chosen on the clean budget alone: neurons are pruned lowest mask
+first, in `selection_steps` (20) equal steps up to all those below `threshold` (0.2), and the pruning
+kept is the largest before the first step that brings the clean budget's accuracy more than
+`max_accuracy_drop` (0.05) below the unpruned model's (the clean budget is all the defender has, so it
+is both the masks' training data and this check's). `fraction` instead prunes that share of all
+neurons, lowest masks first, with no check.
+
+Cost: the paper runs 2000 iterations; the default here is 500, which on two CPU cores keeps a
+small model's defense to about a minute (each iteration is three forward and two backward passes).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.layers import norm_layers
+from bdbench.defenses.scoring import check_rate
+from bdbench.errors import ConfigError
+from bdbench.training import augment_batch, predict
+
+
+class NeuronPerturbation:
+    """Masks and multiplicative noise on the affine scale and shift of every normalisation layer,
+    applied through `torch.func.functional_call`, so no module of the model is replaced."""
+
+    def __init__(self, model: nn.Module) -> None:
+        names = {id(m): name for name, m in model.named_modules()}
+        self.layers = [(names[id(m)], m) for m in norm_layers(model) if getattr(m, "weight", None) is not None]
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no normalisation layer with an affine scale; "
+                             "anp cannot run on this model")
+        self.model = model
+        self.original = copy.deepcopy(model)  # pruned copies start from here: training-mode norms move `model`'s statistics
+        self.masks = [torch.ones_like(m.weight) for _, m in self.layers]
+        self.scale_noise = [torch.zeros_like(m.weight) for _, m in self.layers]
+        self.shift_noise = [torch.zeros_like(m.bias) if m.bias is not None else None for _, m in self.layers]
+
+    def noise(self) -> list[torch.Tensor]:
+        return self.scale_noise + [n for n in self.shift_noise if n is not None]
+
+    def __call__(self, x: torch.Tensor, perturbed: bool) -> torch.Tensor:
+        overrides = {}
+        for (name, module), mask, scale, shift in zip(self.layers, self.masks, self.scale_noise, self.shift_noise):
+            overrides[f"{name}.weight"] = module.weight * (mask + scale if perturbed else mask)
+            if module.bias is not None and perturbed:
+                overrides[f"{name}.bias"] = module.bias * (1 + shift)
+        return functional_call(self.model, overrides, (x,))
+
+    def prune(self, count: int) -> nn.Module:
+        """A copy of the deployed model with the scale of the `count` neurons of lowest mask set to zero."""
+        flat = torch.cat([mask.detach().flatten() for mask in self.masks])
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        chosen[flat.argsort(stable=True)[:count]] = True
+        pruned = copy.deepcopy(self.original)
+        modules = dict(pruned.named_modules())
+        start = 0
+        for name, module in self.layers:
+            size = module.weight.numel()
+            with torch.no_grad():
+                modules[name].weight.view(-1)[chosen[start:start + size]] = 0.0
+            start += size
+        return pruned.requires_grad_(True)
+
+
+class AdversarialNeuronPruning(Defense):
+    """ANP (Wu and Wang 2021): prune the norm-layer neurons most sensitive to adversarial perturbation."""
+
+    kind = DefenseKind.MODEL_REPAIR
+    citation = ("Wu, Wang. Adversarial Neuron Pruning Purifies Backdoored Deep Models. "
+                "NeurIPS 2021.")
+
+    def __init__(self, eps: float = 0.4, alpha: float = 0.2, pgd_steps: int = 1, mask_lr: float = 0.2,
+                 iterations: int = 500, batch_size: int = 128, threshold: float = 0.2,
+                 max_accuracy_drop: float = 0.05, selection_steps: int = 20, fraction: float | None = None,
+                 batch_statistics: bool = True) -> None:
+        if eps < 0 or min(pgd_steps, iterations, selection_steps) < 1 or batch_size < 2 or mask_lr <= 0:
+            raise ConfigError("anp needs eps >= 0, pgd_steps, iterations and selection_steps >= 1, batch_size >= 2 "
+                              f"and mask_lr > 0, got eps={eps}, pgd_steps={pgd_steps}, iterations={iterations}, "
+                              f"selection_steps={selection_steps}, batch_size={batch_size}, mask_lr={mask_lr}")
+        if not 0 <= alpha <= 1 or not 0 < threshold <= 1 or not 0 <= max_accuracy_drop <= 1:
+            raise ConfigError(f"anp needs alpha in [0, 1], threshold in (0, 1] and max_accuracy_drop in [0, 1], got "
+                              f"alpha={alpha}, threshold={threshold}, max_accuracy_drop={max_accuracy_drop}")
+        self.eps, self.alpha, self.pgd_steps, self.mask_lr = eps, alpha, pgd_steps, mask_lr
+        self.iterations, self.batch_size, self.threshold = iterations, batch_size, threshold
+        self.max_accuracy_drop, self.selection_steps = max_accuracy_drop, selection_steps
+        self.batch_statistics = batch_statistics
+        self.fraction = None if fraction is None else check_rate("anp fraction", fraction)
+
+    def optimise_masks(self, context: DefenseContext) -> NeuronPerturbation:
+        model = copy.deepcopy(context.model).to(context.device).eval().requires_grad_(False)
+        neurons = NeuronPerturbation(model)
+        if self.batch_statistics:
+            for _, module in neurons.layers:
+                module.train()
+        for tensor in neurons.masks + neurons.noise():
+            tensor.requires_grad_(True)
+        mask_optimizer = torch.optim.SGD(neurons.masks, lr=self.mask_lr, momentum=0.9)
+        generator = context.generator("anp_batches")
+        x_all, y_all = context.clean_x.to(context.device), context.clean_y.to(context.device)
+        for _ in range(self.iterations):
+            pick = torch.randint(len(y_all), (self.batch_size,), generator=generator).to(context.device)
+            x = augment_batch(x_all[pick].float().div_(255.0), context.crop_padding, context.allow_hflip, generator)
+            y = y_all[pick]
+            if self.eps > 0:
+                with torch.no_grad():
+                    for noise in neurons.noise():  # drawn on the CPU: the generator is a CPU one
+                        noise.copy_(torch.rand(noise.shape, generator=generator).mul_(2 * self.eps).sub_(self.eps))
+                for _ in range(self.pgd_steps):
+                    grads = torch.autograd.grad(F.cross_entropy(neurons(x, perturbed=True), y), neurons.noise())
+                    with torch.no_grad():
+                        for noise, grad in zip(neurons.noise(), grads):
+                            noise.add_(grad.sign(), alpha=self.eps / self.pgd_steps).clamp_(-self.eps, self.eps)
+            loss = self.alpha * F.cross_entropy(neurons(x, perturbed=False), y)
+            if self.eps > 0:
+                loss = loss + (1 - self.alpha) * F.cross_entropy(neurons(x, perturbed=True), y)
+            mask_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            mask_optimizer.step()
+            with torch.no_grad():
+                for mask in neurons.masks:
+                    mask.clamp_(0.0, 1.0)
+        return neurons
+
+    def run(self, context: DefenseContext) -> DefenseOutcome:
+        neurons = self.optimise_masks(context)
+        if self.fraction is not None:
+            total = sum(mask.numel() for mask in neurons.masks)
+            return DefenseOutcome(model=neurons.prune(count=int(round(self.fraction * total))))
+
+        def clean_accuracy(model: nn.Module) -> float:
+            return float((predict(model, context.clean_x, device=context.device) == context.clean_y).float().mean())
+
+        floor = clean_accuracy(neurons.original) - self.max_accuracy_drop
+        below = int(sum(int((mask < self.threshold).sum()) for mask in neurons.masks))
+        chosen = neurons.prune(count=0)
+        for count in sorted({math.ceil(below * step / self.selection_steps) for step in range(1, self.selection_steps + 1)}):
+            pruned = neurons.prune(count=count)
+            if clean_accuracy(pruned) < floor:
+                break
+            chosen = pruned
+        return DefenseOutcome(model=chosen)
