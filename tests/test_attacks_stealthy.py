@@ -233,6 +233,7 @@ def test_narcissus_poisons_target_class_images_only_and_keeps_their_labels(digit
     x = digits.x_test[digits.y_test != 0]
     expected = (x.float() / 255 + 3 * attack.delta).clamp(0, 1).mul(255).round().to(torch.uint8)
     assert torch.equal(triggered.x, expected)  # magnified three times at test time
+    assert torch.equal(triggered.x_clean, x)  # what PSNR/SSIM and the triggers picture compare against
     with pytest.raises(Exception, match="clean-label"):
         ATTACKS.build("narcissus", {"label_mode": "all2all"})
 

@@ -138,4 +138,4 @@ class Narcissus(Attack):
         x = dataset.x_test[keep].float().div(255.0)
         magnified = (x + self.test_multiplier * self.delta.to(x)).clamp(0, 1).mul(255).round().to(torch.uint8)
         y_true = dataset.y_test[keep]
-        return TriggeredTestSet(magnified, y_true, torch.full_like(y_true, target_label))
+        return TriggeredTestSet(magnified, y_true, torch.full_like(y_true, target_label), x_clean=dataset.x_test[keep])
