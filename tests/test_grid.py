@@ -24,6 +24,17 @@ def test_ids_are_stable_and_depend_on_every_field(tiny_grid):
     assert not {s.experiment_id for s in a} & {s.experiment_id for s in c}
 
 
+def test_cpu_bfloat16_is_a_new_experiment_and_leaves_default_ids_alone(tiny_grid):
+    default = expand(load_grid(tiny_grid))
+    # Pinned: the ids this cell had before `cpu_bfloat16` existed, so that stored results and
+    # cached victims are still found.
+    assert (default[0].experiment_id, default[0].victim_key) == ("6f97f4b5d3bf276d", "0b1df720366feb22")
+    tiny_grid["training"]["cpu_bfloat16"] = True
+    fast = expand(load_grid(tiny_grid))
+    assert not {s.experiment_id for s in default} & {s.experiment_id for s in fast}
+    assert not {s.victim_key for s in default} & {s.victim_key for s in fast}
+
+
 def test_clean_attack_is_trained_once_per_seed_across_rates(tiny_grid):
     tiny_grid["poison_rates"] = [0.05, 0.1]
     tiny_grid["seeds"] = [0, 1]

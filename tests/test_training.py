@@ -27,6 +27,26 @@ def test_trainer_is_deterministic_under_a_seed(digits):
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
 
 
+def test_cpu_bfloat16_fast_path_learns_and_is_really_bfloat16(digits):
+    fast = TrainConfig(epochs=6, batch_size=64, cpu_bfloat16=True)
+    seen = []
+
+    def loss_fn(model, x, y):
+        logits = model(x)
+        seen.append((logits.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    model = train(_model(digits), digits.x_train, digits.y_train, fast, seed=0, crop_padding=1,
+                  device=torch.device("cpu"), loss_fn=loss_fn)
+    assert set(seen) == {(torch.bfloat16, True)}
+    assert (predict(model, digits.x_test) == digits.y_test).float().mean() > 0.85
+    # Handed back in the usual layout, with float32 weights, for defenses and quantization.
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    slow = train(_model(digits), digits.x_train, digits.y_train, fast.model_copy(update={"cpu_bfloat16": False}),
+                 seed=0, crop_padding=1, device=torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), slow.state_dict().values()))
+
+
 def test_augment_crop_is_a_translation_and_flips_only_when_allowed():
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(64, 1, 8, 8)

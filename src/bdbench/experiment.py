@@ -30,7 +30,7 @@ from bdbench.precision import PRECISIONS, Deployed, Precision, is_int8_kernel, p
 from bdbench.profiling import measure
 from bdbench.seeding import derive_seed
 from bdbench.store import ArtifactCache
-from bdbench.training import default_device, predict, train
+from bdbench.training import default_device, predict, train, trains_in_bfloat16
 
 log = logging.getLogger("bdbench")
 
@@ -206,7 +206,8 @@ def run_experiment(spec: ExperimentSpec, cache: ArtifactCache, device: torch.dev
     device = device or default_device()
     row = base_row(spec)
     # Float reductions split across threads, so the thread count is part of "same device, same numbers".
-    row.update(device=str(device), torch_threads=torch.get_num_threads())
+    row.update(device=str(device), torch_threads=torch.get_num_threads(),
+               train_dtype="bfloat16" if trains_in_bfloat16(spec.training, device) else "float32")
     start = time.perf_counter()
     try:
         row.update(_run(spec, cache, device))

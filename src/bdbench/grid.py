@@ -132,17 +132,23 @@ class ExperimentSpec(BaseModel):
     clean_budget: CleanBudget
     precision_order: PrecisionOrder = "quantize_then_defend"
 
+    def _fields(self, include: set[str] | None = None) -> dict[str, Any]:
+        """The fields that the hashes cover. Fields added later are left out at their defaults, so
+        that ids and victim keys from before they existed still hold."""
+        fields = self.model_dump(mode="json", include=include)
+        if fields.get("precision_order") == "quantize_then_defend":
+            del fields["precision_order"]
+        if "training" in fields and not fields["training"]["cpu_bfloat16"]:
+            del fields["training"]["cpu_bfloat16"]
+        return fields
+
     @property
     def experiment_id(self) -> str:
-        fields = self.model_dump(mode="json")
-        if fields["precision_order"] == "quantize_then_defend":  # ids from before the field existed hold
-            del fields["precision_order"]
-        return _hash(fields)
+        return _hash(self._fields())
 
     @property
     def victim_key(self) -> str:
-        return _hash(self.model_dump(mode="json", include={
-            "dataset", "model", "training", "attack", "poison_rate", "target_label", "seed"}))
+        return _hash(self._fields({"dataset", "model", "training", "attack", "poison_rate", "target_label", "seed"}))
 
     def describe(self) -> str:
         attack = self.attack.name if self.attack.name == "none" else f"{self.attack.name}@{self.poison_rate:g}"

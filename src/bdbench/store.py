@@ -66,6 +66,7 @@ COLUMNS: dict[str, str] = {
     "peak_rss_mb": "REAL",
     "device": "TEXT",
     "torch_threads": "INTEGER",
+    "train_dtype": "TEXT",
     "victim_key": "TEXT",
     "spec": "TEXT",
     "finished_at": "TEXT",

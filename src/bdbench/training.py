@@ -3,8 +3,13 @@
 In the style of airbench/nanoGPT: the whole data set sits on the device as uint8, each batch
 is augmented as one tensor (random crop with padding, horizontal flip only where the data set
 allows it), SGD with a one-cycle or cosine schedule steps per batch, and every random draw
-comes from one generator seeded by the caller. On CUDA the loop runs channels-last under
-bfloat16 autocast.
+comes from one generator seeded by the caller. On CUDA the loop runs channels-last under bfloat16
+autocast (weights, optimiser state and BatchNorm statistics stay float32). On the CPU it runs in
+float32 unless the config sets `cpu_bfloat16`: then it too runs channels-last under bfloat16
+autocast, which on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX) trains small
+convolutional networks about twice as fast (`benchmarks/trainer_vs_dataloader.py`), with other
+numerics. Rows record which was used (`train_dtype`). Predictions on the CPU stay float32, so
+that clean accuracy and ASR are measured at full precision.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class TrainConfig(BaseModel):
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     crop_padding: int | None = Field(None, ge=0)
     hflip: bool | None = None
+    cpu_bfloat16: bool = False  # the CPU fast path: channels-last and bfloat16 autocast (CUDA always has them)
 
 
 class BatchHook(Protocol):
@@ -58,6 +64,17 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def trains_in_bfloat16(config: TrainConfig, device: torch.device) -> bool:
+    """Whether `train` runs channels-last under bfloat16 autocast: always on CUDA, on the CPU when
+    the config asks for it."""
+    return device.type == "cuda" or (device.type == "cpu" and config.cpu_bfloat16)
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX): where `cpu_bfloat16` pays."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def augment_batch(x: torch.Tensor, crop_padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -109,7 +126,8 @@ def train(
     hflip = config.hflip if config.hflip is not None else hflip
     generator = torch.Generator().manual_seed(seed)
     on_cuda = device.type == "cuda"
-    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    bf16 = trains_in_bfloat16(config, device)
+    memory_format = torch.channels_last if bf16 else torch.contiguous_format
     model.to(device=device, memory_format=memory_format).train()
     x_dev, y_dev = x.to(device), y.to(device)
     n = len(x_dev)
@@ -133,13 +151,13 @@ def train(
                 if hook is not None:
                     xb, yb = hook(xb, yb, generator, idx)
                 xb = xb.contiguous(memory_format=memory_format)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_fn(model, xb, yb)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.no_grad()
