@@ -50,8 +50,9 @@ def test_the_four_defenses_are_model_repairs():
     ("nad", {"beta": 500}),
     # anp is left out: with two torch threads its masks leave the backdoor in place (ASR 0.96), with
     # one they remove it; its effect is not shown on this model (issue 5 stays open for it).
-    # With the authors' Adam step (1e-3) this small model loses half its clean accuracy.
-    ("ibau", {"lr": 0.0003}),
+    # With the authors' Adam step (1e-3) this small model loses half its clean accuracy; at 3e-4 it
+    # loses up to 0.18 (two threads), so the clean-budget check allows the test's own 0.2.
+    ("ibau", {"lr": 0.0003, "max_accuracy_drop": 0.2}),
     # With 16 and 32 channels per layer, mean + 3 std (the paper's u) is almost never exceeded.
     ("clp", {"u": 2.0}),
 ])
@@ -83,11 +84,28 @@ def test_clp_is_data_free_and_prunes_the_channel_with_an_outlying_lipschitz_boun
     assert outlier_channels(bounds, 2.0).nonzero().flatten().tolist() == [5]
 
 
+def test_nad_halves_a_beta_that_wrecks_clean_budget_accuracy(badnets):
+    context = badnets.context(sees_training_set=False)
+    settings = {"beta": 1e7, "teacher_epochs": 2, "epochs": 3, "max_accuracy_drop": 0.1}
+    wrecked = DEFENSES.build("nad", {**settings, "backoffs": 0}).run(context).model
+    kept = DEFENSES.build("nad", {**settings, "backoffs": 20}).run(context).model
+    floor = context.budget_accuracy(badnets.model) - 0.1
+    assert context.budget_accuracy(wrecked) < floor <= context.budget_accuracy(kept)
+
+
+def test_ibau_halves_a_step_that_wrecks_clean_budget_accuracy(badnets):
+    context = badnets.context(sees_training_set=False)
+    settings = {"lr": 0.05, "rounds": 1, "max_accuracy_drop": 0.1}
+    wrecked = DEFENSES.build("ibau", {**settings, "backoffs": 0}).run(context).model
+    kept = DEFENSES.build("ibau", {**settings, "backoffs": 12}).run(context).model
+    floor = context.budget_accuracy(badnets.model) - 0.1
+    assert context.budget_accuracy(wrecked) < floor <= context.budget_accuracy(kept)
+
+
 def test_anp_never_prunes_past_the_clean_budget_accuracy_margin(badnets):
     context = badnets.context(sees_training_set=False)
     model = DEFENSES.build("anp", {"iterations": 50, "threshold": 0.9, "max_accuracy_drop": 0.0}).run(context).model
-    budget_accuracy = lambda m: float((predict(m, context.clean_x) == context.clean_y).float().mean())  # noqa: E731
-    assert budget_accuracy(model) >= budget_accuracy(badnets.model)
+    assert context.budget_accuracy(model) >= context.budget_accuracy(badnets.model)
 
 
 def test_fixed_point_hypergradient_matches_the_implicit_derivative():

@@ -41,7 +41,7 @@ from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseO
 from bdbench.defenses.layers import norm_layers
 from bdbench.defenses.scoring import check_rate
 from bdbench.errors import ConfigError
-from bdbench.training import augment_batch, predict
+from bdbench.training import augment_batch
 
 
 class NeuronPerturbation:
@@ -152,15 +152,12 @@ class AdversarialNeuronPruning(Defense):
             total = sum(mask.numel() for mask in neurons.masks)
             return DefenseOutcome(model=neurons.prune(count=int(round(self.fraction * total))))
 
-        def clean_accuracy(model: nn.Module) -> float:
-            return float((predict(model, context.clean_x, device=context.device) == context.clean_y).float().mean())
-
-        floor = clean_accuracy(neurons.original) - self.max_accuracy_drop
+        floor = context.budget_accuracy(neurons.original) - self.max_accuracy_drop
         below = int(sum(int((mask < self.threshold).sum()) for mask in neurons.masks))
         chosen = neurons.prune(count=0)
         for count in sorted({math.ceil(below * step / self.selection_steps) for step in range(1, self.selection_steps + 1)}):
             pruned = neurons.prune(count=count)
-            if clean_accuracy(pruned) < floor:
+            if context.budget_accuracy(pruned) < floor:
                 break
             chosen = pruned
         return DefenseOutcome(model=chosen)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bdbench.seeding import derive_seed
-from bdbench.training import LossFn, TrainConfig, cross_entropy, train
+from bdbench.training import LossFn, TrainConfig, cross_entropy, predict, train
 
 
 class DefenseKind(str, Enum):
@@ -68,6 +68,10 @@ class DefenseContext:
         """Train with the one trainer, this data set's augmentation facts and a seed for `purpose`."""
         return train(model, x, y, config, seed=derive_seed(self.seed, purpose), crop_padding=self.crop_padding,
                      hflip=self.allow_hflip, device=self.device, loss_fn=loss_fn)
+
+    def budget_accuracy(self, model: nn.Module) -> float:
+        """`model`'s accuracy on the clean budget: the one yardstick a defender has for what a repair costs."""
+        return float((predict(model, self.clean_x, device=self.device) == self.clean_y).double().mean())
 
 
 class InputDetector(Protocol):
