@@ -36,12 +36,11 @@ kept. Test data is never used.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import logging
 
 from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import capture_outputs, stage_outputs
@@ -121,5 +120,6 @@ class NeuralAttentionDistillation(Defense):
                                   loss_fn=distillation_loss(teacher, layers, scaled, self.power))
             if context.budget_accuracy(student) >= floor:
                 break
-        log.info("nad: betas %s (clean-budget accuracy %.3f, floor %.3f)", scaled, context.budget_accuracy(student), floor)
+        log.info("nad: betas %s (clean-budget accuracy %.3f, floor %.3f)", scaled,
+                 context.budget_accuracy(student), floor)
         return DefenseOutcome(model=student)
