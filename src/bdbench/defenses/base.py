@@ -73,6 +73,20 @@ class DefenseContext:
         """`model`'s accuracy on the clean budget: the one yardstick a defender has for what a repair costs."""
         return float((predict(model, self.clean_x, device=self.device) == self.clean_y).double().mean())
 
+    def halve_until_within_budget(self, repair: Callable[[float], nn.Module], max_accuracy_drop: float,
+                                  backoffs: int) -> tuple[nn.Module, float, float]:
+        """Run `repair(scale)` at scale 1, 1/2, 1/4, ... (at most `backoffs` halvings) and keep the first
+        model whose clean-budget accuracy is within `max_accuracy_drop` of the deployed model's (the
+        last one when none is). Returns that model, its scale and its clean-budget accuracy."""
+        floor = self.budget_accuracy(self.model) - max_accuracy_drop
+        for attempt in range(backoffs + 1):
+            scale = 0.5 ** attempt
+            model = repair(scale)
+            accuracy = self.budget_accuracy(model)
+            if accuracy >= floor:
+                break
+        return model, scale, accuracy
+
 
 class InputDetector(Protocol):
     """A run-time filter: suspicion scores (higher = more likely triggered) and a flag per image."""

@@ -123,13 +123,9 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
             return delta * min(1.0, self.radius / max(float(delta.norm()), 1e-12))
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        floor = context.budget_accuracy(context.model) - self.max_accuracy_drop
-        for attempt in range(self.backoffs + 1):
-            lr = self.lr / 2 ** attempt
-            model = self.unlearn(context, lr)
-            if context.budget_accuracy(model) >= floor:
-                break
-        log.info("ibau: Adam lr %g (clean-budget accuracy %.3f, floor %.3f)", lr, context.budget_accuracy(model), floor)
+        model, scale, accuracy = context.halve_until_within_budget(
+            lambda scale: self.unlearn(context, self.lr * scale), self.max_accuracy_drop, self.backoffs)
+        log.info("ibau: Adam lr %g (clean-budget accuracy %.3f)", self.lr * scale, accuracy)
         return DefenseOutcome(model=model)
 
     def unlearn(self, context: DefenseContext, lr: float) -> nn.Module:

@@ -112,14 +112,12 @@ class NeuralAttentionDistillation(Defense):
         sample = context.clean_x[:2].to(context.device).float().div_(255.0)
         layers = stage_outputs(context.model, sample, self.layers)
         betas = self.betas[len(self.betas) - len(layers):]  # a shallow network may have fewer stages: keep the deepest
-        floor = context.budget_accuracy(context.model) - self.max_accuracy_drop
-        for attempt in range(self.backoffs + 1):
-            scaled = [b / 2 ** attempt for b in betas]
-            student = context.fit(copy.deepcopy(context.model).to(context.device), context.clean_x, context.clean_y,
-                                  student_config, "nad_student",
-                                  loss_fn=distillation_loss(teacher, layers, scaled, self.power))
-            if context.budget_accuracy(student) >= floor:
-                break
-        log.info("nad: betas %s (clean-budget accuracy %.3f, floor %.3f)", scaled,
-                 context.budget_accuracy(student), floor)
+
+        def distil(scale: float) -> nn.Module:
+            return context.fit(copy.deepcopy(context.model).to(context.device), context.clean_x, context.clean_y,
+                               student_config, "nad_student",
+                               loss_fn=distillation_loss(teacher, layers, [b * scale for b in betas], self.power))
+
+        student, scale, accuracy = context.halve_until_within_budget(distil, self.max_accuracy_drop, self.backoffs)
+        log.info("nad: betas %s (clean-budget accuracy %.3f)", [b * scale for b in betas], accuracy)
         return DefenseOutcome(model=student)
