@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from bdbench.report import write_report
-from bdbench.report.stats import leaderboard
+from bdbench.report.stats import leaderboard, naive_detection_table
 from bdbench.store import COLUMNS
 
 CHROMIUM = "/usr/bin/chromium"
@@ -105,6 +105,31 @@ def test_leaderboard_numbers_match_a_hand_computation(tmp_path):
     assert f"{0.7 - half:.3f} – {0.7 + half:.3f}" in html
 
 
+
+def test_naive_detection_counts_twin_runs_errors_and_not_applicable_as_not_detected(tmp_path):
+    """The precision table's contrast: what a harness without the gradient check would have reported."""
+    rows = pd.DataFrame([
+        _row(experiment_id="a", attack="badnets", defense="nc", precision="fp32", detected=True),
+        _row(experiment_id="b", attack="badnets", defense="nc", precision="int8", detected=True, proxy="ste"),
+        _row(experiment_id="c", attack="badnets", defense="nc", precision="int8", detected=False),
+        _row(experiment_id="d", attack="badnets", defense="nc", precision="int8", status="error", error="boom"),
+        _row(experiment_id="e", attack="badnets", defense="ac", precision="int8", det_tpr=0.9, det_fpr=0.1,
+             proxy="ste"),
+        _row(experiment_id="f", attack="badnets", defense="ac", precision="int8", det_tpr=0.7, det_fpr=0.1),
+        _row(experiment_id="g", attack="badnets", defense="ac", precision="int8", status="not_applicable",
+             error="no twin"),
+        _row(experiment_id="h", attack="badnets", defense="none", precision="int8", status="error", error="x"),
+    ], columns=list(COLUMNS))
+    naive = naive_detection_table(rows, ["precision", "defense"]).set_index(["precision", "defense"])
+    assert list(naive.index) == [("fp32", "nc"), ("int8", "ac"), ("int8", "nc")]  # `none` detects nothing
+    assert naive.loc[("fp32", "nc"), "naive_flag_rate"] == 1.0 and naive.loc[("fp32", "nc"), "blocked"] == 0
+    nc = naive.loc[("int8", "nc")]
+    assert nc["naive_flag_rate"] == 0.0 and nc["blocked"] == 2 and nc["rows"] == 3
+    assert math.isnan(nc["naive_tpr"])  # NC never reports a TPR, so none is invented for it
+    ac = naive.loc[("int8", "ac")]
+    assert ac["naive_tpr"] == pytest.approx(0.7 / 3) and ac["blocked"] == 2 and math.isnan(ac["naive_flag_rate"])
+    html = write_report(rows, tmp_path / "r.html").read_text()
+    assert "naive flag rate" in html and "rows a naive harness loses" in html
 def test_report_is_self_contained_and_complete(report):
     html = report.read_text(encoding="utf-8")
     assert report.stat().st_size < 5 * 1024 * 1024

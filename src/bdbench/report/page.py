@@ -106,6 +106,8 @@ def heatmap_section(rows: pd.DataFrame) -> str:
 
 
 _DETECTION_HEADERS = {"det_tpr": "TPR", "det_fpr": "FPR", "det_auroc": "AUROC", "flag_rate": "model flag rate"}
+_NAIVE_HEADERS = {"naive_tpr": "naive TPR", "naive_flag_rate": "naive flag rate",
+                  "blocked": "rows a naive harness loses", "rows": "rows"}
 
 
 def detection_section(rows: pd.DataFrame) -> str:
@@ -141,10 +143,18 @@ def precision_section(rows: pd.DataFrame) -> str:
         parts.append(figures.precision_bars(table))
     headers = {"clean_acc": "CA after", "clean_acc_before": "CA before", "asr": "ASR after", "asr_before": "ASR before"}
     parts.append(html_table(table, headers))
-    detection = stats.detection_table(stats.ok_rows(rows), ["precision", "defense", "attack"])
+    by = ["precision", "defense", "attack"]
+    detection = stats.detection_table(stats.ok_rows(rows), by)
     parts.append("<h3>Detection per precision</h3>")
-    parts.append(html_table(detection, _DETECTION_HEADERS) if not detection.empty
-                 else _empty("No detection results to split by precision."))
+    if detection.empty:
+        parts.append(_empty("No detection results to split by precision."))
+        return "".join(parts)
+    detection = detection.merge(stats.naive_detection_table(rows, by), on=by, how="left")
+    parts.append(html_table(detection, {**_DETECTION_HEADERS, **_NAIVE_HEADERS}))
+    parts.append('<p class="note">The naive columns are what a harness without a gradient check would have '
+                 "reported: rows whose deployed model passed no input gradient (run here on its straight-through "
+                 "twin), errors and not-applicable rows all counted as “not detected”. The gap between them and "
+                 "the measured columns is the tooling artefact, not the quantization.</p>")
     return "".join(parts)
 
 

@@ -107,6 +107,30 @@ def detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return table.rename(columns={"detected": "flag_rate"})
 
 
+def naive_detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """What a harness without a gradient check would have reported, per group: every row that ran on
+    the straight-through twin (`proxy == "ste"`: the deployed model passed no input gradient), every
+    error and every not-applicable row counted as "not detected" (TPR 0, not flagged), the rest as
+    measured. Only the metrics a defense reports somewhere are filled in; `blocked` is how many rows
+    of the group such a harness would have lost."""
+    metrics = ["det_tpr", "detected"]
+    frame = rows[list(dict.fromkeys(by + ["defense", "status", "proxy"] + metrics))].copy()
+    for column in metrics:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    reported = frame[frame["status"] == "ok"].groupby("defense")[metrics].agg(lambda v: v.notna().any())
+    frame = frame[frame["defense"].isin(reported.index[reported.any(axis=1)])]
+    if frame.empty:
+        return pd.DataFrame()
+    blocked = (frame["status"] != "ok") | (frame["proxy"] == "ste")
+    for column in metrics:
+        fills = blocked & frame["defense"].map(reported[column]).astype(bool)
+        frame.loc[fills, column] = 0.0
+    frame["blocked"] = blocked.astype(int)
+    table = frame.groupby(by, sort=True).agg(naive_tpr=("det_tpr", "mean"), naive_flag_rate=("detected", "mean"),
+                                             blocked=("blocked", "sum"), rows=("blocked", "size"))
+    return table.reset_index()
+
+
 def precision_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean clean accuracy and ASR after the defense per (precision, defense), with the undefended values beside."""
     good = ok_rows(rows)
