@@ -194,6 +194,16 @@ def test_ssba_residuals_are_small_and_sample_specific(digits):
     assert (residual[0] != residual[1]).any()  # each image its own residual
 
 
+def test_ssba_trains_on_the_stored_8_bit_image_with_the_rounding_passed_straight_through():
+    from bdbench.attacks.ssba import stored_as_uint8
+
+    x = torch.tensor([0.0, 0.3 / 255, 0.7 / 255, 0.5], requires_grad=True)
+    stored = stored_as_uint8(x)
+    assert torch.allclose(stored, torch.tensor([0.0, 0.0, 1 / 255, 128 / 255]))  # what a uint8 file holds
+    stored.sum().backward()
+    assert torch.equal(x.grad, torch.ones(4))  # a residual below half a grey level still gets a gradient
+
+
 # --- Every dirty-label attack: a short training run learns the backdoor ------------------------
 @pytest.mark.parametrize("name, params, epochs", [
     # s=2 and no noise mode: on 8x8 images the paper's warp moves pixels by a fifth of a pixel and
