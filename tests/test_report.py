@@ -130,6 +130,7 @@ def test_naive_detection_counts_twin_runs_errors_and_not_applicable_as_not_detec
     assert ac["naive_tpr"] == pytest.approx(0.7 / 3) and ac["blocked"] == 2 and math.isnan(ac["naive_flag_rate"])
     html = write_report(rows, tmp_path / "r.html").read_text()
     assert "naive flag rate" in html and "rows a naive harness loses" in html
+    assert '<td class="num" data-value="2.0">2</td><td class="num" data-value="3.0">3</td>' in html  # int8 nc counts
 def test_report_is_self_contained_and_complete(report):
     html = report.read_text(encoding="utf-8")
     assert report.stat().st_size < 5 * 1024 * 1024

@@ -150,6 +150,7 @@ def precision_section(rows: pd.DataFrame) -> str:
         parts.append(_empty("No detection results to split by precision."))
         return "".join(parts)
     detection = detection.merge(stats.naive_detection_table(rows, by), on=by, how="left")
+    detection[["blocked", "rows"]] = detection[["blocked", "rows"]].astype("Int64")  # counts, NA where no verdict
     parts.append(html_table(detection, {**_DETECTION_HEADERS, **_NAIVE_HEADERS}))
     parts.append('<p class="note">The naive columns are what a harness without a gradient check would have '
                  "reported: rows whose deployed model passed no input gradient (run here on its straight-through "
