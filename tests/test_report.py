@@ -131,6 +131,11 @@ def test_naive_detection_counts_twin_runs_errors_and_not_applicable_as_not_detec
     html = write_report(rows, tmp_path / "r.html").read_text()
     assert "naive flag rate" in html and "rows a naive harness loses" in html
     assert '<td class="num" data-value="2.0">2</td><td class="num" data-value="3.0">3</td>' in html  # int8 nc counts
+    # An input detector on clean models only reports an FPR: no naive verdict, and the page still renders.
+    clean_only = pd.DataFrame([_row(experiment_id="s", attack="none", defense="strip", precision=p, det_fpr=0.02)
+                               for p in ("fp32", "int8")], columns=list(COLUMNS))
+    assert naive_detection_table(clean_only, ["precision", "defense"]).empty
+    assert "Detection per precision" in write_report(clean_only, tmp_path / "c.html").read_text()
 def test_report_is_self_contained_and_complete(report):
     html = report.read_text(encoding="utf-8")
     assert report.stat().st_size < 5 * 1024 * 1024

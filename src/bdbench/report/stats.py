@@ -120,7 +120,7 @@ def naive_detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     reported = frame[frame["status"] == "ok"].groupby("defense")[metrics].agg(lambda v: v.notna().any())
     frame = frame[frame["defense"].isin(reported.index[reported.any(axis=1)])]
     if frame.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=by + ["naive_tpr", "naive_flag_rate", "blocked", "rows"])
     blocked = (frame["status"] != "ok") | (frame["proxy"] == "ste")
     for column in metrics:
         fills = blocked & frame["defense"].map(reported[column]).astype(bool)
