@@ -140,17 +140,16 @@ class SSBA(Attack):
             idx = order[(step % steps_per_epoch) * 64:(step % steps_per_epoch + 1) * 64]
             x = x_all[idx].to(device).float().div(255.0)
             secret = (torch.rand(len(x), self.bits, generator=generator) < 0.5).float().to(device)
-            # The residual's bound shrinks from 6x to its final value over the first 70% of the steps
-            # while the image loss ramps up: the pair first learns to hide the bits at all, then quietly.
-            encoder.max_residual = self.max_residual * (1 + 5 * max(0.0, 1 - step / (0.7 * total)))
+            # Over the first 70% of the steps the residual's bound shrinks from 6x to its final value and
+            # the image loss ramps up from zero (StegaStamp's ramp): the pair first learns to hide the bits
+            # at all, then quietly. With the image loss at full weight from the start, Adam shrinks the
+            # residual before the decoder can read anything (on mnist5k the bits stayed at chance).
+            warm_up = min(1.0, step / (0.7 * total))
+            encoder.max_residual = self.max_residual * (1 + 5 * (1 - warm_up))
             encoded = stored_as_uint8((x + encoder(x, secret)).clamp(0, 1))
             noisy = encoded + 0.01 * torch.randn(encoded.shape, generator=generator).to(device)
-            # StegaStamp's ramp: the image loss grows from zero over the same 70% of the steps. With its full
-            # weight from the start, Adam shrinks the residual before the decoder can read anything (on
-            # mnist5k the bits stayed at chance and the residual went to zero).
-            ramp = min(1.0, step / (0.7 * total))
             loss = (F.binary_cross_entropy_with_logits(decoder(noisy), secret)
-                    + ramp * self.residual_weight * (encoded - x).pow(2).mean())
+                    + warm_up * self.residual_weight * (encoded - x).pow(2).mean())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
