@@ -182,6 +182,30 @@ def test_cassock_variants_transparency_and_target_content(digits, workshop):
         ATTACKS.build("source_specific", {"label_mode": "all2all"})
 
 
+
+def test_cassock_content_window_holds_the_targets_strokes_not_the_background_it_is_sensitive_to():
+    """A linear target score that ink in an empty region would lower a lot (large gradient, no ink)
+    and that ink on the strokes raises a little: the window is the strokes'."""
+    from bdbench.attacks.source_specific import salient_target_patch
+
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    images[:, :, 1:4, 1:4] = 200  # the target's strokes, top left
+    weight = torch.zeros(1, 8, 8)
+    weight[:, 1:4, 1:4] = 0.1  # strokes raise the target score
+    weight[:, 5:8, 5:8] = -5.0  # ink in the empty bottom right would break the target
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(weight)
+
+        def forward(self, x):
+            return (x * self.weight).flatten(1).sum(1, keepdim=True)
+
+    patch = salient_target_patch(Linear(), images, target=0, size=3)
+    assert torch.allclose(patch, torch.full((1, 3, 3), 200 / 255)), patch
+
+
 # ---------------------------------------------------------------- lsp
 
 def test_lsp_smooths_only_the_poisoned_labels_and_keeps_the_backdoor(digits, workshop):
