@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bdbench.attacks import ATTACKS, AttackWorkshop
+from bdbench.attacks.source_specific import salient_target_patch
 from bdbench.errors import ConfigError
 from bdbench.models import create_model, with_normalization
 from bdbench.store import ArtifactCache
@@ -182,12 +183,9 @@ def test_cassock_variants_transparency_and_target_content(digits, workshop):
         ATTACKS.build("source_specific", {"label_mode": "all2all"})
 
 
-
 def test_cassock_content_window_holds_the_targets_strokes_not_the_background_it_is_sensitive_to():
     """A linear target score that ink in an empty region would lower a lot (large gradient, no ink)
     and that ink on the strokes raises a little: the window is the strokes'."""
-    from bdbench.attacks.source_specific import salient_target_patch
-
     images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
     images[:, :, 1:4, 1:4] = 200  # the target's strokes, top left
     weight = torch.zeros(1, 8, 8)
