@@ -136,6 +136,8 @@ def test_naive_detection_counts_twin_runs_errors_and_not_applicable_as_not_detec
                                for p in ("fp32", "int8")], columns=list(COLUMNS))
     assert naive_detection_table(clean_only, ["precision", "defense"]).empty
     assert "Detection per precision" in write_report(clean_only, tmp_path / "c.html").read_text()
+
+
 def test_report_is_self_contained_and_complete(report):
     html = report.read_text(encoding="utf-8")
     assert report.stat().st_size < 5 * 1024 * 1024
