@@ -260,5 +260,8 @@ def test_cli_list_json_has_name_and_description():
         assert listed and all(item["name"] and item["description"] for item in listed), what
     attacks = json.loads(subprocess.run([sys.executable, "-m", "bdbench", "list", "attacks", "--format", "json"],
                                         capture_output=True, text=True, check=True).stdout)
-    assert {"badnets", "blended", "none"} <= {a["name"] for a in attacks}
+    assert {a["name"] for a in attacks} >= {
+        "none", "badnets", "blended", "sig", "wanet", "lf", "ssba", "inputaware", "bpp", "lc", "trojannn",
+        "advdoor", "narcissus", "source_specific", "lsp", "dfb"}
+    assert all(a["citation"] for a in attacks if a["name"] != "none")
     assert all("Gu" in a["citation"] for a in attacks if a["name"] == "badnets")

@@ -7,6 +7,7 @@ from bdbench.attacks.badnets import BadNets
 from bdbench.attacks.base import Attack, CleanLabelAttack, PoisonedTrainingSet, TriggeredTestSet
 from bdbench.attacks.blended import Blended
 from bdbench.attacks.bpp import Bpp
+from bdbench.attacks.dfb import DFB
 from bdbench.attacks.inputaware import InputAware
 from bdbench.attacks.lc import LabelConsistent
 from bdbench.attacks.lf import LowFrequency
@@ -37,5 +38,6 @@ ATTACKS.register("lf")(LowFrequency)
 ATTACKS.register("inputaware")(InputAware)
 ATTACKS.register("ssba")(SSBA)
 ATTACKS.register("narcissus")(Narcissus)
+ATTACKS.register("dfb")(DFB)
 
 __all__ = ["ATTACKS", "Attack", "AttackWorkshop", "CleanLabelAttack", "PoisonedTrainingSet", "TriggeredTestSet"]

@@ -16,17 +16,14 @@ The paper's rate is 0.05% of the training set (25 CIFAR-10 images); `select` tak
 `poison_rate` of the whole training set (at least one image) from the target class, so 0.0005
 gives the paper's count semantics (2 images on mnist5k's 4,000).
 
-POOD data: no public out-of-distribution set (Tiny-ImageNet in the paper) is available offline, so
-the surrogate learns from the *other* embedded digit set than the experiment's: scikit-learn's
-8x8 UCI digits for every data set except `digits`, for which it is mnist5k's images; resized to
-the experiment's image size and channels. This data is public and disjoint from the training
-set, as the threat model asks, but it is closer to MNIST than Tiny-ImageNet is to CIFAR-10 (same
-ten digit classes, other writers and scanner); the paper finds closer POOD data helps the attack,
-so on mnist5k this setting favours the attacker. POOD images of the target digit are left out, as
-the paper's POOD shares no class with the task. Measured limitation: the surrogate still tells the
-two scanners apart more easily than the target digit from the others, so the trigger it yields
-encodes "this scanner" and does not move the victim (ASR 0.0 on `digits` at eps 16-48/255; see
-the strict xfail in tests/test_attacks_stealthy.py); it needs a class-disjoint POOD set.
+POOD data: `bdbench.attacks.public_data` (Tiny-ImageNet in the paper is not available offline):
+the other embedded digit set. As that set has the same ten digit classes, POOD images of the
+target digit are left out, as the paper's POOD shares no class with the task; being so close to
+MNIST, it favours the attacker, as the paper finds closer POOD data helps. Measured limitation:
+the surrogate still tells the two scanners apart more easily than the target digit from the
+others, so the trigger it yields encodes "this scanner" and does not move the victim (ASR 0.0 on
+`digits` at eps 16-48/255; see the strict xfail in tests/test_attacks_stealthy.py); it needs a
+class-disjoint POOD set.
 """
 
 from __future__ import annotations
@@ -35,24 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from bdbench.attacks.base import Attack, LabelMode, TriggeredTestSet
+from bdbench.attacks.public_data import public_images
 from bdbench.attacks.workshop import AttackWorkshop
-from bdbench.data import Dataset, load_dataset
+from bdbench.data import Dataset
 from bdbench.errors import ConfigError
 from bdbench.models import create_model, with_normalization
 from bdbench.seeding import derive_seed
 from bdbench.training import TrainConfig, augment_batch, train
-
-
-def public_ood_images(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attacker's public out-of-distribution data for `dataset` (see the module docstring),
-    as uint8 images of `dataset`'s shape and their own labels."""
-    source = load_dataset("mnist5k" if dataset.name == "digits" else "digits")
-    x = source.x_train.float()
-    size, channels = dataset.image_size, dataset.in_channels
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    x = x.mean(1, keepdim=True).expand(-1, channels, -1, -1)
-    return x.round().clamp(0, 255).to(torch.uint8).contiguous(), source.y_train.clone()
 
 
 class Narcissus(Attack):
@@ -84,7 +70,7 @@ class Narcissus(Attack):
 
     def _synthesise(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> torch.Tensor:
         device = workshop.device
-        pood_x, pood_y = public_ood_images(dataset)
+        pood_x, pood_y = public_images(dataset)
         # The paper's POOD data shares no class with the task; ours has the same ten digits, so its
         # images of the target digit would teach the surrogate that "target" means "other scanner".
         pood_x, pood_y = pood_x[pood_y != target_label], pood_y[pood_y != target_label]
