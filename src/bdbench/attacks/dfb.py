@@ -47,6 +47,7 @@ from bdbench.attacks.base import CleanLabelAttack, LabelMode, to_uint8
 from bdbench.attacks.public_data import public_images_of_task_classes
 from bdbench.attacks.workshop import AttackWorkshop, surrogate_options
 from bdbench.data import Dataset
+from bdbench.data.dataset import channel_stats
 from bdbench.errors import ConfigError
 from bdbench.models import create_model, with_normalization
 from bdbench.seeding import derive_seed
@@ -111,8 +112,7 @@ class DFB(CleanLabelAttack):
             torch.manual_seed(derive_seed(workshop.seed, "dfb_init"))
             net = create_model(model, 2, dataset.in_channels, dataset.image_size, **options)
             encoder = ResidualEncoder(dataset.in_channels, self.encoder_width)
-        stats = public_x.float().div(255)
-        net = with_normalization(net, tuple(stats.mean((0, 2, 3)).tolist()), tuple(stats.std((0, 2, 3)).tolist()))
+        net = with_normalization(net, *channel_stats(public_x))
         net = train(net, public_x, binary, training, seed=derive_seed(workshop.seed, "dfb_surrogate"),
                     crop_padding=dataset.crop_padding, hflip=dataset.allow_hflip, device=device)
         net.eval().requires_grad_(False)

@@ -35,6 +35,7 @@ from bdbench.attacks.base import Attack, LabelMode, TriggeredTestSet
 from bdbench.attacks.public_data import public_images
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
+from bdbench.data.dataset import channel_stats
 from bdbench.errors import ConfigError
 from bdbench.models import create_model, with_normalization
 from bdbench.seeding import derive_seed
@@ -80,8 +81,7 @@ class Narcissus(Attack):
             torch.manual_seed(derive_seed(workshop.seed, "narcissus_init"))
             net = create_model(self.surrogate, extra_class + 1, dataset.in_channels, dataset.image_size)
         x_both = torch.cat([pood_x, target_x])
-        mean, std = x_both.float().div(255).mean((0, 2, 3)).tolist(), x_both.float().div(255).std((0, 2, 3)).tolist()
-        net = with_normalization(net, tuple(mean), tuple(std))
+        net = with_normalization(net, *channel_stats(x_both))
         augment = {"crop_padding": dataset.crop_padding, "hflip": dataset.allow_hflip, "device": device}
         train(net, pood_x, pood_y, TrainConfig(epochs=self.pood_epochs), seed=derive_seed(workshop.seed, "pood"),
               **augment)
