@@ -26,7 +26,7 @@ def test_badnets_location_pattern_and_colour(digits):
     out = attack.trigger(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))[0, 0]
     assert out[1:3, 2:4].tolist() == [[100, 0], [0, 100]]
     assert out.sum() == 200
-    with pytest.raises(ConfigError, match="outside the image"):
+    with pytest.raises(ConfigError, match="outside the 8x8 image"):
         _prepared("badnets", digits, patch_size=2, location=[7, 7])
     with pytest.raises(ConfigError, match="location 'middle'"):
         ATTACKS.build("badnets", {"location": "middle"})

@@ -28,6 +28,7 @@ from bdbench.training import TrainConfig
 
 
 PrecisionOrder = Literal["quantize_then_defend", "defend_then_quantize"]
+MODEL_SHAPE = ("num_classes", "in_channels", "image_size")  # model parameters that come from the data set
 
 
 class Component(BaseModel):
@@ -62,6 +63,8 @@ class CleanBudget(BaseModel):
     @model_validator(mode="after")
     def _one_of(self) -> "CleanBudget":
         if self.per_class is not None:
+            if "fraction" in self.model_fields_set and self.fraction is not None:
+                raise ValueError("give fraction or per_class, not both")
             object.__setattr__(self, "fraction", None)
         elif self.fraction is None:
             raise ValueError("set either fraction or per_class")
@@ -97,6 +100,14 @@ class GridSpec(BaseModel):
                 raise ValueError(f"poison rate {rate} is not in (0, 1)")
         return rates
 
+    @field_validator("seeds", "poison_rates", "precisions")
+    @classmethod
+    def _distinct(cls, values: list[Any]) -> list[Any]:
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(map(str, repeated))} given more than once; list each value once")
+        return values
+
     @model_validator(mode="after")
     def _names_and_params(self) -> "GridSpec":
         # Build each component once so unknown names and parameters fail now, not mid-grid.
@@ -110,8 +121,8 @@ class GridSpec(BaseModel):
             DEFENSES.build(defense.name, defense.params)
         for precision in self.precisions:
             PRECISIONS.get(precision)
-        DATASETS.get(self.dataset.name)
-        MODELS.get(self.model.name)
+        DATASETS.check(self.dataset.name, self.dataset.params)
+        MODELS.check(self.model.name, self.model.params, supplied=MODEL_SHAPE)
         return self
 
 

@@ -1,10 +1,19 @@
-"""One small name -> factory registry, used by datasets, models, attacks, defenses and precisions."""
+"""One small name -> factory registry, used by datasets, models, attacks, defenses and precisions.
+
+A factory's parameters are typed by its signature: `build` and `check` refuse a value that does not
+fit the annotation (`patch_size: int`, or a range such as `width: Annotated[float, Gt(0)]`) in one
+line that names the parameter, before the factory runs.
+"""
 
 from __future__ import annotations
 
+import functools
 import inspect
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
 
 from bdbench.errors import ConfigError
 
@@ -55,27 +64,40 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._entries))}"
             ) from None
 
-    def build(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
-        """Call the factory with `params`, after checking them against its signature."""
+    def check(self, name: str, params: Mapping[str, Any] | None = None, supplied: Iterable[str] = ()) -> None:
+        """Refuse unknown, missing and mistyped parameters without calling the factory. `supplied`
+        names parameters that the caller adds itself (a model's `num_classes`), which `params` may
+        therefore neither give nor lack."""
         factory = self.get(name)
         params = dict(params or {})
+        supplied = set(supplied)
         signature = inspect.signature(factory)
-        accepted = {
-            p.name for p in signature.parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
+        named = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        accepted = {p.name for p in named} - supplied
         unknown = sorted(set(params) - accepted)
         if unknown:
+            if unknown[0] in supplied:
+                raise ConfigError(f"{self.kind} {name!r} parameter {unknown[0]!r} comes from the data set; remove it")
             valid = ", ".join(sorted(accepted)) or "none"
             raise ConfigError(f"{self.kind} {name!r} has no parameter {unknown[0]!r}; valid parameters: {valid}")
-        missing = [
-            p.name for p in signature.parameters.values()
-            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.name not in params
-        ]
+        missing = [p.name for p in named if p.default is p.empty and p.name not in params and p.name not in supplied]
         if missing:
             raise ConfigError(f"{self.kind} {name!r} needs parameter {missing[0]!r}")
-        return factory(**params)
+        adapters = _parameter_types(factory)
+        for key, value in params.items():
+            if key not in adapters:
+                continue
+            try:
+                adapters[key].validate_python(value)
+            except ValidationError as exc:
+                problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ConfigError(f"{self.kind} {name!r} parameter {key!r} is {value!r}: {problem[:1].lower()}"
+                                  f"{problem[1:]}") from None
+
+    def build(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Call the factory with `params`, after checking them against its signature (`check`)."""
+        self.check(name, params)
+        return self.get(name)(**dict(params or {}))
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -85,3 +107,22 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+
+@functools.cache
+def _parameter_types(factory: Callable[..., Any]) -> dict[str, TypeAdapter]:
+    """A validator per annotated parameter of a factory (a class's `__init__`, or a function).
+    A factory whose annotations cannot be resolved is checked by name only."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target, include_extras=True)
+    except Exception:  # an annotation naming a type only imported for type checkers
+        return {}
+    hints.pop("return", None)
+    adapters = {}
+    for key, hint in hints.items():
+        try:
+            adapters[key] = TypeAdapter(hint)
+        except Exception:  # a type pydantic cannot validate (a tensor, a module): checked by the factory
+            continue
+    return adapters

@@ -20,6 +20,7 @@ from bdbench.data import load_dataset
 from bdbench.errors import BdbenchError, ConfigError
 from bdbench.executors import EXECUTORS, Resources
 from bdbench.grid import ExperimentSpec, expand, load_grid
+from bdbench.preflight import check_grid
 from bdbench.store import ResultStore
 
 log = logging.getLogger("bdbench")
@@ -80,7 +81,8 @@ def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out
     if ray_address and executor != "ray":
         raise ConfigError(f"--ray-address joins a Ray cluster; it needs --executor ray, not {executor}")
     out = Path(out)
-    load_dataset(grid.dataset.name, **grid.dataset.params)  # a missing data file fails here, before any work
+    # A missing data file, or a grid its data cannot take, fails here, before any work.
+    check_grid(grid, load_dataset(grid.dataset.name, **grid.dataset.params))
     with exclusive(out):
         store = ResultStore(out / "results.sqlite")
         try:

@@ -46,23 +46,29 @@ class BadNets(Attack):
         self.patch: torch.Tensor | None = None  # (C, s, s) values in [0, 1]
         self.row = self.col = 0
 
-    def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
-        channels, size, s = dataset.in_channels, dataset.image_size, self.patch_size
+    def check(self, dataset: Dataset, target_label: int) -> None:
+        size, s = dataset.image_size, self.patch_size
         if s + self.margin > size:
-            raise ConfigError(f"badnets patch_size {s} does not fit {size}x{size} images")
+            margin = f" with margin {self.margin}" if self.margin else ""
+            raise ConfigError(f"badnets patch_size {s}{margin} does not fit {size}x{size} images; "
+                              f"use a patch_size of at most {size - self.margin}")
+        if not isinstance(self.location, str) and not all(0 <= int(v) <= size - s for v in self.location):
+            raise ConfigError(f"badnets location {list(self.location)} puts the patch outside the {size}x{size} "
+                              f"image; give a row and column in 0..{size - s}")
+        count = torch.as_tensor(self.color).numel()
+        if count not in (1, dataset.in_channels):
+            raise ConfigError(f"badnets color needs 1 or {dataset.in_channels} values, got {count}")
+
+    def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
+        self.check(dataset, target_label)
+        channels, size, s = dataset.in_channels, dataset.image_size, self.patch_size
         if isinstance(self.location, str):
             far = size - s - self.margin
             self.row = far if self.location.startswith("bottom") else self.margin
             self.col = far if self.location.endswith("right") else self.margin
         else:
             self.row, self.col = (int(v) for v in self.location)
-            if not (0 <= self.row <= size - s and 0 <= self.col <= size - s):
-                raise ConfigError(f"badnets location {list(self.location)} puts the patch outside the image")
-        color = torch.as_tensor(self.color, dtype=torch.float32).flatten() / 255.0
-        if len(color) == 1:
-            color = color.expand(channels)
-        elif len(color) != channels:
-            raise ConfigError(f"badnets color needs 1 or {channels} values, got {len(color)}")
+        color = (torch.as_tensor(self.color, dtype=torch.float32).flatten() / 255.0).expand(channels)
         if self.pattern == "square":
             on = torch.ones(s, s, dtype=torch.bool)
         elif self.pattern == "checkerboard":

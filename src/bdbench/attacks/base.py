@@ -74,9 +74,14 @@ class Attack(ABC):
         self.label_mode = label_mode
         self.poison_mask: torch.Tensor | None = None  # set by `poison`, for per-batch training hooks
 
+    def check(self, dataset: Dataset, target_label: int) -> None:
+        """Refuse, cheaply and before any work, settings this data set cannot take (a trigger larger
+        than its images, a class it does not have) with a one-line `ConfigError`. `prepare` runs it too."""
+
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
         """Fix whatever depends on the data (image shape, learned triggers). Called once before use;
         anything learned here goes through `workshop.learned` so it is trained once and cached."""
+        self.check(dataset, target_label)
 
     @abstractmethod
     def add_trigger(self, x: torch.Tensor) -> torch.Tensor:

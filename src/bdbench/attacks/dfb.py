@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.attacks.base import CleanLabelAttack, LabelMode, to_uint8
-from bdbench.attacks.public_data import public_images_of_task_classes
+from bdbench.attacks.public_data import public_images, require_public_task_classes
 from bdbench.attacks.workshop import AttackWorkshop, surrogate_options
 from bdbench.data import Dataset
 from bdbench.data.dataset import channel_stats
@@ -94,7 +94,11 @@ class DFB(CleanLabelAttack):
         # residual and without it: how well the encoder learned to erase the class.
         self.surrogate_fooled = self.surrogate_fooled_clean = float("nan")
 
+    def check(self, dataset: Dataset, target_label: int) -> None:
+        require_public_task_classes(dataset, "dfb")
+
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
+        self.check(dataset, target_label)
         params = {"eps": self.eps, "surrogate": self.surrogate, "encoder_width": self.encoder_width,
                   "encoder_epochs": self.encoder_epochs, "encoder_lr": self.encoder_lr, "target": target_label}
         learned = workshop.learned("dfb", params, lambda: self._learn(dataset, target_label, workshop))
@@ -104,7 +108,7 @@ class DFB(CleanLabelAttack):
 
     def _learn(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> dict[str, torch.Tensor]:
         device = workshop.device
-        public_x, public_y = public_images_of_task_classes(dataset, "dfb")
+        public_x, public_y = public_images(dataset)
         binary = torch.where(public_y == target_label, TARGET, OTHER)
         options = surrogate_options(self.surrogate)
         model, training = options.pop("model"), options.pop("training")

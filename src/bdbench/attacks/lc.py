@@ -68,10 +68,13 @@ class LabelConsistent(CleanLabelAttack):
         self.sign: torch.Tensor | None = None  # (H, W) +1 white / -1 black pattern pixels
         self.x_adv: dict[int, torch.Tensor] = {}  # training index -> perturbed uint8 image
 
+    def check(self, dataset: Dataset, target_label: int) -> None:
+        if dataset.image_size < 3:
+            raise ConfigError(f"lc needs images of at least 3x3 pixels, not {dataset.image_size}x{dataset.image_size}")
+
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
+        self.check(dataset, target_label)
         size = dataset.image_size
-        if size < 3:
-            raise ConfigError(f"lc needs images of at least 3x3 pixels, not {size}x{size}")
         self.mask, self.sign = torch.zeros(size, size), torch.zeros(size, size)
         origins = [(size - 3, size - 3)]
         if self.corners == "four":

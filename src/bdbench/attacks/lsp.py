@@ -55,6 +55,9 @@ class LabelSmoothingPoisoning(Attack):
         super().__init__(self.inner.label_mode)
         self.smoothing = smoothing
 
+    def check(self, dataset: Dataset, target_label: int) -> None:
+        self.inner.check(dataset, target_label)
+
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
         self.inner.prepare(dataset, target_label, workshop)
 

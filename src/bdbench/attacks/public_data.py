@@ -32,11 +32,10 @@ def public_images(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return x.round().clamp(0, 255).to(torch.uint8).contiguous(), source.y_train.clone()
 
 
-def public_images_of_task_classes(dataset: Dataset, attack: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`public_images`, for attacks that need public images *of the task's own classes*: only the
-    digit data sets have such a set offline (their labels are the same ten digits)."""
+def require_public_task_classes(dataset: Dataset, attack: str) -> None:
+    """Refuse a data set for which no public images *of the task's own classes* exist offline: only
+    the digit data sets have such a set (their labels are the same ten digits)."""
     if dataset.name not in _DIGIT_SETS:
         raise ConfigError(f"{attack} needs public images of the task's own classes, which bdbench has offline only "
                           f"for the digit data sets ({', '.join(_DIGIT_SETS)}), not {dataset.name!r}: "
                           f"run {attack} on one of those")
-    return public_images(dataset)

@@ -91,14 +91,19 @@ class SourceSpecific(Attack):
         self.surrogate = dict(surrogate or {})
         self.patch: torch.Tensor | None = None  # (C, s, s)
 
-    def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
+    def check(self, dataset: Dataset, target_label: int) -> None:
         k, s = dataset.num_classes, self.patch_size
         named = self.source_classes + (self.cover_classes or [])
         if any(not 0 <= c < k for c in named) or target_label in named:
             raise ConfigError(f"source_specific source/cover classes must be classes 0..{k - 1} other than the "
                               f"target {target_label}, not sources {self.source_classes}, covers {self.cover_classes}")
         if s > dataset.image_size:
-            raise ConfigError(f"source_specific patch_size {s} does not fit {dataset.image_size}x{dataset.image_size} images")
+            raise ConfigError(f"source_specific patch_size {s} does not fit {dataset.image_size}x{dataset.image_size} "
+                              f"images; use a patch_size of at most {dataset.image_size}")
+
+    def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
+        self.check(dataset, target_label)
+        s = self.patch_size
         if self.variant in ("cont", "trans_cont"):
             def build() -> dict[str, torch.Tensor]:
                 model = workshop.surrogate(dataset, **surrogate_options(self.surrogate))

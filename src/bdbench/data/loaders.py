@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from bdbench.data.dataset import Dataset, channel_stats
 from bdbench.data.facts import make_dataset
@@ -66,9 +67,40 @@ def _npz_images(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
 
 
+def _class_count(file: Path, y_train: np.ndarray, y_test: np.ndarray, declared: int | None) -> int:
+    """The number of classes: `declared` (a `num_classes` or the archive's class_names) where given,
+    else inferred from the labels, which must then be exactly 0..K-1 with every class in training.
+    A label outside the classes is refused either way, never taken as extra classes."""
+    if len(y_train) == 0 or len(y_test) == 0:
+        raise DataError(f"{file}: an empty {'y_train' if len(y_train) == 0 else 'y_test'}; {_NPZ_LAYOUT}")
+    if min(y_train.min(), y_test.min()) < 0:
+        raise DataError(f"{file}: negative labels; {_NPZ_LAYOUT}")
+    declare = "give dataset.num_classes (or the archive's class_names) to declare classes absent from training"
+    if declared is not None:
+        for key, y in (("y_train", y_train), ("y_test", y_test)):
+            if y.max() >= declared:
+                raise DataError(f"{file}: {key} has label {int(y.max())}, outside the {declared} declared classes "
+                                f"0..{declared - 1}; relabel it or declare more classes")
+        return declared
+    k = int(y_train.max()) + 1
+    if k < 2:
+        raise DataError(f"{file}: every training label is 0; a classifier needs at least two classes")
+    absent = sorted(set(range(k)) - set(np.unique(y_train).tolist()))
+    if absent:
+        shown = ", ".join(map(str, absent[:5])) + (", ..." if len(absent) > 5 else "")
+        raise DataError(f"{file}: y_train labels run up to {k - 1} but no training image has label {shown}; labels "
+                        f"must be 0..K-1 with every class in training: relabel them, or {declare}")
+    stray = sorted(set(np.unique(y_test).tolist()) - set(range(k)))
+    if stray:
+        raise DataError(f"{file}: y_test has label {stray[0]}, which no training image has (classes 0..{k - 1}); "
+                        f"relabel it, or {declare}")
+    return k
+
+
 @DATASETS.register("npz")
-def load_npz(path: str, allow_hflip: bool = False) -> Dataset:
-    """Any data set saved as .npz with x_train, y_train, x_test, y_test (uint8 HWC), e.g. gtsrb32.npz."""
+def load_npz(path: str, allow_hflip: bool = False, num_classes: Annotated[int, Field(ge=2)] | None = None) -> Dataset:
+    """Any data set saved as .npz with x_train, y_train, x_test, y_test (uint8 HWC), e.g. gtsrb32.npz.
+    `num_classes` declares classes that some split lacks (else the labels must be exactly 0..K-1)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"{file}: no such file; give dataset.path an .npz file ({_NPZ_LAYOUT})")
@@ -88,15 +120,15 @@ def load_npz(path: str, allow_hflip: bool = False) -> Dataset:
         if y.ndim != 1 or len(y) != len(images) or not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"{file}: {key} must be 1-D integers, one per image; {_NPZ_LAYOUT}")
         labels[key] = y.astype(np.int64)
-    num_classes = int(max(labels["y_train"].max(), labels["y_test"].max())) + 1
-    if labels["y_train"].min() < 0 or labels["y_test"].min() < 0:
-        raise DataError(f"{file}: negative labels; {_NPZ_LAYOUT}")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"{file}: x_train and x_test image shapes differ; {_NPZ_LAYOUT}")
-    if "class_names" in arrays and len(arrays["class_names"]) == num_classes:
-        class_names = tuple(str(c) for c in arrays["class_names"])
-    else:
-        class_names = tuple(str(i) for i in range(num_classes))
+    names = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else None
+    if names is not None and num_classes is not None and len(names) != num_classes:
+        raise DataError(f"{file}: holds {len(names)} class_names but dataset.num_classes is {num_classes}; "
+                        "give one or make them agree")
+    declared = num_classes if num_classes is not None else (len(names) if names is not None else None)
+    k = _class_count(file, labels["y_train"], labels["y_test"], declared)
+    class_names = tuple(names) if names is not None else tuple(str(i) for i in range(k))
     xt, yt = _to_tensors(x_train, labels["y_train"])
     xs, ys = _to_tensors(x_test, labels["y_test"])
     mean, std = channel_stats(xt)

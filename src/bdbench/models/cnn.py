@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from bdbench.models import MODELS
+from bdbench.models.common import Channels
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -14,7 +15,7 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
 class SmallCNN(nn.Module):
     """Two stages of two 3x3 conv-BN-ReLU layers with max pooling, global pooling and a two-layer head."""
 
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: int = 32) -> None:
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: Channels = 32) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         size = image_size
@@ -34,6 +35,6 @@ class SmallCNN(nn.Module):
 
 
 @MODELS.register("cnn-small")
-def cnn_small(num_classes: int, in_channels: int, image_size: int, width: int = 32) -> nn.Module:
+def cnn_small(num_classes: int, in_channels: int, image_size: int, width: Channels = 32) -> nn.Module:
     """Four 3x3 conv-BN-ReLU layers (width, 2x width) with pooling and a small head; CPU-friendly."""
     return SmallCNN(num_classes, in_channels, image_size, width)

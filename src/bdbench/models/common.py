@@ -11,10 +11,17 @@ every model also accepts 8x8 images.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
 
 SMALL_IMAGE_MAX = 64
+
+# A model's `width` parameter: the multiplier of every layer's channels (cnn-small: its base channel count).
+Width = Annotated[float, Field(gt=0)]
+Channels = Annotated[int, Field(ge=1)]
 
 
 def imagenet_stem(image_size: int) -> bool:

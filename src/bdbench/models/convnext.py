@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.models import MODELS
-from bdbench.models.common import DropPath, imagenet_stem, scaled
+from bdbench.models.common import DropPath, Width, imagenet_stem, scaled
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -69,7 +69,7 @@ class ConvNeXt(nn.Module):
 
 
 @MODELS.register("convnext-tiny")
-def convnext_tiny(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def convnext_tiny(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """ConvNeXt-T (Liu et al. 2022); 2x2 patch stem up to 64 px, 4x4 above; `width` scales channels."""
     dims = tuple(scaled(d, width) for d in (96, 192, 384, 768))
     return ConvNeXt((3, 3, 9, 3), dims, num_classes, in_channels, image_size)

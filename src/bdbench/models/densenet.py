@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.models import MODELS
-from bdbench.models.common import imagenet_stem, init_conv_bn
+from bdbench.models.common import Width, imagenet_stem, init_conv_bn
 
 
 class DenseLayer(nn.Module):
@@ -66,6 +66,6 @@ class DenseNet(nn.Module):
 
 
 @MODELS.register("densenet121")
-def densenet121(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def densenet121(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """DenseNet-121 (Huang et al. 2017); CIFAR stem up to 64 px, ImageNet stem above; `width` scales the growth rate."""
     return DenseNet((6, 12, 24, 16), num_classes, in_channels, image_size, growth=max(2, int(round(32 * width))))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.models import MODELS
-from bdbench.models.common import DropPath, halve, imagenet_stem, init_conv_bn, make_divisible
+from bdbench.models.common import DropPath, Width, halve, imagenet_stem, init_conv_bn, make_divisible
 from bdbench.models.mobilenet import SqueezeExcite, conv_bn
 
 # expand ratio, kernel, stride, output channels, layers (Table 1, stages 2..8).
@@ -42,7 +42,7 @@ class MBConv(nn.Module):
 
 
 class EfficientNet(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: float = 1.0,
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: Width = 1.0,
                  depth: float = 1.0, dropout: float = 0.2, stochastic_depth: float = 0.2) -> None:
         super().__init__()
         large = imagenet_stem(image_size)
@@ -77,6 +77,6 @@ class EfficientNet(nn.Module):
 
 
 @MODELS.register("efficientnet-b0")
-def efficientnet_b0(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def efficientnet_b0(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """EfficientNet-B0 (Tan and Le 2019); stride-8 CIFAR form up to 64 px; `width` scales channels."""
     return EfficientNet(num_classes, in_channels, image_size, width)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.models import MODELS
-from bdbench.models.common import halve, imagenet_stem, init_conv_bn, make_divisible
+from bdbench.models.common import Width, halve, imagenet_stem, init_conv_bn, make_divisible
 
 _BatchNorm = partial(nn.BatchNorm2d, eps=1e-3)
 
@@ -75,7 +75,7 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV3(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: float = 1.0,
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: Width = 1.0,
                  dropout: float = 0.2) -> None:
         super().__init__()
         large = imagenet_stem(image_size)
@@ -109,6 +109,6 @@ class MobileNetV3(nn.Module):
 
 
 @MODELS.register("mobilenetv3-large")
-def mobilenetv3_large(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def mobilenetv3_large(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """MobileNetV3-Large (Howard et al. 2019); stride-8 CIFAR form up to 64 px; `width` is the paper's multiplier."""
     return MobileNetV3(num_classes, in_channels, image_size, width)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.models import MODELS
-from bdbench.models.common import imagenet_stem, scaled
+from bdbench.models.common import Width, imagenet_stem, scaled
 from bdbench.models.resnet import residual_stages, stem
 
 
@@ -36,7 +36,7 @@ class PreActBlock(nn.Module):
 
 class PreActResNet(nn.Module):
     def __init__(self, blocks: tuple[int, ...], num_classes: int, in_channels: int, image_size: int,
-                 width: float = 1.0) -> None:
+                 width: Width = 1.0) -> None:
         super().__init__()
         channels = [scaled(c, width) for c in (64, 128, 256, 512)]
         if imagenet_stem(image_size):
@@ -57,6 +57,6 @@ class PreActResNet(nn.Module):
 
 
 @MODELS.register("preact-resnet18")
-def preact_resnet18(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def preact_resnet18(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """Pre-activation ResNet-18 (He et al. 2016); CIFAR stem up to 64 px, ImageNet stem above; `width` scales channels."""
     return PreActResNet((2, 2, 2, 2), num_classes, in_channels, image_size, width)

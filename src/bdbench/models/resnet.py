@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.models import MODELS
-from bdbench.models.common import halve, imagenet_stem, init_conv_bn, scaled
+from bdbench.models.common import Width, halve, imagenet_stem, init_conv_bn, scaled
 
 
 class BasicBlock(nn.Module):
@@ -57,7 +57,7 @@ def residual_stages(block: Callable[[int, int, int], nn.Module], channels: list[
 
 class ResNet(nn.Module):
     def __init__(self, blocks: tuple[int, ...], num_classes: int, in_channels: int, image_size: int,
-                 width: float = 1.0) -> None:
+                 width: Width = 1.0) -> None:
         super().__init__()
         channels = [scaled(c, width) for c in (64, 128, 256, 512)]
         self.stem, size = stem(in_channels, channels[0], image_size)
@@ -71,12 +71,12 @@ class ResNet(nn.Module):
 
 
 @MODELS.register("resnet18")
-def resnet18(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def resnet18(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """ResNet-18 (He et al. 2016); CIFAR stem up to 64 px, ImageNet stem above; `width` scales channels."""
     return ResNet((2, 2, 2, 2), num_classes, in_channels, image_size, width)
 
 
 @MODELS.register("resnet34")
-def resnet34(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def resnet34(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """ResNet-34 (He et al. 2016); CIFAR stem up to 64 px, ImageNet stem above; `width` scales channels."""
     return ResNet((3, 4, 6, 3), num_classes, in_channels, image_size, width)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from bdbench.models import MODELS
-from bdbench.models.common import scaled
+from bdbench.models.common import Width, scaled
 
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -19,7 +19,7 @@ _VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 51
 
 class VGG(nn.Module):
     def __init__(self, config: tuple, num_classes: int, in_channels: int, image_size: int,
-                 width: float = 1.0) -> None:
+                 width: Width = 1.0) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin, size = in_channels, image_size
@@ -40,18 +40,18 @@ class VGG(nn.Module):
 
 
 @MODELS.register("vgg11-bn")
-def vgg11_bn(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def vgg11_bn(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """VGG-11 with BatchNorm (Simonyan and Zisserman 2015), CIFAR form; `width` scales channels."""
     return VGG(_VGG11, num_classes, in_channels, image_size, width)
 
 
 @MODELS.register("vgg16-bn")
-def vgg16_bn(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def vgg16_bn(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """VGG-16 with BatchNorm (Simonyan and Zisserman 2015), CIFAR form; `width` scales channels."""
     return VGG(_VGG16, num_classes, in_channels, image_size, width)
 
 
 @MODELS.register("vgg19-bn")
-def vgg19_bn(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def vgg19_bn(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """VGG-19 with BatchNorm (Simonyan and Zisserman 2015), CIFAR form; `width` scales channels."""
     return VGG(_VGG19, num_classes, in_channels, image_size, width)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.models import MODELS
-from bdbench.models.common import DropPath
+from bdbench.models.common import DropPath, Width
 
 
 def patch_size_for(image_size: int) -> int:
@@ -80,7 +80,7 @@ class VisionTransformer(nn.Module):
 
 
 @MODELS.register("vit-small")
-def vit_small(num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+def vit_small(num_classes: int, in_channels: int, image_size: int, width: Width = 1.0) -> nn.Module:
     """ViT-S (Dosovitskiy et al. 2021, DeiT-S size): patch size chosen for the image; `width` scales the 64-wide heads."""
     heads = 6
     return VisionTransformer(num_classes, in_channels, image_size, dim=heads * max(2, int(round(64 * width))),
