@@ -8,7 +8,7 @@ STAMP := $(VENV)/.bdbench-installed
 TEST_STAMP := $(VENV)/.bdbench-test-installed
 OUT ?= bdbench-out
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-avx2 clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ run: setup
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
+
+# The effect tests (tests/effects.py) on PyTorch's and oneDNN's AVX2 kernels, as on most laptops.
+test-avx2: $(TEST_STAMP)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -m effect
 
 clean:
 	rm -rf $(OUT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import torch
 from bdbench.data import load_dataset
 
 from defense_fixtures import poisoned_digits
+from effects import THREADS_ENV, Effect, test_seed
+
+if os.environ.get(THREADS_ENV):
+    torch.set_num_threads(int(os.environ[THREADS_ENV]))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -45,4 +50,16 @@ def badnets(digits):
 
 @pytest.fixture(autouse=True)
 def _seeded():
-    torch.manual_seed(0)
+    torch.manual_seed(test_seed())
+
+
+@pytest.fixture
+def effect(request) -> Effect:
+    """States an effect test's measurements against their bars (see `effects.py`)."""
+    return Effect(request.node.nodeid)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "effect" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.effect)

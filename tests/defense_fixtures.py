@@ -13,6 +13,8 @@ from bdbench.defenses import DefenseContext
 from bdbench.models import create_model, with_normalization
 from bdbench.training import TrainConfig, predict, train
 
+from effects import test_seed
+
 TRAINING = TrainConfig(epochs=10, batch_size=64)
 
 
@@ -50,9 +52,9 @@ def poisoned_digits(dataset: Dataset, attack: str, params: dict, poison_rate: fl
     """A model (default: cnn-small, width 16) trained on digits poisoned by `attack` (target class 0)."""
     chosen = ATTACKS.build(attack, params)
     chosen.prepare(dataset, 0, 0)
-    poisoned = chosen.poison(dataset, poison_rate, 0, torch.Generator().manual_seed(0))
+    poisoned = chosen.poison(dataset, poison_rate, 0, torch.Generator().manual_seed(test_seed()))
     result = Poisoned(dataset, chosen, poisoned, chosen.triggered_test_set(dataset, 0), None,  # type: ignore[arg-type]
                       architecture, {"width": 16} if model_params is None else model_params)
-    torch.manual_seed(0)
-    result.model = train(result.new_model(), poisoned.x, poisoned.y, TRAINING, seed=0, crop_padding=1)
+    torch.manual_seed(test_seed())
+    result.model = train(result.new_model(), poisoned.x, poisoned.y, TRAINING, seed=test_seed(), crop_padding=1)
     return result

@@ -6,6 +6,8 @@ from bdbench.errors import ConfigError
 from bdbench.models import create_model, with_normalization
 from bdbench.training import TrainConfig, predict, train
 
+from effects import test_seed
+
 
 def _prepared(name, dataset, **params):
     attack = ATTACKS.build(name, params)
@@ -74,17 +76,17 @@ def test_blended_mixes_a_fixed_pattern_at_alpha(digits):
 
 
 @pytest.mark.parametrize("name, params", [("badnets", {"patch_size": 2}), ("blended", {"alpha": 0.2})])
-def test_short_training_on_poisoned_digits_reaches_high_asr(digits, name, params):
+def test_short_training_on_poisoned_digits_reaches_high_asr(digits, effect, name, params):
     attack = _prepared(name, digits, **params)
-    poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
+    poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(test_seed()))
+    torch.manual_seed(test_seed())
     model = with_normalization(create_model("cnn-small", 10, 1, 8, width=16), digits.mean, digits.std)
-    train(model, poisoned.x, poisoned.y, TrainConfig(epochs=15, batch_size=64), seed=0)
+    train(model, poisoned.x, poisoned.y, TrainConfig(epochs=15, batch_size=64), seed=test_seed())
     triggered = attack.triggered_test_set(digits, 0)
     asr = (predict(model, triggered.x) == triggered.y_target).float().mean()
     clean = (predict(model, digits.x_test) == digits.y_test).float().mean()
-    assert asr > 0.9, asr
-    assert clean > 0.85, clean
+    effect.check("clean accuracy", clean, ">", 0.85)
+    effect.check("ASR", asr, ">", 0.9)
 
 
 def test_no_attack_poisons_nothing(digits):
@@ -93,7 +95,7 @@ def test_no_attack_poisons_nothing(digits):
     assert not poisoned.poison_mask.any() and torch.equal(poisoned.y, digits.y_train)
 
 
-def test_workshop_learns_once_and_reuses_from_the_cache(tmp_path, digits):
+def test_workshop_learns_once_and_reuses_from_the_cache(tmp_path, digits, effect):
     from bdbench.store import ArtifactCache
     from bdbench.training import TrainConfig
 
@@ -110,7 +112,7 @@ def test_workshop_learns_once_and_reuses_from_the_cache(tmp_path, digits):
     assert len(calls) == 2 and torch.equal(first["uap"], again["uap"]) and torch.equal(other["uap"], first["uap"])
 
     surrogate = workshop.surrogate(digits, model="cnn-small", training=TrainConfig(epochs=4, batch_size=64), width=8)
-    assert (predict(surrogate, digits.x_test) == digits.y_test).float().mean() > 0.8
+    effect.check("surrogate's clean accuracy", (predict(surrogate, digits.x_test) == digits.y_test).float().mean(), ">", 0.8)
     files = list((tmp_path / "attacks").glob("*.safetensors"))
     assert len(files) == 3  # two perturbations and one surrogate
     again = workshop.surrogate(digits, model="cnn-small", training=TrainConfig(epochs=4, batch_size=64), width=8)

@@ -31,38 +31,42 @@ def test_data_defenses_declare_the_kind_that_gets_the_training_set():
     assert DEFENSES.get("abl").kind is DefenseKind.ROBUST_TRAINING
 
 
-def test_scan_flags_the_poisons_of_the_target_class_only(badnets):
+def test_scan_flags_the_poisons_of_the_target_class_only(badnets, effect):
     outcome, tpr, fpr, auroc = _detect("scan", badnets)
-    assert tpr >= 0.8 and fpr <= 0.05
+    effect.check("TPR", tpr, ">=", 0.8)
+    effect.check("FPR", fpr, "<=", 0.05)
     assert outcome.threshold == pytest.approx(2.718, abs=1e-3)
 
 
-def test_activation_clustering_flags_the_small_poisoned_cluster(badnets):
+def test_activation_clustering_flags_the_small_poisoned_cluster(badnets, effect):
     # On this 64-unit model a part of the poisons shares the clean target images' cluster (about
     # 15-25% of them, depending on the seed), so the bar is 70% rather than the paper's near-100%.
     outcome, tpr, fpr, _ = _detect("ac", badnets)
-    assert tpr >= 0.7 and fpr <= 0.2
+    effect.check("TPR", tpr, ">=", 0.7)
+    effect.check("FPR", fpr, "<=", 0.2)
     assert bool((outcome.sample_scores[outcome.flagged] > outcome.threshold).all())
 
 
-def test_spectral_signatures_flag_poisons_above_chance(badnets):
+def test_spectral_signatures_flag_poisons_above_chance(badnets, effect):
     # Each class loses its 1.5 x expected-poison budget, 87 of the target class's 201 samples: chance
     # would catch 43% of the poisons. On this tiny model SS does better than chance, not much more.
     _, tpr, _, _ = _detect("ss", badnets, poison_fraction=0.04)
-    assert tpr >= 0.55
+    effect.check("TPR", tpr, ">=", 0.55)
 
 
-def test_spectre_flags_the_poisons_after_robust_whitening(badnets):
+def test_spectre_flags_the_poisons_after_robust_whitening(badnets, effect):
     _, tpr, _, auroc = _detect("spectre", badnets, poison_fraction=0.04)
-    assert tpr >= 0.8 and auroc >= 0.75
+    effect.check("TPR", tpr, ">=", 0.8)
+    effect.check("AUROC", auroc, ">=", 0.75)
 
 
-def test_beatrix_scores_poisons_above_clean_samples(badnets):
+def test_beatrix_scores_poisons_above_clean_samples(badnets, effect):
     _, _, fpr, auroc = _detect("beatrix", badnets)
-    assert auroc >= 0.75 and fpr <= 0.1
+    effect.check("AUROC", auroc, ">=", 0.75)
+    effect.check("FPR", fpr, "<=", 0.1)
 
 
-def test_abl_trains_a_model_without_the_backdoor(digits):
+def test_abl_trains_a_model_without_the_backdoor(digits, effect):
     # At 10% the poisons are learned first, so the isolated 1% is mostly poison (at 4% it is not,
     # and ABL leaves the backdoor in place).
     badnets = poisoned_digits(digits, "badnets", {"patch_size": 2}, 0.1)
@@ -74,4 +78,6 @@ def test_abl_trains_a_model_without_the_backdoor(digits):
     clean_acc = metrics.accuracy(predict(model, badnets.dataset.x_test), badnets.dataset.y_test)
     # How much of the backdoor the unlearning stage removes on this tiny model depends on float
     # reduction order (ASR below 0.3 with one torch thread, 0.71 with two), so the bar is a clear drop.
-    assert asr_before > 0.9 and asr_after < asr_before - 0.2 and clean_acc > 0.6, (asr_after, clean_acc)
+    effect.check("ASR before", asr_before, ">", 0.9)
+    effect.check("ASR drop", asr_before - asr_after, ">", 0.2)
+    effect.check("clean accuracy after", clean_acc, ">", 0.6)

@@ -19,25 +19,32 @@ def _apply(name, poisoned, **params):
     return outcome, float(clean_flags.float().mean()), float(trig_flags.float().mean()), auroc
 
 
-def test_strip_separates_triggered_inputs_at_its_clean_false_rejection_rate(badnets):
+def test_strip_separates_triggered_inputs_at_its_clean_false_rejection_rate(badnets, effect):
     outcome, fpr, tpr, auroc = _apply("strip", badnets, overlays=30)
-    assert auroc >= 0.95 and tpr >= 0.9 and fpr <= 0.06
+    effect.check("AUROC", auroc, ">=", 0.95)
+    effect.check("TPR", tpr, ">=", 0.9)
+    effect.check("FPR", fpr, "<=", 0.06)
     assert outcome.threshold is not None
 
 
-def test_sentinet_finds_the_patch_that_hijacks_clean_images(badnets):
+def test_sentinet_finds_the_patch_that_hijacks_clean_images(badnets, effect):
     _, fpr, tpr, auroc = _apply("sentinet", badnets, carriers=30)
-    assert auroc >= 0.8 and tpr >= 0.6 and fpr <= 0.15
+    effect.check("AUROC", auroc, ">=", 0.8)
+    effect.check("TPR", tpr, ">=", 0.6)
+    effect.check("FPR", fpr, "<=", 0.15)
 
 
-def test_teco_ranks_triggered_inputs_as_less_consistent_under_corruption(badnets):
+def test_teco_ranks_triggered_inputs_as_less_consistent_under_corruption(badnets, effect):
     # TeCo is threshold-free in its paper; here its ranking separates (AUROC) while the 5% clean
     # threshold catches few triggered inputs, which the grid reports as measured.
     _, fpr, _, auroc = _apply("teco", badnets)
-    assert auroc >= 0.75 and fpr <= 0.15
+    effect.check("AUROC", auroc, ">=", 0.75)
+    effect.check("FPR", fpr, "<=", 0.15)
 
 
-def test_scaleup_catches_blended_inputs_that_survive_amplification(digits):
+def test_scaleup_catches_blended_inputs_that_survive_amplification(digits, effect):
     blended = poisoned_digits(digits, "blended", {}, 0.1)
     _, fpr, tpr, auroc = _apply("scaleup", blended)
-    assert auroc >= 0.8 and tpr >= 0.6 and fpr <= 0.15
+    effect.check("AUROC", auroc, ">=", 0.8)
+    effect.check("TPR", tpr, ">=", 0.6)
+    effect.check("FPR", fpr, "<=", 0.15)

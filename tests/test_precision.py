@@ -27,17 +27,17 @@ def _deploy(name, model, digits) -> Deployed:
 
 
 @pytest.mark.parametrize("name", sorted(AGREEMENT))
-def test_each_precision_agrees_with_fp32_on_clean_data(name, trained, digits):
+def test_each_precision_agrees_with_fp32_on_clean_data(name, trained, digits, effect):
     deployed = _deploy(name, trained, digits)
     reference = predict(trained, digits.x_test)
     agreement = (predict(deployed.model, digits.x_test) == reference).float().mean().item()
-    assert agreement >= AGREEMENT[name], agreement
+    effect.check("agreement with fp32", agreement, ">=", AGREEMENT[name])
     assert (deployed.quantized_layers == "none") == (name == "fp32")
     # The trained model itself is never changed.
     assert torch.equal(predict(trained, digits.x_test), reference)
 
 
-def test_int8_dynamic_quantizes_only_linear_layers_and_blocks_input_gradients(trained, digits):
+def test_int8_dynamic_quantizes_only_linear_layers_and_blocks_input_gradients(trained, digits, effect):
     deployed = _deploy("int8-dynamic", trained, digits)
     assert deployed.quantized_layers == "Linear x2"
     assert any(type(m) is nn.Conv2d for m in deployed.model.modules())  # convolutions stay FP32
@@ -51,10 +51,10 @@ def test_int8_dynamic_quantizes_only_linear_layers_and_blocks_input_gradients(tr
         if isinstance(layer, nn.Linear):
             assert torch.equal(layer.weight, served[name].weight().dequantize())
     twin_agreement = (predict(twin, digits.x_test) == predict(deployed.model, digits.x_test)).float().mean()
-    assert twin_agreement >= 0.97
+    effect.check("agreement with the twin", twin_agreement, ">=", 0.97)
 
 
-def test_int8_static_quantizes_convolutions_and_its_twin_passes_gradients(trained, digits):
+def test_int8_static_quantizes_convolutions_and_its_twin_passes_gradients(trained, digits, effect):
     deployed = _deploy("int8-static", trained, digits)
     assert "Conv" in deployed.quantized_layers and "Linear" in deployed.quantized_layers
     assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in deployed.model.modules())
@@ -62,7 +62,7 @@ def test_int8_static_quantizes_convolutions_and_its_twin_passes_gradients(traine
     assert not passes_input_gradient(deployed.model, x)
     assert passes_input_gradient(deployed.twin, x)
     twin_agreement = (predict(deployed.twin, digits.x_test) == predict(deployed.model, digits.x_test)).float().mean()
-    assert twin_agreement >= 0.95
+    effect.check("agreement with the twin", twin_agreement, ">=", 0.95)
 
 
 @pytest.mark.parametrize("name, bits", [("int8-sim", 8), ("int4-sim", 4)])
@@ -119,7 +119,7 @@ def blocked_precision():
 
 
 def test_runner_hands_the_twin_to_gradient_defenses_and_the_deployed_model_to_black_box_ones(
-        tmp_path, tiny_grid, blocked_precision):
+        tmp_path, tiny_grid, blocked_precision, effect):
     tiny_grid.update(attacks=[{"name": "badnets", "patch_size": 2}],
                      defenses=[{"name": "ft", "epochs": 2}, "strip"],
                      precisions=["fp32", "int8-dynamic", "blocked-test"])
@@ -127,7 +127,8 @@ def test_runner_hands_the_twin_to_gradient_defenses_and_the_deployed_model_to_bl
     fp32, dynamic = rows.loc[("ft", "fp32")], rows.loc[("ft", "int8-dynamic")]
     assert fp32.status == dynamic.status == "ok"
     assert pd.isna(fp32.proxy) and dynamic.proxy == "ste" and dynamic.quantized_layers == "Linear x2"
-    assert dynamic.asr_before > 0.9 and dynamic.asr < dynamic.asr_before  # repaired, measured as deployed
+    effect.check("ASR before", dynamic.asr_before, ">", 0.9)
+    effect.check("ASR drop, measured as deployed", dynamic.asr_before - dynamic.asr, ">", 0)
     assert pd.isna(rows.loc[("strip", "int8-dynamic")].proxy)  # only queries predictions
     assert rows.loc[("strip", "int8-dynamic")].status == "ok"
     blocked = rows.loc[("ft", "blocked-test")]
@@ -135,7 +136,7 @@ def test_runner_hands_the_twin_to_gradient_defenses_and_the_deployed_model_to_bl
     assert rows.loc[("strip", "blocked-test")].status == "ok"
 
 
-def test_defend_then_quantize_repairs_in_fp32_and_measures_the_deployed_model(tmp_path, tiny_grid):
+def test_defend_then_quantize_repairs_in_fp32_and_measures_the_deployed_model(tmp_path, tiny_grid, effect):
     tiny_grid.update(attacks=[{"name": "badnets", "patch_size": 2}], defenses=[{"name": "ft", "epochs": 2}],
                      precisions=["fp32", "int8-static"], precision_order="defend_then_quantize")
     rows = run_grid(tiny_grid, out=tmp_path, progress=False).set_index("precision")
@@ -143,4 +144,5 @@ def test_defend_then_quantize_repairs_in_fp32_and_measures_the_deployed_model(tm
     static = rows.loc["int8-static"]
     assert static.precision_order == "defend_then_quantize" and pd.isna(static.proxy)
     assert rows.loc["fp32"].precision_order == "quantize_then_defend"  # the same experiment at fp32
-    assert abs(static.clean_acc - rows.loc["fp32"].clean_acc) < 0.05  # measured on the int8 model
+    # measured on the int8 model
+    effect.check("clean accuracy, int8 against fp32", abs(static.clean_acc - rows.loc["fp32"].clean_acc), "<", 0.05)

@@ -32,20 +32,20 @@ from bdbench.training import predict, predict_logits
     # adversarial epochs (then the default 17 ordinary ones).
     ("pbe", {"batch_size": 32, "lr": 0.01, "eps": 0.15, "adversarial_epochs": 5}),
 ])
-def test_repair_lowers_badnets_asr_and_keeps_clean_accuracy(name, params, badnets):
+def test_repair_lowers_badnets_asr_and_keeps_clean_accuracy(name, params, badnets, effect):
     assert DEFENSES.get(name).kind is DefenseKind.MODEL_REPAIR
     before = {k: v.clone() for k, v in badnets.model.state_dict().items()}
     repaired = DEFENSES.build(name, params).run(badnets.context(sees_training_set=False)).model
     assert all(torch.equal(before[k], v) for k, v in badnets.model.state_dict().items())  # deployed model untouched
     (clean_before, asr_before), (clean_after, asr_after) = badnets.scores(badnets.model), badnets.scores(repaired)
-    assert asr_before > 0.95
+    effect.check("ASR before", asr_before, ">", 0.95)
     # Measured: NPD 0.32 / 0.25 ASR (one / two threads), PBE 0.20 / 0.16; clean accuracy within 0.04.
-    assert asr_after < asr_before - 0.3, (clean_after, asr_after)
-    assert clean_after > clean_before - 0.15, (clean_after, asr_after)
+    effect.check("ASR drop", asr_before - asr_after, ">", 0.3)
+    effect.check("clean accuracy drop", clean_before - clean_after, "<", 0.15)
     assert not repaired.training and all(p.dtype == torch.float32 for p in repaired.parameters())
 
 
-def test_npd_trains_only_an_identity_initialised_polarizer_that_survives_copying_and_quantization(badnets):
+def test_npd_trains_only_an_identity_initialised_polarizer_that_survives_copying_and_quantization(badnets, effect):
     context = badnets.context(sees_training_set=False)
     images = context.clean_x[:64].float() / 255
     polarized = copy.deepcopy(badnets.model)
@@ -69,7 +69,7 @@ def test_npd_trains_only_an_identity_initialised_polarizer_that_survives_copying
     assert torch.equal(predict_logits(twin, context.clean_x), predict_logits(repaired, context.clean_x))
     int8 = PRECISIONS.get("int8-static").deploy(repaired, context.clean_x).model
     agreement = (predict(int8, context.clean_x) == predict(repaired, context.clean_x)).float().mean()
-    assert agreement > 0.9
+    effect.check("agreement", agreement, ">", 0.9)
 
 
 def test_npd_polarizer_on_tokens_acts_on_their_channels():

@@ -9,11 +9,11 @@ def _model(ds, seed=0):
     return with_normalization(create_model("cnn-small", 10, 1, ds.image_size, width=8), ds.mean, ds.std)
 
 
-def test_trainer_learns_digits(digits):
+def test_trainer_learns_digits(digits, effect):
     model = train(_model(digits), digits.x_train, digits.y_train, TrainConfig(epochs=6, batch_size=64),
                   seed=0, crop_padding=1)
     accuracy = (predict(model, digits.x_test) == digits.y_test).float().mean()
-    assert accuracy > 0.85
+    effect.check("clean accuracy", accuracy, ">", 0.85)
     assert not model.training
 
 
@@ -27,7 +27,7 @@ def test_trainer_is_deterministic_under_a_seed(digits):
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
 
 
-def test_cpu_bfloat16_fast_path_learns_and_is_really_bfloat16(digits):
+def test_cpu_bfloat16_fast_path_learns_and_is_really_bfloat16(digits, effect):
     fast = TrainConfig(epochs=6, batch_size=64, cpu_bfloat16=True)
     seen = []
 
@@ -39,7 +39,7 @@ def test_cpu_bfloat16_fast_path_learns_and_is_really_bfloat16(digits):
     model = train(_model(digits), digits.x_train, digits.y_train, fast, seed=0, crop_padding=1,
                   device=torch.device("cpu"), loss_fn=loss_fn)
     assert set(seen) == {(torch.bfloat16, True)}
-    assert (predict(model, digits.x_test) == digits.y_test).float().mean() > 0.85
+    effect.check("clean accuracy", (predict(model, digits.x_test) == digits.y_test).float().mean(), ">", 0.85)
     # Handed back in the usual layout, with float32 weights, for defenses and quantization.
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
     slow = train(_model(digits), digits.x_train, digits.y_train, fast.model_copy(update={"cpu_bfloat16": False}),

@@ -205,8 +205,10 @@ def run_experiment(spec: ExperimentSpec, cache: ArtifactCache, device: torch.dev
     """Run one experiment and return its row. A failure is a row with status `error`, never an exception."""
     device = device or default_device()
     row = base_row(spec)
-    # Float reductions split across threads, so the thread count is part of "same device, same numbers".
+    # Float reductions split across threads, and PyTorch and oneDNN pick kernels by the CPU's instruction
+    # set (AVX-512, AVX2, ...), so both are part of "same device, same numbers".
     row.update(device=str(device), torch_threads=torch.get_num_threads(),
+               cpu_kernels=torch.backends.cpu.get_cpu_capability(),
                train_dtype="bfloat16" if trains_in_bfloat16(spec.training, device) else "float32")
     start = time.perf_counter()
     try:

@@ -67,6 +67,7 @@ COLUMNS: dict[str, str] = {
     "device": "TEXT",
     "torch_threads": "INTEGER",
     "train_dtype": "TEXT",
+    "cpu_kernels": "TEXT",
     "victim_key": "TEXT",
     "spec": "TEXT",
     "finished_at": "TEXT",
