@@ -1,9 +1,10 @@
-"""Small helpers shared by the detection defenses: thresholds set on the clean budget, and
-the per-class removal budget of the spectral cleansers."""
+"""Small helpers shared by the detection defenses: thresholds set on the clean budget, robust
+statistics (median, MAD, anomaly index), and the per-class removal budget of the spectral cleansers."""
 
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Callable
 
 import torch
@@ -16,6 +17,30 @@ def check_rate(name: str, value: float, low: float = 0.0, high: float = 1.0) -> 
     if not low < value < high:
         raise ConfigError(f"{name} must be in ({low}, {high}), not {value}")
     return float(value)
+
+
+# 1 / Phi^-1(3/4) = 1.4826: scales the median absolute deviation to estimate a normal standard deviation.
+MAD_CONSISTENCY = 1.0 / NormalDist().inv_cdf(0.75)
+
+
+def median(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The median along `dim`: for an even count the mean of the two middle values, as the MAD and the
+    anomaly index are defined (torch.median returns the lower of the two)."""
+    ordered = values.double().sort(dim).values
+    count = values.shape[dim]
+    return (ordered.select(dim, (count - 1) // 2) + ordered.select(dim, count // 2)) / 2
+
+
+def scaled_mad(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The median absolute deviation along `dim`, times MAD_CONSISTENCY (a robust standard deviation)."""
+    centre = median(values, dim).unsqueeze(dim)
+    return MAD_CONSISTENCY * median((values.double() - centre).abs(), dim)
+
+
+def anomaly_index(values: torch.Tensor) -> torch.Tensor:
+    """(value - median) / scaled MAD of a 1-D tensor: the anomaly index of Neural Cleanse (Wang et al.,
+    IEEE S&P 2019) with its sign (negative below the median); SCAn uses it one-sided."""
+    return (values.double() - median(values)) / scaled_mad(values).clamp_min(1e-12)
 
 
 def clean_threshold(clean_scores: torch.Tensor, false_rejection: float) -> float:
