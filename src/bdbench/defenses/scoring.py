@@ -3,7 +3,6 @@ statistics (median, MAD, anomaly index), and the per-class removal budget of the
 
 from __future__ import annotations
 
-import math
 from statistics import NormalDist
 from typing import Callable
 
@@ -52,11 +51,12 @@ def clean_threshold(clean_scores: torch.Tensor, false_rejection: float) -> float
     return float(torch.quantile(scores, 1.0 - false_rejection))
 
 
-def removal_budget(poison_fraction: float, total: int, class_size: int) -> int:
-    """How many of a class's samples the spectral cleansers remove: 1.5 times the expected number of
-    poisoned samples (poison_fraction x training set size, Tran et al. 2018), at most half the class
-    (their assumption that most of every class is clean)."""
-    return min(math.ceil(1.5 * poison_fraction * total), class_size // 2)
+def removal_budget(poison_fraction: float, class_size: int) -> int:
+    """How many of a class's n_c samples the spectral cleansers remove: round(1.5 x eps x n_c), eps
+    (`poison_fraction`) the defender's bound on the poisoned share of a class (Tran et al. 2018,
+    Algorithm 1; Hayase et al. 2021), at most half the class (their assumption that most of every
+    class is clean; it binds only for eps > 1/3)."""
+    return min(round(1.5 * poison_fraction * class_size), class_size // 2)
 
 
 def top_k_flags(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,7 +90,7 @@ def remove_per_class(labels: torch.Tensor, poison_fraction: float, min_size: int
         members = torch.nonzero(labels == label).flatten()
         if len(members) < min_size:
             continue
-        budget = removal_budget(poison_fraction, len(labels), len(members))
+        budget = removal_budget(poison_fraction, len(members))
         class_scores = score_class(members, budget)
         scores[members] = class_scores / class_scores.mean().clamp_min(1e-12)
         flagged[members] = top_k_flags(class_scores, budget)
