@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
-from bdbench import load_results, run_grid
+from bdbench import experiment, load_results, run_grid
 from bdbench.data import load_dataset
 from bdbench.defenses import DEFENSES, Defense, DefenseKind, DefenseOutcome
 from bdbench.errors import BdbenchError
@@ -60,12 +61,39 @@ class Crash(Defense):
         raise RuntimeError("boom")
 
 
+class SlowInspector(CornerInspector):
+    """Test-only data inspection whose method takes 0.1 s."""
+
+    def run(self, context):
+        time.sleep(0.1)
+        return super().run(context)
+
+
+class SlowFilter(Defense):
+    """Test-only run-time filter whose method takes 0.1 s and whose detector takes 0.5 s a call."""
+
+    kind = DefenseKind.INPUT_DETECTION
+
+    def run(self, context):
+        time.sleep(0.1)
+
+        def detector(x):
+            time.sleep(0.5)
+            return _corner_is_white(x).float(), _corner_is_white(x)
+
+        return DefenseOutcome(input_detector=detector, threshold=0.5)
+
+
+TEMPORARY = {"corner-inspector": CornerInspector, "corner-filter": CornerFilter, "crash": Crash,
+             "slow-inspector": SlowInspector, "slow-filter": SlowFilter}
+
+
 @pytest.fixture
 def temporary_defenses():
-    for name, cls in (("corner-inspector", CornerInspector), ("corner-filter", CornerFilter), ("crash", Crash)):
+    for name, cls in TEMPORARY.items():
         DEFENSES.register(name)(cls)
     yield
-    for name in ("corner-inspector", "corner-filter", "crash"):
+    for name in TEMPORARY:
         DEFENSES.unregister(name)
 
 
@@ -134,6 +162,27 @@ def test_every_outcome_kind_is_scored_by_the_runner(tmp_path, tiny_grid, tempora
     assert crashed.clean_acc != crashed.clean_acc  # no numbers: an error is never "not detected"
     log = tmp_path / "logs" / f"{crashed.experiment_id}.log"
     assert "RuntimeError: boom" in log.read_text()
+
+
+def test_defense_time_is_the_method_plus_the_retraining_plus_the_screening_of_inputs(tmp_path, tiny_grid,
+                                                                                     temporary_defenses, monkeypatch):
+    def slow_retraining(spec, dataset, poisoned, flagged, device):
+        time.sleep(1.0)
+        return experiment.new_model(spec, dataset, "retrain_init")
+
+    monkeypatch.setattr(experiment, "retrain_on_kept", slow_retraining)
+    tiny_grid["attacks"] = [{"name": "badnets", "patch_size": 2}]
+    tiny_grid["defenses"] = ["slow-inspector", "slow-filter", "none"]
+    rows = run_grid(tiny_grid, out=tmp_path, progress=False).set_index("defense")
+    inspector, screen, none = rows.loc["slow-inspector"], rows.loc["slow-filter"], rows.loc["none"]
+    # Each part in its own column: the method's 0.1 s holds neither the retraining nor the screening.
+    assert 0.1 <= inspector.defense_method_s < 1.0 and inspector.defense_retrain_s >= 1.0
+    assert 0.1 <= screen.defense_method_s < 1.0 and screen.defense_scoring_s >= 1.0  # clean and triggered images
+    assert pd.isna(inspector.defense_scoring_s) and pd.isna(screen.defense_retrain_s)
+    assert pd.isna(none.defense_retrain_s) and pd.isna(none.defense_scoring_s)
+    for row in (inspector, screen, none):
+        parts = [row.defense_method_s, row.defense_retrain_s, row.defense_scoring_s]
+        assert row.defense_s == pytest.approx(sum(part for part in parts if not pd.isna(part)), abs=0.002)
 
 
 def test_error_rows_are_kept_then_retried_on_request(tmp_path, tiny_grid, temporary_defenses):

@@ -18,7 +18,7 @@ import torch
 
 from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import read_activations
-from bdbench.defenses.scoring import check_rate, clean_threshold
+from bdbench.defenses.scoring import check_rate, clean_threshold, median, scaled_mad
 from bdbench.training import predict
 
 
@@ -42,15 +42,14 @@ class GramBounds:
         dim = features.shape[1]
         # Each entry's deviation is measured in units of its typical size over the whole budget
         # (floored, so that entries that are zero on clean data do not divide by zero).
-        typical = features.abs().median(0).values
+        typical = median(features.abs())
         self.scale = typical + 0.01 * typical.mean()
         self.low = torch.full((num_classes, dim), -float("inf"), dtype=torch.float64)
         self.high = torch.full((num_classes, dim), float("inf"), dtype=torch.float64)
         for label in labels.unique():
             rows = features[labels == label]
-            median = rows.median(0).values
-            spread = mad_scale * 1.4826 * (rows - median).abs().median(0).values
-            self.low[label], self.high[label] = median - spread, median + spread
+            centre, spread = median(rows), mad_scale * scaled_mad(rows)
+            self.low[label], self.high[label] = centre - spread, centre + spread
 
     def deviation(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         low, high = self.low[classes], self.high[classes]

@@ -16,9 +16,10 @@ Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019).
    both ways and its best norm has not improved for `early_stop_patience` (25) epochs. A label
    that never reaches 99% keeps its last mask.
 2. Detection: the L1 norms of the K masks; their median and MAD (scaled by the consistency
-   constant 1.4826); the anomaly index of a label is |norm - median| / MAD. Labels below the
-   median with an index above `anomaly_threshold` (2) are flagged. `anomaly_index` is the largest
-   index among below-median labels, `suspected_targets` the flagged labels, `detected` whether any.
+   constant 1.4826; for an even count of labels the median is the mean of the two middle norms);
+   the anomaly index of a label is |norm - median| / MAD. Labels below the median with an index
+   above `anomaly_threshold` (2) are flagged. `anomaly_index` is the largest index among
+   below-median labels, `suspected_targets` the flagged labels, `detected` whether any.
 3. Repair by unlearning: fine-tune on the clean budget plus stamped copies of a random quarter of
    it, so that `unlearning_fraction` (the paper's 20%) of the images carry a reversed trigger (of
    the flagged labels, in turn) under their TRUE labels, with the `ft` recipe (10 epochs, SGD lr
@@ -43,10 +44,8 @@ from torch import nn
 
 from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.ft import check_fine_tuning, fine_tune
-from bdbench.defenses.scoring import check_rate
+from bdbench.defenses.scoring import anomaly_index, check_rate, median
 from bdbench.errors import ConfigError
-
-MAD_CONSISTENCY = 1.4826  # makes the median absolute deviation estimate a normal standard deviation
 
 
 @dataclass
@@ -195,9 +194,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
 
 def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
     """|norm - median| / (1.4826 x MAD) per label (the paper's anomaly index)."""
-    median = norms.median()
-    mad = MAD_CONSISTENCY * (norms - median).abs().median()
-    return (norms - median).abs() / mad.clamp_min(1e-12)
+    return anomaly_index(norms).abs()
 
 
 class NeuralCleanse(Defense):
@@ -232,7 +229,7 @@ class NeuralCleanse(Defense):
             success_threshold=self.success_threshold, patience=self.patience, cost_multiplier=self.cost_multiplier,
             early_stop_patience=self.early_stop_patience)
         index = anomaly_indices(triggers.norms)
-        below = triggers.norms < triggers.norms.median()
+        below = triggers.norms < median(triggers.norms)
         flagged = torch.nonzero(below & (index > self.anomaly_threshold)).flatten()
         outcome = DefenseOutcome(detected=bool(len(flagged)),
                                  anomaly_index=float(index[below].max()) if below.any() else 0.0,

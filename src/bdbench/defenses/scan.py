@@ -27,6 +27,7 @@ import torch
 
 from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import read_activations
+from bdbench.defenses.scoring import anomaly_index
 
 _EM_STEPS = 100
 
@@ -130,9 +131,7 @@ class SCAn(Defense):
             if clean_counts[0] == clean_counts[1]:
                 poison_group = int(sizes.argmin())
             suspicious[int(label)] = members[(groups == poison_group) & ~from_budget[members]]
-        j = torch.tensor(statistics, dtype=torch.float64)
-        deviation = 1.4826 * (j - j.median()).abs().median()
-        index = (j - j.median()) / deviation.clamp_min(1e-12)
+        index = anomaly_index(torch.tensor(statistics, dtype=torch.float64))
         scores = torch.full((len(train),), float(index.min()) - 1.0, dtype=torch.float64)
         for label, value in zip(classes.tolist(), index.tolist()):
             scores[suspicious[label]] = value

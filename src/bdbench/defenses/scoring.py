@@ -1,9 +1,9 @@
-"""Small helpers shared by the detection defenses: thresholds set on the clean budget, and
-the per-class removal budget of the spectral cleansers."""
+"""Small helpers shared by the detection defenses: thresholds set on the clean budget, robust
+statistics (median, MAD, anomaly index), and the per-class removal budget of the spectral cleansers."""
 
 from __future__ import annotations
 
-import math
+from statistics import NormalDist
 from typing import Callable
 
 import torch
@@ -18,6 +18,30 @@ def check_rate(name: str, value: float, low: float = 0.0, high: float = 1.0) -> 
     return float(value)
 
 
+# 1 / Phi^-1(3/4) = 1.4826: scales the median absolute deviation to estimate a normal standard deviation.
+MAD_CONSISTENCY = 1.0 / NormalDist().inv_cdf(0.75)
+
+
+def median(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The median along `dim`: for an even count the mean of the two middle values, as the MAD and the
+    anomaly index are defined (torch.median returns the lower of the two)."""
+    ordered = values.double().sort(dim).values
+    count = values.shape[dim]
+    return (ordered.select(dim, (count - 1) // 2) + ordered.select(dim, count // 2)) / 2
+
+
+def scaled_mad(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The median absolute deviation along `dim`, times MAD_CONSISTENCY (a robust standard deviation)."""
+    centre = median(values, dim).unsqueeze(dim)
+    return MAD_CONSISTENCY * median((values.double() - centre).abs(), dim)
+
+
+def anomaly_index(values: torch.Tensor) -> torch.Tensor:
+    """(value - median) / scaled MAD of a 1-D tensor: the anomaly index of Neural Cleanse (Wang et al.,
+    IEEE S&P 2019) with its sign (negative below the median); SCAn uses it one-sided."""
+    return (values.double() - median(values)) / scaled_mad(values).clamp_min(1e-12)
+
+
 def clean_threshold(clean_scores: torch.Tensor, false_rejection: float) -> float:
     """The threshold that flags (score > threshold) at most `false_rejection` of the clean budget's
     scores: their (1 - false_rejection) quantile, the rule STRIP uses to fix its false rejection rate."""
@@ -27,11 +51,12 @@ def clean_threshold(clean_scores: torch.Tensor, false_rejection: float) -> float
     return float(torch.quantile(scores, 1.0 - false_rejection))
 
 
-def removal_budget(poison_fraction: float, total: int, class_size: int) -> int:
-    """How many of a class's samples the spectral cleansers remove: 1.5 times the expected number of
-    poisoned samples (poison_fraction x training set size, Tran et al. 2018), at most half the class
-    (their assumption that most of every class is clean)."""
-    return min(math.ceil(1.5 * poison_fraction * total), class_size // 2)
+def removal_budget(poison_fraction: float, class_size: int) -> int:
+    """How many of a class's n_c samples the spectral cleansers remove: round(1.5 x eps x n_c), eps
+    (`poison_fraction`) the defender's bound on the poisoned share of a class (Tran et al. 2018,
+    Algorithm 1; Hayase et al. 2021), at most half the class (their assumption that most of every
+    class is clean; it binds only for eps > 1/3)."""
+    return min(round(1.5 * poison_fraction * class_size), class_size // 2)
 
 
 def top_k_flags(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,7 +90,7 @@ def remove_per_class(labels: torch.Tensor, poison_fraction: float, min_size: int
         members = torch.nonzero(labels == label).flatten()
         if len(members) < min_size:
             continue
-        budget = removal_budget(poison_fraction, len(labels), len(members))
+        budget = removal_budget(poison_fraction, len(members))
         class_scores = score_class(members, budget)
         scores[members] = class_scores / class_scores.mean().clamp_min(1e-12)
         flagged[members] = top_k_flags(class_scores, budget)

@@ -5,9 +5,13 @@ For each class (by training label): centre its penultimate representations and p
 their top k singular directions; estimate the clean mean and covariance robustly; whiten with
 them, so that the poisons' direction stands out; score each sample with the QUantum Entropy (QUE)
 score at alpha = 4, tau_i = w_i' Q w_i / tr(Q) with Q = expm(alpha (S - I) / (||S||_2 - 1)), S the
-covariance of the whitened data; and remove the same budget as Spectral Signatures (1.5 x the
-expected number of poisons, capped at half the class). k is chosen per class from {2, 4, 8, 16, 32},
-as in the paper, as the one whose whitened data (after the removal) has the largest mean QUE score.
+covariance of the whitened data; and remove the 1.5 x eps x n highest-scoring samples of a class of
+n, eps (`poison_fraction`, default 0.1) the defender's bound on the poisoned share of the class: the
+paper's rule, taken from Spectral Signatures (its reference code removes round(1.5 x eps) of the
+class's representations, eps there a count of poisons in it). As for Spectral Signatures the
+removal is capped at half the class, which binds only for eps > 1/3. k is chosen per class from
+{2, 4, 8, 16, 32}, as in the paper, as the one whose whitened data (after the removal) has the
+largest mean QUE score.
 
 Deviation: the paper's robust estimator is the filtering algorithm of Diakonikolas et al.; we use
 the Minimum Covariance Determinant (scikit-learn's MinCovDet), another robust estimator that

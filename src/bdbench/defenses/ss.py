@@ -3,10 +3,13 @@
 For each class (by the label the training set carries), centre the penultimate representations
 of its samples, take the top right singular vector, and score each sample by its squared
 projection on it. Poisoned samples leave a spectral signature: they dominate that direction.
-The paper removes, in every class, the 1.5 x eps x n highest-scoring samples, where eps bounds the
-share of poisoned data; as in common reimplementations, we read eps x n as the expected number
-of poisoned samples in the whole training set (eps = `poison_fraction`, the defender's assumed
-bound, default 0.1 as in the paper's experiments), capped at half of each class.
+The paper's rule (Algorithm 1): in every class y, of n = |D_y| samples, remove the 1.5 x eps x n
+highest-scoring samples, where eps (`poison_fraction`, default 0.1) bounds the poisoned share of
+the class (the reference code adds 500 poisons to a class of 5,000 and removes the top 15% of the
+class's scores). eps is a share of each class, not of the training set: read as a number of poisons
+in the whole set and applied per class, it would remove far more than 1.5 x eps of every class
+(half of each on mnist5k at eps = 0.1), even from a clean model. The removal is capped at half the
+class, which binds only for eps > 1/3.
 
 Scores are divided by their class mean so that they compare across classes (for AUROC); the
 flagged set is the per-class top, so there is no single threshold (`threshold` stays None).
