@@ -54,6 +54,7 @@ class LabelSmoothingPoisoning(Attack):
         self.inner: Attack = ATTACKS.build(attack, attack_params or {})
         super().__init__(self.inner.label_mode)
         self.smoothing = smoothing
+        self.seeded_trigger = self.inner.seeded_trigger
 
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
         self.inner.prepare(dataset, target_label, workshop)
