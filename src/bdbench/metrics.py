@@ -84,8 +84,9 @@ def psnr(clean: torch.Tensor, poisoned: torch.Tensor, data_range: float = 255.0,
     every image is unchanged or the batch is empty. Computed in float64, `chunk_values` values at a time."""
     if not len(clean):
         return None
-    mse = torch.cat([(clean[part].double() - poisoned[part].double()).pow(2).flatten(1).mean(1)
-                     for part in _image_chunks(len(clean), clean[0].numel(), chunk_values)])
+    mse = torch.empty(len(clean), dtype=torch.float64, device=clean.device)
+    for part in _image_chunks(len(clean), clean[0].numel(), chunk_values):
+        mse[part] = (clean[part].double() - poisoned[part].double()).pow(2).flatten(1).mean(1)
     changed = mse > 0
     if not changed.any():
         return None
