@@ -1,9 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from bdbench import metrics
+from conftest import SHARED_DATA
 
 
 def test_accuracy_asr_robust_accuracy_hand_computed():
@@ -100,3 +102,62 @@ def test_psnr_and_ssim_match_skimage():
                    for c, p in zip(clean, poisoned)) / 3
     assert ssim(clean, poisoned) == pytest.approx(ref_ssim, abs=1e-9)
     assert psnr(clean, poisoned) == pytest.approx(ref_psnr, abs=1e-9)
+
+
+def _blended(x: torch.Tensor, seed: int = 0, alpha: float = 0.2) -> torch.Tensor:
+    """Blended's trigger (a fixed uniform noise pattern mixed in at `alpha`) on uint8 (N, C, H, W) images."""
+    pattern = torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed))
+    return ((1 - alpha) * x.float() / 255 + alpha * pattern).mul(255).round().to(torch.uint8)
+
+
+def _skimage_mean_ssim(clean: torch.Tensor, poisoned: torch.Tensor, sigma: float = 1.5) -> float:
+    """skimage's SSIM per image (its mean over the map cropped to where the window fits, channels
+    averaged), then the mean over images, as `metrics.ssim` defines it."""
+    from skimage.metrics import structural_similarity
+
+    return sum(structural_similarity(c.numpy(), p.numpy(), channel_axis=0, gaussian_weights=True, sigma=sigma,
+                                     use_sample_covariance=False, data_range=255)
+               for c, p in zip(clean, poisoned)) / len(clean)
+
+
+def test_ssim_matches_skimage_on_real_digits():
+    pytest.importorskip("skimage.metrics")
+    from bdbench.data import load_dataset
+    from bdbench.metrics import ssim
+
+    clean = load_dataset("digits").x_test[:100]
+    poisoned = _blended(clean)
+    # skimage sizes its window from sigma (radius round(3.5 sigma)), so an 8x8 image can only be compared at
+    # a sigma whose window is 7 wide: at 0.9 both use the same normalised 7-tap Gaussian.
+    assert ssim(clean, poisoned, sigma=0.9) == pytest.approx(_skimage_mean_ssim(clean, poisoned, sigma=0.9), abs=1e-9)
+    assert 0.1 < ssim(clean, poisoned) < 0.99  # the default 7x7 window at sigma 1.5 that skimage cannot do
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gtsrb32.npz").is_file(), reason="../shared/data/gtsrb32.npz is absent")
+def test_ssim_and_psnr_match_skimage_on_gtsrb32():
+    skimage_metrics = pytest.importorskip("skimage.metrics")
+    from bdbench.metrics import psnr, ssim
+
+    with np.load(SHARED_DATA / "gtsrb32.npz") as archive:
+        clean = torch.from_numpy(archive["x_test"][:40]).permute(0, 3, 1, 2).contiguous()
+    poisoned = _blended(clean)
+    ref_psnr = sum(skimage_metrics.peak_signal_noise_ratio(c.numpy(), p.numpy(), data_range=255)
+                   for c, p in zip(clean, poisoned)) / len(clean)
+    assert ssim(clean, poisoned) == pytest.approx(_skimage_mean_ssim(clean, poisoned), abs=1e-9)
+    assert psnr(clean, poisoned) == pytest.approx(ref_psnr, abs=1e-9)
+
+
+def test_chunks_give_the_value_of_one_chunk():
+    from bdbench.metrics import _image_chunks, psnr, ssim
+
+    g = torch.Generator().manual_seed(2)
+    clean = torch.randint(0, 256, (37, 3, 20, 20), generator=g).to(torch.uint8)
+    poisoned = (clean.int() + torch.randint(-30, 31, clean.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    poisoned[5] = clean[5]  # one unchanged image, which PSNR skips
+    values = 5 * 3 * 20 * 20  # five images a chunk, the last one holding two
+    assert [len(range(37)[part]) for part in _image_chunks(37, 3 * 20 * 20, values)] == [5] * 7 + [2]
+    for chunk_values in (1, values):  # one image a chunk, then five
+        assert ssim(clean, poisoned, chunk_values=chunk_values) == pytest.approx(
+            ssim(clean, poisoned, chunk_values=1 << 30), abs=1e-12)
+        assert psnr(clean, poisoned, chunk_values=chunk_values) == pytest.approx(
+            psnr(clean, poisoned, chunk_values=1 << 30), abs=1e-12)

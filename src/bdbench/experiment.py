@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import math
 import time
 import traceback
 from dataclasses import dataclass
@@ -120,11 +122,43 @@ def evaluate(model: nn.Module, dataset: Dataset, triggered: TriggeredTestSet | N
     return result
 
 
-def trigger_stealth(triggered: TriggeredTestSet | None) -> dict[str, float | None]:
-    """PSNR (dB) and SSIM of the triggered test images against the same images without the trigger."""
+def triggered_test_source(spec: ExperimentSpec, attack: Attack) -> dict[str, Any]:
+    """What fixes the triggered test set: the data set, the attack and its parameters and the target label;
+    the seed where the trigger is drawn or learned from it (`Attack.seeded_trigger`); the victim where the
+    attack learns its trigger with it (`Attack.learns_with_victim`: input-aware)."""
+    return {"dataset": spec.dataset.model_dump(mode="json"), "attack": spec.attack.model_dump(mode="json"),
+            "target_label": spec.target_label, "seed": spec.seed if attack.seeded_trigger else None,
+            "victim_key": spec.victim_key if attack.learns_with_victim else None}
+
+
+def trigger_stealth(triggered: TriggeredTestSet | None, spec: ExperimentSpec, attack: Attack,
+                    cache: ArtifactCache) -> dict[str, float | None]:
+    """PSNR (dB) and SSIM of the triggered test images against the same images without the trigger,
+    computed once per triggered test set and cached; a corrupt cache entry is computed again, with a warning."""
     if triggered is None or triggered.x_clean is None:
         return {"psnr": None, "ssim": None}
-    return {"psnr": metrics.psnr(triggered.x_clean, triggered.x), "ssim": metrics.ssim(triggered.x_clean, triggered.x)}
+    source = triggered_test_source(spec, attack)
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    with cache.lock("stealth", key):
+        try:
+            stored = cache.load_tensors("stealth", key)
+            if stored is not None:
+                return _stealth_values(stored, key)
+        except ArtifactError as exc:
+            log.warning("%s; computing the stealth metrics again", exc)
+            cache.discard("stealth", key)
+        values = {"psnr": metrics.psnr(triggered.x_clean, triggered.x),
+                  "ssim": metrics.ssim(triggered.x_clean, triggered.x)}
+        stored = {name: torch.tensor(math.nan if value is None else value, dtype=torch.float64)
+                  for name, value in values.items()}
+        cache.save_tensors("stealth", key, stored, {**source, "images": len(triggered.x)})
+    return values
+
+
+def _stealth_values(stored: dict[str, torch.Tensor], key: str) -> dict[str, float | None]:
+    if set(stored) != {"psnr", "ssim"} or any(value.numel() != 1 for value in stored.values()):
+        raise ArtifactError(f"cached stealth metrics {key} hold {sorted(stored)}, not one psnr and one ssim")
+    return {name: None if math.isnan(float(value)) else float(value) for name, value in stored.items()}
 
 
 def retrain_on_kept(spec: ExperimentSpec, dataset: Dataset, poisoned: PoisonedTrainingSet, flagged: torch.Tensor,
@@ -304,7 +338,7 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> di
     # Whatever the defense hands back is measured as it would be deployed.
     after = evaluate(redeploy(precision, repaired, budget_x), dataset, triggered) if repaired is not None else before
 
-    row: dict[str, Any] = {**after, **detection, **trigger_stealth(triggered)}
+    row: dict[str, Any] = {**after, **detection, **trigger_stealth(triggered, spec, attack, cache)}
     row.update(clean_acc_before=before["clean_acc"], asr_before=before["asr"], robust_acc_before=before["robust_acc"],
                quantized_layers=deployed.quantized_layers, proxy=proxy,
                clean_budget=len(budget_y), victim_cached=victim.cached,

@@ -67,27 +67,45 @@ def auroc(scores: torch.Tensor, is_positive: torch.Tensor) -> float | None:
 
 # ---------------------------------------------------------------- stealthiness of a trigger
 
-def psnr(clean: torch.Tensor, poisoned: torch.Tensor, data_range: float = 255.0) -> float | None:
+# Values (images x channels x pixels) per chunk: a few MB of float64 work arrays, whatever the number of images.
+_CHUNK_VALUES = 1 << 16
+
+
+def _image_chunks(n: int, values_per_image: int, chunk_values: int) -> list[slice]:
+    """Slices of whole images, about `chunk_values` values each (at least one image)."""
+    step = max(1, chunk_values // max(1, values_per_image))
+    return [slice(start, start + step) for start in range(0, n, step)]
+
+
+def psnr(clean: torch.Tensor, poisoned: torch.Tensor, data_range: float = 255.0,
+         chunk_values: int = _CHUNK_VALUES) -> float | None:
     """Mean over images of the peak signal-to-noise ratio 10 log10(R^2 / MSE), in dB, of (N, C, H, W)
     batches. Images the trigger left unchanged are skipped (their PSNR is infinite); None when
-    every image is unchanged or the batch is empty."""
-    clean, poisoned = clean.double(), poisoned.double()
-    mse = (clean - poisoned).pow(2).flatten(1).mean(1)
+    every image is unchanged or the batch is empty. Computed in float64, `chunk_values` values at a time."""
+    if not len(clean):
+        return None
+    mse = torch.empty(len(clean), dtype=torch.float64, device=clean.device)
+    for part in _image_chunks(len(clean), clean[0].numel(), chunk_values):
+        mse[part] = (clean[part].double() - poisoned[part].double()).pow(2).flatten(1).mean(1)
     changed = mse > 0
     if not changed.any():
         return None
     return float((10 * torch.log10(data_range ** 2 / mse[changed])).mean())
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+def _gaussian_band(n: int, size: int, sigma: float) -> torch.Tensor:
+    """The (n - size + 1, n) matrix that convolves a length-n signal with the normalised `size`-tap
+    Gaussian at every position where it fits (valid mode)."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
-    return g[:, None] * g[None, :]
+    offset = torch.arange(n)[None, :] - torch.arange(n - size + 1)[:, None]
+    inside = (offset >= 0) & (offset < size)
+    return torch.where(inside, g[offset.clamp(0, size - 1)], torch.zeros((), dtype=torch.float64))
 
 
 def ssim(clean: torch.Tensor, poisoned: torch.Tensor, data_range: float = 255.0,
-         window: int = 11, sigma: float = 1.5) -> float | None:
+         window: int = 11, sigma: float = 1.5, chunk_values: int = _CHUNK_VALUES) -> float | None:
     """Mean structural similarity (Wang, Bovik, Sheikh and Simoncelli, "Image Quality Assessment:
     From Error Visibility to Structural Similarity", IEEE TIP 2004) of (N, C, H, W) batches.
 
@@ -95,21 +113,27 @@ def ssim(clean: torch.Tensor, poisoned: torch.Tensor, data_range: float = 255.0,
     the positions where the window fits (as the paper and skimage's gaussian_weights mode);
     channels are averaged, then images. Images smaller than the window use the largest odd
     window that fits (7x7 on 8x8 digits). None for an empty batch.
+
+    The window is the outer product of a 1-D Gaussian, so each local mean is two 1-D valid
+    convolutions, done here as products with banded matrices (about 10x faster on the CPU than
+    conv2d with one-channel kernels). Images go through `chunk_values` values at a time, so memory
+    stays bounded whatever their number. float64 throughout: on the GTSRB test set under a blended
+    trigger it matches the former whole-set 11x11 convolution to 3e-16 (2e-14 per image), where
+    float32 was about twice as fast but 6e-8 off. The 7,949 GTSRB test images take 1.0 s and 10 MB
+    on one thread instead of 76-104 s and 4.6 GB (benchmarks/ssim_separable_vs_2d.py).
     """
     if clean.numel() == 0:
         return None
-    x, y = clean.double(), poisoned.double()
-    n, c, h, w = x.shape
+    n, c, h, w = clean.shape
     size = min(window, h - (1 - h % 2), w - (1 - w % 2))
-    kernel = _gaussian_window(size, sigma).to(x.device).expand(c, 1, size, size)
-
-    def blur(img: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(img, kernel, groups=c)
-
+    down = _gaussian_band(h, size, sigma).to(clean.device)
+    across = _gaussian_band(w, size, sigma).T.to(clean.device)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return float(ssim_map.flatten(1).mean(1).mean())
+    total = 0.0
+    for part in _image_chunks(n, c * h * w, chunk_values):
+        x, y = clean[part].double(), poisoned[part].double()
+        mu_x, mu_y, mean_xx, mean_yy, mean_xy = down @ torch.stack([x, y, x * x, y * y, x * y]) @ across
+        var_x, var_y, cov = mean_xx - mu_x ** 2, mean_yy - mu_y ** 2, mean_xy - mu_x * mu_y
+        ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+        total += float(ssim_map.flatten(1).mean(1).sum())
+    return total / n

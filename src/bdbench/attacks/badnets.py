@@ -22,6 +22,7 @@ _CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 class BadNets(Attack):
     """Patch trigger (Gu et al. 2017): size, location, pattern and colour configurable."""
 
+    seeded_trigger = False  # pattern_seed, not the experiment's seed, draws a random patch
     citation = "Gu, Dolan-Gavitt, Garg. BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply Chain. arXiv:1708.06733, 2017."
 
     def __init__(

@@ -64,6 +64,9 @@ class Attack(ABC):
     label_modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
     single_target_reason: ClassVar[str] = ""  # why an attack without all-to-all has one target
     learns_with_victim: ClassVar[bool] = False
+    # Whether the test-time trigger depends on the experiment's seed (drawn or learned from it). False only where
+    # the attack's parameters alone fix it, so that every seed shares one cached set of stealth metrics.
+    seeded_trigger: bool = True
 
     def __init__(self, label_mode: LabelMode = "all2one") -> None:
         if label_mode not in ("all2one", "all2all"):

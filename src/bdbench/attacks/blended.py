@@ -17,6 +17,7 @@ from bdbench.errors import ConfigError
 class Blended(Attack):
     """Blend a fixed-seed uniform noise pattern into the whole image at ratio alpha (Chen et al. 2017)."""
 
+    seeded_trigger = False  # pattern_seed, not the experiment's seed, draws the pattern
     citation = "Chen, Liu, Li, Lu, Song. Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning. arXiv:1712.05526, 2017."
 
     def __init__(self, alpha: float = 0.2, pattern_seed: int = 0, label_mode: LabelMode = "all2one") -> None:

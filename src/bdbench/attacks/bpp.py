@@ -64,6 +64,7 @@ def dither_squeeze(x: torch.Tensor, levels: int) -> torch.Tensor:
 class Bpp(Attack):
     """Bit-depth squeezing with dithering, negative samples during training (Wang et al., CVPR 2022)."""
 
+    seeded_trigger = False  # the seed draws only the negative samples' residuals, never the test trigger
     citation = ("Wang, Zhai, Ma. BppAttack: Stealthy and Efficient Trojan Attacks against Deep Neural Networks "
                 "via Image Quantization and Contrastive Adversarial Learning. CVPR 2022.")
 

@@ -50,6 +50,7 @@ def pgd_untargeted(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
 class LabelConsistent(CleanLabelAttack):
     """Clean-label: PGD-perturbed target-class images from a clean surrogate plus a corner trigger (Turner et al. 2019)."""
 
+    seeded_trigger = False  # the seed shapes only the training images' PGD perturbation
     citation = "Turner, Tsipras, Madry. Label-Consistent Backdoor Attacks. arXiv:1912.02771, 2019."
 
     def __init__(self, eps: float = 16 / 255, steps: int = 100, amplitude: float = 255.0,

@@ -54,6 +54,7 @@ class LabelSmoothingPoisoning(Attack):
         self.inner: Attack = ATTACKS.build(attack, attack_params or {})
         super().__init__(self.inner.label_mode)
         self.smoothing = smoothing
+        self.seeded_trigger = self.inner.seeded_trigger
 
     def check(self, dataset: Dataset, target_label: int) -> None:
         self.inner.check(dataset, target_label)

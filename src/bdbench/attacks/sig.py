@@ -30,6 +30,7 @@ from bdbench.errors import ConfigError
 class SIG(CleanLabelAttack):
     """Clean-label sinusoidal (or ramp) signal on target-class training images (Barni et al. 2019)."""
 
+    seeded_trigger = False
     citation = ("Barni, Kallas, Tondi. A New Backdoor Attack in CNNs by Training Set Corruption without Label "
                 "Poisoning. ICIP 2019 (arXiv:1902.11237).")
 

@@ -90,6 +90,7 @@ class SourceSpecific(Attack):
         self.cover_ratio, self.variant, self.patch_size = cover_ratio, variant, patch_size
         self.surrogate = dict(surrogate or {})
         self.patch: torch.Tensor | None = None  # (C, s, s)
+        self.seeded_trigger = variant in ("cont", "trans_cont")  # their patch comes from a seeded surrogate
 
     def check(self, dataset: Dataset, target_label: int) -> None:
         k, s = dataset.num_classes, self.patch_size
