@@ -272,3 +272,60 @@ def test_cli_run_ends_by_writing_the_report(tmp_path, monkeypatch):
     assert ran.exit_code == 0, ran.output
     assert ran.output.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     assert "<section id=\"leaderboard\">" in (out / "report.html").read_text()
+
+
+def _through_sqlite(tmp_path: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows as `bdbench report` sees them: written to a real results database and read back."""
+    from bdbench.store import ResultStore, load_results
+
+    out = tmp_path / "out"
+    store = ResultStore(out / "results.sqlite")
+    for record in rows.to_dict("records"):
+        store.write({k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))})
+    store.close()
+    return load_results(out)
+
+
+def test_every_row_with_a_verdict_gives_a_report(tmp_path):
+    """Issue 27: a grid of nc rows only (every row has `detected`) made pandas 3 read the column as bool, and
+    the naive table's 0.0 fill raised `Invalid value '0.0' for dtype 'bool'`, failing run and report."""
+    rows = _through_sqlite(tmp_path, pd.DataFrame([
+        _row(experiment_id="a", attack="badnets", defense="nc", detected=True, der=0.9, clean_acc=0.9,
+             clean_acc_before=0.9, asr=0.1, asr_before=0.9),
+        _row(experiment_id="b", attack="none", defense="nc", detected=False, clean_acc=0.9, clean_acc_before=0.9),
+        _row(experiment_id="c", attack="badnets", defense="nc", precision="int8-dynamic", detected=True,
+             proxy="ste", der=0.5, clean_acc=0.9, clean_acc_before=0.9, asr=0.9, asr_before=0.9),
+    ], columns=list(COLUMNS)))
+    naive = naive_detection_table(rows, ["precision", "defense"]).set_index("precision")
+    assert naive.loc["int8-dynamic", "naive_flag_rate"] == 0.0 and naive.loc["fp32", "naive_flag_rate"] == 0.5
+    html = write_report(rows, tmp_path / "r.html").read_text()
+    assert "Detection per precision" in html and "naive flag rate" in html
+
+
+def test_a_report_failure_does_not_fail_a_run_that_stored_its_rows(tmp_path, monkeypatch):
+    import bdbench.report
+    import bdbench.runner
+    from click.testing import CliRunner
+
+    from bdbench.cli import main
+    from bdbench.store import ResultStore
+
+    out = tmp_path / "out"
+
+    def fake_run_grid(config, out, **_):
+        store = ResultStore(Path(out) / "results.sqlite")
+        store.write({k: v for k, v in synthetic_rows().iloc[1].to_dict().items() if v is not None})
+        frame = store.dataframe()
+        store.close()
+        return frame
+
+    def broken_report(*_, **__):
+        raise TypeError("Invalid value '0.0' for dtype 'bool'")
+
+    monkeypatch.setattr(bdbench.runner, "run_grid", fake_run_grid)
+    monkeypatch.setattr(bdbench.report, "report_from_out", broken_report)
+    ran = CliRunner().invoke(main, ["run", "demo", "--out", str(out)])
+    assert ran.exit_code == 0, ran.output
+    last = ran.output.strip().splitlines()[-1]
+    assert last.startswith("report: could not be made (TypeError: Invalid value") and "bdbench report --out" in last
+    assert "Traceback" not in ran.output

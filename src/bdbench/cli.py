@@ -63,9 +63,21 @@ def run(config: str, out: str, overrides: tuple[str, ...], executor: str, worker
                + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
     click.echo(rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    from bdbench.report import report_from_out
+    click.echo(_report_line(out))
 
-    click.echo(f"report: {report_from_out(out)}")
+
+def _report_line(out: str) -> str:
+    """Write the run's report; a report that cannot be made is one line, never the run's failure: the rows
+    are stored and `bdbench report` can make it later."""
+    from bdbench import report
+
+    try:
+        return f"report: {report.report_from_out(out)}"
+    except BdbenchError as exc:
+        reason = str(exc)
+    except Exception as exc:  # a bug in the report must not cost the experiments their exit status
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return f"report: could not be made ({reason}); the rows are stored, try `bdbench report --out {out}` later"
 
 
 @main.command()

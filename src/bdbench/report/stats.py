@@ -27,9 +27,15 @@ def benign(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["attack"] == "none"]
 
 
+def numeric(values: pd.Series) -> pd.Series:
+    """A column as float64, NaN where missing or not a number. Verdicts (`detected`) become 0.0/1.0: a column
+    whose every value is a bool would otherwise be bool-typed (pandas 3) and refuse a 0.0 written into it."""
+    return pd.to_numeric(values, errors="coerce").astype("float64")
+
+
 def t_interval(values: pd.Series) -> tuple[float, float, int]:
     """Mean and Student-t half-width (NaN below two values): seeds are few, so a normal interval would be too narrow."""
-    values = pd.to_numeric(values, errors="coerce").dropna()
+    values = numeric(values).dropna()
     n = len(values)
     if n == 0:
         return math.nan, math.nan, 0
@@ -41,14 +47,14 @@ def t_interval(values: pd.Series) -> tuple[float, float, int]:
 
 
 def _mean(values: pd.Series) -> float:
-    values = pd.to_numeric(values, errors="coerce").dropna()
+    values = numeric(values).dropna()
     return float(values.mean()) if len(values) else math.nan
 
 
 def benign_flag_rate(rows: pd.DataFrame) -> float:
     """Share of clean-model cells flagged: the model verdict where there is one, else the data-level FPR."""
     rows = benign(ok_rows(rows))
-    detected = pd.to_numeric(rows["detected"], errors="coerce").dropna()
+    detected = numeric(rows["detected"]).dropna()
     if len(detected):
         return float(detected.mean())
     return _mean(rows["det_fpr"])
@@ -56,7 +62,7 @@ def benign_flag_rate(rows: pd.DataFrame) -> float:
 
 def ca_drop(rows: pd.DataFrame) -> pd.Series:
     """Clean accuracy lost to the defense, against the same deployed model undefended."""
-    return pd.to_numeric(rows["clean_acc_before"], errors="coerce") - pd.to_numeric(rows["clean_acc"], errors="coerce")
+    return numeric(rows["clean_acc_before"]) - numeric(rows["clean_acc"])
 
 
 def leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
@@ -85,7 +91,7 @@ def leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
 def grid_mean(rows: pd.DataFrame, values: pd.Series, index: str, columns: str) -> pd.DataFrame:
     """Mean of `values` per (index, columns) cell; empty when no cell has a number."""
     frame = rows[[index, columns]].copy()
-    frame["value"] = pd.to_numeric(values, errors="coerce")
+    frame["value"] = numeric(values)
     frame = frame.dropna(subset=["value"])
     if frame.empty:
         return pd.DataFrame()
@@ -98,7 +104,7 @@ def detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     metrics = ["det_tpr", "det_fpr", "det_auroc", "detected"]
     frame = good[by + metrics].copy()
     for column in metrics:
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        frame[column] = numeric(frame[column])
     frame = frame.dropna(subset=metrics, how="all")
     if frame.empty:
         return pd.DataFrame()
@@ -116,7 +122,7 @@ def naive_detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     metrics = ["det_tpr", "detected"]
     frame = rows[list(dict.fromkeys(by + ["defense", "status", "proxy"] + metrics))].copy()
     for column in metrics:
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        frame[column] = numeric(frame[column])
     reported = frame[frame["status"] == "ok"].groupby("defense")[metrics].agg(lambda v: v.notna().any())
     frame = frame[frame["defense"].isin(reported.index[reported.any(axis=1)])]
     if frame.empty:
