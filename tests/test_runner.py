@@ -265,3 +265,32 @@ def test_cli_list_json_has_name_and_description():
         "advdoor", "narcissus", "source_specific", "lsp", "dfb"}
     assert all(a["citation"] for a in attacks if a["name"] != "none")
     assert all("Gu" in a["citation"] for a in attacks if a["name"] == "badnets")
+
+
+def test_two_badnets_variants_and_two_strip_settings_stay_four_rows(tmp_path, tiny_grid):
+    """Issue 27: parameters were shown nowhere, so these four cells were pooled as badnets x strip."""
+    from click.testing import CliRunner
+
+    from bdbench.cli import main
+    from bdbench.report import report_from_out
+
+    tiny_grid.update(training={"epochs": 1, "batch_size": 64, "lr": 0.05}, target_label=3,
+                     attacks=[{"name": "badnets", "patch_size": 2}, {"name": "badnets", "patch_size": 3}],
+                     defenses=[{"name": "strip", "overlays": 10}, "strip"])
+    rows = run_grid(tiny_grid, out=tmp_path, progress=False, threads=1)
+    assert set(rows.status) == {"ok"}
+    pairs = list(zip(rows.attack_variant, rows.defense_variant))
+    assert pairs == [("badnets(patch_size=2)", "strip(overlays=10)"), ("badnets(patch_size=2)", "strip"),
+                     ("badnets", "strip(overlays=10)"), ("badnets", "strip")]
+    table = CliRunner().invoke(main, ["results", "--out", str(tmp_path)])
+    assert table.exit_code == 0, table.output
+    lines = table.output.strip().splitlines()
+    assert "target_label" in lines[0] and len(lines) == 5
+    assert sum("badnets(patch_size=2)" in line and "strip(overlays=10)" in line for line in lines) == 1
+    html = report_from_out(tmp_path).read_text()
+    leaderboard = html[html.index('id="leaderboard"'):html.index('id="heatmaps"')]
+    assert leaderboard.count("<td>strip(overlays=10)</td>") == 1 and leaderboard.count("<td>strip</td>") == 1
+    detection = html[html.index('id="detection"'):html.index('id="precision"')]
+    for attack, defense in pairs:
+        assert f"<td>{defense}</td><td>{attack}</td>" in detection
+    assert "target label: 3" in html

@@ -11,7 +11,7 @@ import click
 
 from bdbench.errors import BdbenchError
 
-_TABLE_COLUMNS = ["dataset", "model", "attack", "poison_rate", "defense", "precision", "seed", "status",
+_TABLE_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "defense", "precision", "seed", "status",
                   "clean_acc", "asr", "robust_acc", "der", "psnr", "ssim", "detected", "det_tpr", "det_fpr", "defense_s"]
 
 
@@ -61,9 +61,18 @@ def run(config: str, out: str, overrides: tuple[str, ...], executor: str, worker
     counts = rows["status"].value_counts().to_dict()
     click.echo(f"{len(rows)} experiments in {Path(out) / 'results.sqlite'}: "
                + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
-    click.echo(rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(_table(rows))
     click.echo(_report_line(out))
+
+
+def _table(rows) -> str:
+    """The rows as a text table; attacks and defenses are shown as their variants (`badnets(patch_size=4)`)."""
+    from bdbench.store import with_variants
+
+    rows = with_variants(rows)
+    rows["attack"], rows["defense"] = rows["attack_variant"], rows["defense_variant"]
+    columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
+    return rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
 def _report_line(out: str) -> str:
@@ -93,8 +102,7 @@ def results(out: str, fmt: str) -> None:
     elif fmt == "csv":
         click.echo(rows.to_csv(index=False), nl=False)
     else:
-        columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
-        click.echo(rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        click.echo(_table(rows))
 
 
 @main.command()

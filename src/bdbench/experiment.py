@@ -192,8 +192,9 @@ def base_row(spec: ExperimentSpec) -> dict[str, Any]:
     return {
         "experiment_id": spec.experiment_id, "victim_key": spec.victim_key,
         "dataset": spec.dataset.name, "model": spec.model.name,
-        "attack": spec.attack.name, "attack_params": spec.attack.params, "poison_rate": spec.poison_rate,
-        "target_label": spec.target_label, "defense": spec.defense.name, "defense_params": spec.defense.params,
+        "attack": spec.attack.name, "attack_params": spec.attack.params, "attack_variant": spec.attack_variant,
+        "poison_rate": spec.poison_rate, "target_label": spec.target_label, "defense": spec.defense.name,
+        "defense_params": spec.defense.params, "defense_variant": spec.defense_variant,
         "defense_kind": DEFENSES.get(spec.defense.name).kind.value, "precision": spec.precision,
         "precision_order": spec.precision_order, "seed": spec.seed,
         "spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True),

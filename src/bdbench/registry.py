@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
@@ -77,6 +78,25 @@ class Registry(Generic[T]):
             raise ConfigError(f"{self.kind} {name!r} needs parameter {missing[0]!r}")
         return factory(**params)
 
+    def non_default(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The parameters of `params` that differ from the factory's defaults (all of them for a name that is
+        not registered here, e.g. a plugin's rows read back without the plugin)."""
+        if name not in self._entries:
+            return dict(params)
+        defaults = {p.name: p.default for p in inspect.signature(self.get(name)).parameters.values()
+                    if p.default is not p.empty}
+        return {k: v for k, v in params.items() if k not in defaults or _plain(v) != _plain(defaults[k])}
+
+    def variant(self, name: str, params: Mapping[str, Any] | None = None, label: str | None = None) -> str:
+        """A short name for one setting of an entry: `label` where the spec gives one, else the name with its
+        non-default parameters, e.g. `badnets(patch_size=4)`, or the bare name at the defaults."""
+        if label:
+            return str(label)
+        changed = self.non_default(name, params or {})
+        if not changed:
+            return name
+        return f"{name}({', '.join(f'{k}={_compact(v)}' for k, v in sorted(changed.items()))})"
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
@@ -85,3 +105,22 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+
+def _plain(value: Any) -> Any:
+    """A comparable form of a parameter value: YAML gives lists where a default is a tuple, 1 where it is 1.0."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return str(value)

@@ -30,10 +30,12 @@ COLUMNS: dict[str, str] = {
     "model": "TEXT",
     "attack": "TEXT",
     "attack_params": "TEXT",
+    "attack_variant": "TEXT",
     "poison_rate": "REAL",
     "target_label": "INTEGER",
     "defense": "TEXT",
     "defense_params": "TEXT",
+    "defense_variant": "TEXT",
     "defense_kind": "TEXT",
     "precision": "TEXT",
     "precision_order": "TEXT",
@@ -119,7 +121,7 @@ class ResultStore:
         for column in _JSON_COLUMNS:
             # NULL reads back as None or NaN, depending on the column's other values and the pandas version.
             df[column] = df[column].map(lambda v: json.loads(v) if isinstance(v, str) else None).astype(object)
-        return df
+        return with_variants(df)
 
     def close(self) -> None:
         self._db.close()
@@ -131,6 +133,35 @@ def _to_sql(value: Any) -> Any:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value)
     return value
+
+
+def with_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """Fill `attack_variant` and `defense_variant` where a row lacks them (rows stored before they existed, or
+    a frame built by hand) from the name and parameters: `badnets(patch_size=4)`, or the bare name."""
+    from bdbench.attacks import ATTACKS
+    from bdbench.defenses import DEFENSES
+
+    df = df.copy()
+    for kind, registry in (("attack", ATTACKS), ("defense", DEFENSES)):
+        column = f"{kind}_variant"
+        if kind not in df:
+            continue
+        params = df[f"{kind}_params"] if f"{kind}_params" in df else pd.Series([None] * len(df), index=df.index)
+        known = df[column] if column in df else pd.Series([None] * len(df), index=df.index)
+        df[column] = [v if isinstance(v, str) and v else
+                      (registry.variant(n, p if isinstance(p, dict) else _json_dict(p)) if isinstance(n, str) else None)
+                      for v, n, p in zip(known, df[kind], params)]
+    return df
+
+
+def _json_dict(value: Any) -> dict:
+    if isinstance(value, str):
+        try:
+            loaded = json.loads(value)
+        except ValueError:
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
 
 
 def load_results(out: str | Path = "bdbench-out") -> pd.DataFrame:
@@ -267,4 +298,4 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results"]
+__all__ = ["COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results", "with_variants"]

@@ -15,7 +15,7 @@ from bdbench.report import figures, stats
 from bdbench.report.assets import CSS, ERROR_TRAP, TABLE_SCRIPT
 
 # Columns of the every-experiment table, in reading order; long JSON columns (spec) stay in the database.
-EXPERIMENT_COLUMNS = ["dataset", "model", "attack", "poison_rate", "defense", "defense_kind", "precision", "seed",
+EXPERIMENT_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "defense", "defense_kind", "precision", "seed",
                       "status", "clean_acc", "asr", "robust_acc", "der", "clean_acc_before", "asr_before",
                       "detected", "anomaly_index", "det_tpr", "det_fpr", "det_auroc", "defense_s", "peak_rss_mb",
                       "wall_s", "experiment_id"]
@@ -203,13 +203,16 @@ def _summary(rows: pd.DataFrame) -> str:
     status = ", ".join(f"{n} {escape(str(s))}" for s, n in sorted(counts.items())) or "none"
     datasets = ", ".join(escape(str(v)) for v in sorted(rows["dataset"].dropna().unique()))
     models = ", ".join(escape(str(v)) for v in sorted(rows["model"].dropna().unique()))
+    targets = sorted(int(t) for t in stats.attacked(rows)["target_label"].dropna().unique())
+    target = f" · target label{'s' if len(targets) > 1 else ''}: {', '.join(map(str, targets))}" if targets else ""
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     return (f'<p class="meta">{len(rows)} experiments ({status}) · data set: {datasets or "–"} · '
-            f"model: {models or '–'} · generated {when}</p>")
+            f"model: {models or '–'}{target} · generated {when}</p>")
 
 
 def render(rows: pd.DataFrame, title: str = "bdbench report") -> str:
     """The whole page as one string: inline CSS, inline SVG figures, inline script, no external references."""
+    rows = stats.by_variant(rows)
     builders = {"leaderboard": leaderboard_section, "heatmaps": heatmap_section, "detection": detection_section,
                 "precision": precision_section, "cost": cost_section, "experiments": experiments_section,
                 "failures": failures_section}

@@ -12,6 +12,30 @@ CONFIDENCE = 0.95
 INTERVAL_NAME = "Student-t 95% interval of the mean"
 
 
+def by_variant(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with `attack` and `defense` replaced by their variants (`badnets(patch_size=4)`, `strip(overlays=10)`,
+    or a spec's `label`), so that every table and figure groups by the setting, never pools two settings under one
+    name; where the rows hold more than one target label, the attack names it too (`badnets [target 3]`). The
+    registered names stay in `attack_name` and `defense_name`."""
+    from bdbench.store import with_variants
+
+    rows = with_variants(rows)
+    rows["attack_name"], rows["defense_name"] = rows["attack"], rows["defense"]
+    attack = rows["attack_variant"].where(rows["attack_variant"].notna(), rows["attack"])
+    targets = rows.loc[rows["attack_name"] != "none", "target_label"].dropna().unique() \
+        if "target_label" in rows else []
+    if len(targets) > 1:
+        suffix = rows["target_label"].map(lambda t: "" if pd.isna(t) else f" [target {int(t)}]")
+        attack = attack.where(rows["attack_name"] == "none", attack + suffix)
+    rows["attack"] = attack
+    rows["defense"] = rows["defense_variant"].where(rows["defense_variant"].notna(), rows["defense"])
+    return rows
+
+
+def _attack_names(rows: pd.DataFrame) -> pd.Series:
+    return rows["attack_name"] if "attack_name" in rows else rows["attack"]
+
+
 def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows that produced numbers; errors and not-applicable rows are listed apart, never averaged."""
     return rows[rows["status"] == "ok"]
@@ -19,12 +43,12 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 def attacked(rows: pd.DataFrame) -> pd.DataFrame:
     """Backdoored cells: DER and ASR only mean something where there is a backdoor."""
-    return rows[rows["attack"] != "none"]
+    return rows[_attack_names(rows) != "none"]
 
 
 def benign(rows: pd.DataFrame) -> pd.DataFrame:
     """Clean-model cells: any flag raised there is a false positive."""
-    return rows[rows["attack"] == "none"]
+    return rows[_attack_names(rows) == "none"]
 
 
 def numeric(values: pd.Series) -> pd.Series:
