@@ -270,7 +270,8 @@ def test_cli_run_ends_by_writing_the_report(tmp_path, monkeypatch):
     monkeypatch.setattr(bdbench.runner, "run_grid", fake_run_grid)
     ran = CliRunner().invoke(main, ["run", "demo", "--out", str(out)])
     assert ran.exit_code == 0, ran.output
-    assert ran.output.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    assert ran.output.strip().splitlines()[-2] == f"report: {out / 'report.html'}"
+    assert ran.output.strip().splitlines()[-1].startswith("1 experiment: 1 ok; rows in ")
     assert "<section id=\"leaderboard\">" in (out / "report.html").read_text()
 
 
@@ -326,6 +327,6 @@ def test_a_report_failure_does_not_fail_a_run_that_stored_its_rows(tmp_path, mon
     monkeypatch.setattr(bdbench.report, "report_from_out", broken_report)
     ran = CliRunner().invoke(main, ["run", "demo", "--out", str(out)])
     assert ran.exit_code == 0, ran.output
-    last = ran.output.strip().splitlines()[-1]
+    last = ran.output.strip().splitlines()[-2]
     assert last.startswith("report: could not be made (TypeError: Invalid value") and "bdbench report --out" in last
     assert "Traceback" not in ran.output

@@ -231,7 +231,7 @@ def test_cli_results_json_and_one_line_errors(tmp_path, tiny_grid):
     bdbench = [sys.executable, "-m", "bdbench"]
     ran = subprocess.run([*bdbench, "run", str(config), "--out", str(out)], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
-    assert "1 experiments in" in ran.stdout and "1 ok" in ran.stdout
+    assert ran.stdout.strip().splitlines()[-1].startswith("1 experiment: 1 ok; rows in ")
     listed = json.loads(subprocess.run([*bdbench, "results", "--out", str(out), "--format", "json"],
                                        capture_output=True, text=True, check=True).stdout)
     assert len(listed) == 1 and set(REQUIRED) <= set(listed[0]) and listed[0]["status"] == "ok"
@@ -294,3 +294,27 @@ def test_two_badnets_variants_and_two_strip_settings_stay_four_rows(tmp_path, ti
     for attack, defense in pairs:
         assert f"<td>{defense}</td><td>{attack}</td>" in detection
     assert "target label: 3" in html
+
+
+def test_run_exits_non_zero_when_an_experiment_errored_and_keeps_its_rows(tmp_path, tiny_grid):
+    """Issue 27: a grid whose every experiment errored (target label 99; a patch larger than the image) exited 0."""
+    tiny_grid.update(training={"epochs": 1}, attacks=["none", {"name": "badnets", "patch_size": 20}],
+                     defenses=["none"])
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(tiny_grid))
+    out = tmp_path / "out"
+    ran = subprocess.run([sys.executable, "-m", "bdbench", "run", str(config), "--out", str(out), "--threads", "1"],
+                         capture_output=True, text=True)
+    assert ran.returncode == 3, ran.stderr
+    assert ran.stdout.strip().splitlines()[-1].startswith("2 experiments: 1 error, 1 ok;")
+    assert "1 experiment ended in error" in ran.stdout.strip().splitlines()[-1]
+    assert "Traceback" not in ran.stderr
+    assert sorted(load_results(out).status) == ["error", "ok"]  # both rows kept
+
+    tiny_grid.update(attacks=["none"], target_label=99)
+    config.write_text(yaml.safe_dump(tiny_grid))
+    every = subprocess.run([sys.executable, "-m", "bdbench", "run", str(config), "--out", str(tmp_path / "all"),
+                            "--threads", "1"], capture_output=True, text=True)
+    assert every.returncode == 3, every.stderr
+    assert every.stdout.strip().splitlines()[-1].startswith("1 experiment: 1 error;")
+    assert load_results(tmp_path / "all").error.tolist() == ["target_label 99 is not a class of digits (0..9)"]

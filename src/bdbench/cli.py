@@ -15,6 +15,10 @@ _TABLE_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "
                   "clean_acc", "asr", "robust_acc", "der", "psnr", "ssim", "detected", "det_tpr", "det_fpr", "defense_s"]
 
 
+EXIT_USER_ERROR = 2  # a bad config, file or folder: nothing ran, or nothing more could
+EXIT_EXPERIMENT_ERRORS = 3  # the grid ran and its rows are stored, but at least one experiment ended in `error`
+
+
 class _OneLineErrors(click.Group):
     """Show user errors as one line (`error: ...`) with exit status 2, never a traceback."""
 
@@ -23,7 +27,7 @@ class _OneLineErrors(click.Group):
             return super().invoke(ctx)
         except BdbenchError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted: finished experiments are stored; run the same command again to do the rest",
                        err=True)
@@ -59,10 +63,17 @@ def run(config: str, out: str, overrides: tuple[str, ...], executor: str, worker
     rows = run_grid(config, out=out, overrides=overrides, executor=executor, retry_errors=retry_errors,
                     workers=workers, threads=threads, ray_address=ray_address)
     counts = rows["status"].value_counts().to_dict()
-    click.echo(f"{len(rows)} experiments in {Path(out) / 'results.sqlite'}: "
-               + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     click.echo(_table(rows))
     click.echo(_report_line(out))
+    errored = counts.get("error", 0)
+    summary = f"{len(rows)} experiment{'s'[:len(rows) != 1]}: {tally}; rows in {Path(out) / 'results.sqlite'}"
+    if errored:
+        click.echo(f"{summary}; {errored} experiment{'s'[:errored != 1]} ended in error (the error column of "
+                   f"`bdbench results --out {out}`, tracebacks in {Path(out) / 'logs'}); --retry-errors runs "
+                   f"{'them' if errored != 1 else 'it'} again")
+        sys.exit(EXIT_EXPERIMENT_ERRORS)
+    click.echo(summary)
 
 
 def _table(rows) -> str:
