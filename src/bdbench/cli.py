@@ -105,9 +105,11 @@ def _report_line(out: str) -> str:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def results(out: str, fmt: str) -> None:
     """Print the stored results of an output folder."""
-    from bdbench.store import load_results
+    from bdbench.store import load_results, no_rows_error
 
     rows = load_results(out)
+    if rows.empty:
+        raise no_rows_error(out)
     if fmt == "json":
         click.echo(rows.to_json(orient="records", indent=2))
     elif fmt == "csv":

@@ -11,6 +11,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from bdbench.errors import BdbenchError
 from bdbench.report import figures, stats
 from bdbench.report.assets import CSS, ERROR_TRAP, TABLE_SCRIPT
 
@@ -229,6 +230,11 @@ def render(rows: pd.DataFrame, title: str = "bdbench report") -> str:
 def write_page(rows: pd.DataFrame, path: str | Path, title: str = "bdbench report") -> Path:
     """Write the page atomically enough for a report: the whole text at once, parent folders created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(rows, title), encoding="utf-8")
+    html = render(rows, title)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise BdbenchError(f"cannot write the report to {path} ({exc.strerror or exc}); give `bdbench report` "
+                           "-o FILE.html in a folder you can write") from None
     return path
