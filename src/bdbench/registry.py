@@ -106,6 +106,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def registered(self) -> list[str]:
+        """The names in the order they were registered (for precisions: fp32 first, then fewer bits)."""
+        return list(self._entries)
+
 
 def _plain(value: Any) -> Any:
     """A comparable form of a parameter value: YAML gives lists where a default is a tuple, 1 where it is 1.0."""

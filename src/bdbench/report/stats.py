@@ -10,6 +10,7 @@ from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
 INTERVAL_NAME = "Student-t 95% interval of the mean"
+DER_RANGE = (0.0, 1.0)  # metrics.defense_effectiveness_rating: 0.5 is no change
 
 
 def by_variant(rows: pd.DataFrame) -> pd.DataFrame:
@@ -34,6 +35,47 @@ def by_variant(rows: pd.DataFrame) -> pd.DataFrame:
 
 def _attack_names(rows: pd.DataFrame) -> pd.Series:
     return rows["attack_name"] if "attack_name" in rows else rows["attack"]
+
+
+def _defense_names(rows: pd.DataFrame) -> pd.Series:
+    return rows["defense_name"] if "defense_name" in rows else rows["defense"]
+
+
+def varies(rows: pd.DataFrame, column: str) -> bool:
+    """Whether the rows hold more than one value of `column`: then metrics are split by it, never averaged over."""
+    return column in rows and rows[column].nunique(dropna=True) > 1
+
+
+def precision_order(values: "pd.Series | list") -> list[str]:
+    """The distinct precisions in their natural order: the registry's (fp32, then fewer bits), unknown ones last."""
+    from bdbench.precision import PRECISIONS
+
+    known = {name: i for i, name in enumerate(PRECISIONS.registered())}
+    distinct = pd.Series(list(values)).dropna().unique()
+    return sorted((str(v) for v in distinct), key=lambda v: (known.get(v, len(known)), v))
+
+
+def by_precision(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with its rows in precision order, keeping the order within each precision."""
+    if "precision" not in frame or frame.empty:
+        return frame
+    rank = {name: i for i, name in enumerate(precision_order(frame["precision"]))}
+    order = frame["precision"].map(lambda v: rank.get(str(v), len(rank))).to_numpy()
+    return frame.iloc[np.argsort(order, kind="stable")].reset_index(drop=True)
+
+
+def changes_model(rows: pd.DataFrame) -> bool:
+    """Whether a defense changed any model it was handed (CA or ASR after differ from before). One that never
+    did (an input detector, a detector without a repair, no defense) has DER 0.5 by construction: DER does not
+    rate it, its detection numbers do."""
+    kinds = rows["defense_kind"] if "defense_kind" in rows else pd.Series(dtype=object)
+    if len(rows) == 0 or (_defense_names(rows) == "none").all() or (kinds == "input_detection").all():
+        return False
+    changed = pd.Series(False, index=rows.index)
+    for after, before in (("clean_acc", "clean_acc_before"), ("asr", "asr_before")):
+        gap = (numeric(rows[after]) - numeric(rows[before])).abs()
+        changed |= gap.gt(1e-9).fillna(False)
+    return bool(changed.any())
 
 
 def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -90,36 +132,45 @@ def ca_drop(rows: pd.DataFrame) -> pd.Series:
 
 
 def leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per defense, ranked by mean DER over every backdoored ok cell (seeds x attacks x rates x precisions)."""
+    """One line per defense (per defense and precision where precision varies), over every backdoored ok cell
+    (seeds x attacks x rates). `ranked` lines (defenses that changed a model) come first, by mean DER; the
+    interval is clipped to DER's range."""
     good = ok_rows(rows)
+    keys = ["defense"] + (["precision"] if varies(good, "precision") else [])
     lines = []
-    for defense, group in good.groupby("defense", sort=True):
+    for key, group in good.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
         hit = attacked(group)
         der_mean, der_half, n = t_interval(hit["der"])
         lines.append({
-            "defense": defense,
+            **dict(zip(keys, key)),
             "n": n,
             "der_mean": der_mean,
-            "der_low": der_mean - der_half,
-            "der_high": der_mean + der_half,
+            "der_low": float(np.clip(der_mean - der_half, *DER_RANGE)),  # NaN (n < 2) stays NaN
+            "der_high": float(np.clip(der_mean + der_half, *DER_RANGE)),
             "ca_drop": _mean(ca_drop(group)),
             "asr_after": _mean(hit["asr"]),
             "benign_fp": benign_flag_rate(group),
             "defense_s": _mean(group["defense_s"]),
+            "ranked": changes_model(group),
+            "is_none": bool((_defense_names(group) == "none").all()),
         })
-    table = pd.DataFrame(lines, columns=["defense", "n", "der_mean", "der_low", "der_high", "ca_drop",
-                                         "asr_after", "benign_fp", "defense_s"])
-    return table.sort_values("der_mean", ascending=False, na_position="last").reset_index(drop=True)
+    table = pd.DataFrame(lines, columns=keys + ["n", "der_mean", "der_low", "der_high", "ca_drop", "asr_after",
+                                                "benign_fp", "defense_s", "ranked", "is_none"])
+    return by_precision(table).sort_values(["ranked", "der_mean"], ascending=[False, False], na_position="last",
+                                           kind="stable").reset_index(drop=True)  # ties in precision order
 
 
-def grid_mean(rows: pd.DataFrame, values: pd.Series, index: str, columns: str) -> pd.DataFrame:
-    """Mean of `values` per (index, columns) cell; empty when no cell has a number."""
+def grid_mean(rows: pd.DataFrame, values: pd.Series, index: str, columns: str, keep_order: bool = False) -> pd.DataFrame:
+    """Mean of `values` per (index, columns) cell; empty when no cell has a number. Index values are sorted, or
+    kept in the order they first appear in `rows` with `keep_order`."""
     frame = rows[[index, columns]].copy()
     frame["value"] = numeric(values)
     frame = frame.dropna(subset=["value"])
     if frame.empty:
         return pd.DataFrame()
-    return frame.pivot_table(index=index, columns=columns, values="value", aggfunc="mean").sort_index()
+    table = frame.pivot_table(index=index, columns=columns, values="value", aggfunc="mean")
+    return table.reindex(list(dict.fromkeys(frame[index]))) if keep_order else table.sort_index()
 
 
 def detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -134,7 +185,7 @@ def detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         return pd.DataFrame()
     table = frame.groupby(by, sort=True)[metrics].mean().reset_index()
     table["n"] = frame.groupby(by, sort=True).size().to_numpy()
-    return table.rename(columns={"detected": "flag_rate"})
+    return by_precision(table.rename(columns={"detected": "flag_rate"}))
 
 
 def naive_detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -158,7 +209,7 @@ def naive_detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     frame["blocked"] = blocked.astype(int)
     table = frame.groupby(by, sort=True).agg(naive_tpr=("det_tpr", "mean"), naive_flag_rate=("detected", "mean"),
                                              blocked=("blocked", "sum"), rows=("blocked", "size"))
-    return table.reset_index()
+    return by_precision(table.reset_index())
 
 
 def precision_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -172,7 +223,7 @@ def precision_table(rows: pd.DataFrame) -> pd.DataFrame:
         lines.append({"precision": precision, "defense": defense,
                       "clean_acc": _mean(group["clean_acc"]), "clean_acc_before": _mean(group["clean_acc_before"]),
                       "asr": _mean(hit["asr"]), "asr_before": _mean(hit["asr_before"]), "n": len(group)})
-    return pd.DataFrame(lines)
+    return by_precision(pd.DataFrame(lines))
 
 
 def failures(rows: pd.DataFrame) -> pd.DataFrame:
