@@ -318,3 +318,44 @@ def test_run_exits_non_zero_when_an_experiment_errored_and_keeps_its_rows(tmp_pa
     assert every.returncode == 3, every.stderr
     assert every.stdout.strip().splitlines()[-1].startswith("1 experiment: 1 error;")
     assert load_results(tmp_path / "all").error.tolist() == ["target_label 99 is not a class of digits (0..9)"]
+
+
+def test_rows_name_the_data_set_and_keep_its_loader_beside_it(tmp_path, tiny_grid):
+    """Issue 19: a grid on {name: npz, path: .../cifar10.npz} stored `dataset = npz`, and the report said
+    "data set: npz". The row names the file's stem, or the spec's `label`, with the loader in `dataset_loader`."""
+    import numpy as np
+
+    from bdbench.report import report_from_out
+
+    digits = load_dataset("digits")
+    np.savez(tmp_path / "tiny-digits.npz", x_train=digits.x_train.permute(0, 2, 3, 1).numpy(),
+             y_train=digits.y_train.numpy(), x_test=digits.x_test.permute(0, 2, 3, 1).numpy(),
+             y_test=digits.y_test.numpy())
+    tiny_grid.update(training={"epochs": 1}, attacks=["none"], defenses=["none"],
+                     dataset={"name": "npz", "path": str(tmp_path / "tiny-digits.npz")})
+    rows = run_grid(tiny_grid, out=tmp_path / "out", progress=False, threads=1)
+    assert rows[["dataset", "dataset_loader", "status"]].values.tolist() == [["tiny-digits", "npz", "ok"]]
+    assert "data set: tiny-digits" in report_from_out(tmp_path / "out").read_text()
+
+    tiny_grid["dataset"]["label"] = "my-digits"
+    labelled = run_grid(tiny_grid, out=tmp_path / "labelled", progress=False, threads=1)
+    assert labelled[["dataset", "dataset_loader"]].values.tolist() == [["my-digits", "npz"]]
+    assert labelled.experiment_id.tolist() == rows.experiment_id.tolist()  # a label is a name, not a new cell
+    assert labelled.victim_key.tolist() == rows.victim_key.tolist()
+
+    tiny_grid["dataset"] = "digits"  # built-in names stay as they are
+    builtin = run_grid(tiny_grid, out=tmp_path / "builtin", progress=False, threads=1)
+    assert builtin[["dataset", "dataset_loader"]].values.tolist() == [["digits", "digits"]]
+
+
+def test_an_older_database_without_dataset_loader_still_loads(tmp_path):
+    db = sqlite3.connect(tmp_path / "results.sqlite")
+    db.execute("CREATE TABLE experiments (experiment_id TEXT PRIMARY KEY, dataset TEXT, attack TEXT, "
+               "attack_params TEXT, defense TEXT, defense_params TEXT, status TEXT)")
+    db.execute("INSERT INTO experiments VALUES ('old', 'npz', 'badnets', '{\"patch_size\": 4}', 'none', '{}', 'ok')")
+    db.commit()
+    db.close()
+    rows = load_results(tmp_path)
+    assert rows[["dataset", "dataset_loader", "attack_variant"]].values.tolist() == [["npz", "npz", "badnets(patch_size=4)"]]
+    assert "dataset_loader" not in {r[1] for r in sqlite3.connect(tmp_path / "results.sqlite").execute(
+        "PRAGMA table_info(experiments)")}  # read, not altered: a reader never writes

@@ -92,10 +92,7 @@ class Registry(Generic[T]):
         non-default parameters, e.g. `badnets(patch_size=4)`, or the bare name at the defaults."""
         if label:
             return str(label)
-        changed = self.non_default(name, params or {})
-        if not changed:
-            return name
-        return f"{name}({', '.join(f'{k}={_compact(v)}' for k, v in sorted(changed.items()))})"
+        return variant_name(name, self.non_default(name, params or {}))
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -109,6 +106,13 @@ class Registry(Generic[T]):
     def registered(self) -> list[str]:
         """The names in the order they were registered (for precisions: fp32 first, then fewer bits)."""
         return list(self._entries)
+
+
+def variant_name(base: str, changed: Mapping[str, Any]) -> str:
+    """`base(k=v, ...)` with the parameters in name order, or `base` alone when there are none."""
+    if not changed:
+        return base
+    return f"{base}({', '.join(f'{k}={_compact(v)}' for k, v in sorted(changed.items()))})"
 
 
 def _plain(value: Any) -> Any:

@@ -28,6 +28,7 @@ from bdbench.errors import ArtifactError
 COLUMNS: dict[str, str] = {
     "experiment_id": "TEXT PRIMARY KEY",
     "dataset": "TEXT",
+    "dataset_loader": "TEXT",
     "model": "TEXT",
     "attack": "TEXT",
     "attack_params": "TEXT",
@@ -154,6 +155,8 @@ class ResultStore:
         for column in COLUMNS:  # an older database read without altering it
             if column not in df:
                 df[column] = None
+        # Rows stored before `dataset_loader` existed named the loader in `dataset`.
+        df["dataset_loader"] = df["dataset_loader"].where(df["dataset_loader"].notna(), df["dataset"])
         if experiment_ids is not None:
             df = df[df["experiment_id"].isin(set(experiment_ids))].reset_index(drop=True)
         for column in _BOOL_COLUMNS:
