@@ -361,7 +361,8 @@ def test_a_detector_that_changes_no_model_is_not_ranked_by_der(tmp_path):
                          seed=seed, clean_acc=0.9, clean_acc_before=0.9, asr=0.95, asr_before=0.95, der=0.5,
                          det_tpr=0.0, det_fpr=0.01, det_auroc=0.5))
         rows.append(_row(experiment_id=f"f{seed}", attack="badnets", defense="ft", defense_kind="model_repair",
-                         seed=seed, clean_acc=0.7, clean_acc_before=0.9, asr=0.85, asr_before=0.95, der=0.45 + seed / 100))
+                         seed=seed, clean_acc=0.7, clean_acc_before=0.9, asr=0.85, asr_before=0.95,
+                         der=0.45 + seed / 100))
     rows = _through_sqlite(tmp_path, pd.DataFrame(rows, columns=list(COLUMNS)))
     board = leaderboard(rows)
     assert board["defense"].tolist() == ["ft", "strip"] and board["ranked"].tolist() == [True, False]

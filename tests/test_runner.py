@@ -356,6 +356,7 @@ def test_an_older_database_without_dataset_loader_still_loads(tmp_path):
     db.commit()
     db.close()
     rows = load_results(tmp_path)
-    assert rows[["dataset", "dataset_loader", "attack_variant"]].values.tolist() == [["npz", "npz", "badnets(patch_size=4)"]]
+    assert rows[["dataset", "dataset_loader", "attack_variant"]].values.tolist() == [
+        ["npz", "npz", "badnets(patch_size=4)"]]
     assert "dataset_loader" not in {r[1] for r in sqlite3.connect(tmp_path / "results.sqlite").execute(
         "PRAGMA table_info(experiments)")}  # read, not altered: a reader never writes

@@ -90,7 +90,6 @@ class ResultStore:
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
-        self.read_only = read_only
         try:
             if read_only:
                 self._db = _connect_read_only(self.path)
@@ -204,10 +203,12 @@ def database_fault(path: Path, exc: sqlite3.DatabaseError) -> ArtifactError:
     text = str(exc)
     low = text.lower()
     if "malformed" in low or "corrupt" in low:
-        damaged = path.with_name(f"{path.stem}.damaged{path.suffix}")
+        # Dumped first: the sqlite3 tool folds a -wal left by a killed run into the file as it closes it.
+        damaged, dump = (path.with_name(f"{path.stem}.damaged{path.suffix}"), path.with_name(f"{path.stem}.sql"))
         return ArtifactError(
-            f"{path} is damaged ({text}); keep the rows it still holds with `mv {path} {damaged} && sqlite3 {damaged} "
-            f".dump | sed 's/^ROLLBACK;.*/COMMIT;/' | sqlite3 {path}` (a run then skips them), or pick another --out")
+            f"{path} is damaged ({text}); keep the rows it still holds with `sqlite3 {path} .dump | sed "
+            f"'s/^ROLLBACK;.*/COMMIT;/' > {dump} && mv {path} {damaged} && sqlite3 {path} < {dump}` (a run then "
+            "skips them), or pick another --out")
     if "not a database" in low or "encrypted" in low:
         return ArtifactError(f"{path} is not a SQLite database ({text}); move it away or pick another --out")
     if any(word in low for word in ("readonly", "read-only", "unable to open", "permission", "disk i/o", "full")):
@@ -298,7 +299,8 @@ def no_rows_error(out: str | Path) -> ArtifactError:
     if not path.is_file():
         return ArtifactError(f"{path}: no results yet; run `bdbench run CONFIG --out {out}` first")
     empty = " (an empty, 0-byte file)" if path.stat().st_size == 0 else ""
-    return ArtifactError(f"{path} holds no finished experiment{empty}; run `bdbench run CONFIG --out {out}` to add some")
+    return ArtifactError(f"{path} holds no finished experiment{empty}; "
+                         f"run `bdbench run CONFIG --out {out}` to add some")
 
 
 class ArtifactCache:

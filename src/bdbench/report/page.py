@@ -16,10 +16,10 @@ from bdbench.report import figures, stats
 from bdbench.report.assets import CSS, ERROR_TRAP, TABLE_SCRIPT
 
 # Columns of the every-experiment table, in reading order; long JSON columns (spec) stay in the database.
-EXPERIMENT_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "defense", "defense_kind", "precision", "seed",
-                      "status", "clean_acc", "asr", "robust_acc", "der", "clean_acc_before", "asr_before",
-                      "detected", "anomaly_index", "det_tpr", "det_fpr", "det_auroc", "defense_s", "peak_rss_mb",
-                      "wall_s", "experiment_id"]
+EXPERIMENT_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "defense", "defense_kind",
+                      "precision", "seed", "status", "clean_acc", "asr", "robust_acc", "der", "clean_acc_before",
+                      "asr_before", "detected", "anomaly_index", "det_tpr", "det_fpr", "det_auroc", "defense_s",
+                      "peak_rss_mb", "wall_s", "experiment_id"]
 SECTIONS = [("leaderboard", "Leaderboard"), ("heatmaps", "ASR and CA drop"), ("detection", "Detection"),
             ("precision", "Precision"), ("cost", "Cost"), ("experiments", "All experiments"),
             ("failures", "Errors and not applicable")]

@@ -161,7 +161,8 @@ def leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
                                            kind="stable").reset_index(drop=True)  # ties in precision order
 
 
-def grid_mean(rows: pd.DataFrame, values: pd.Series, index: str, columns: str, keep_order: bool = False) -> pd.DataFrame:
+def grid_mean(rows: pd.DataFrame, values: pd.Series, index: str, columns: str,
+              keep_order: bool = False) -> pd.DataFrame:
     """Mean of `values` per (index, columns) cell; empty when no cell has a number. Index values are sorted, or
     kept in the order they first appear in `rows` with `keep_order`."""
     frame = rows[[index, columns]].copy()
