@@ -110,3 +110,24 @@ def test_builtin_attacks_grid_covers_every_part_a_attack():
     assert {"none", "badnets", "blended", "sig", "lc", "trojannn", "advdoor", "source_specific", "lsp"} <= names
     assert all(s.defense.name == "none" and s.dataset.name == "mnist5k" for s in specs)
     assert {s.poison_rate for s in specs if s.attack.name in ("badnets", "blended", "trojannn", "advdoor")} == {0.1}
+
+
+def test_variants_name_the_non_default_parameters_and_a_label_changes_no_id(tiny_grid):
+    tiny_grid["attacks"] = ["none", {"name": "badnets", "patch_size": 3}, {"name": "badnets", "patch_size": 4},
+                            {"name": "blended", "alpha": 0.1, "poison_rate": 0.05}]
+    tiny_grid["defenses"] = ["strip", {"name": "strip", "overlays": 10}]
+    specs = expand(load_grid(tiny_grid))
+    pairs = [(s.attack_variant, s.defense_variant) for s in specs]
+    assert pairs == [(a, d) for a in ["none", "badnets", "badnets(patch_size=4)", "blended(alpha=0.1)"]
+                     for d in ["strip", "strip(overlays=10)"]]  # patch_size 3 is badnets' default
+    assert specs[2].describe() == "badnets@0.1 target 0 / strip / fp32 / seed 0"
+    assert specs[5].describe() == "badnets(patch_size=4)@0.1 target 0 / strip(overlays=10) / fp32 / seed 0"
+    tiny_grid["attacks"][2]["label"] = "big-patch"
+    tiny_grid["defenses"][1]["label"] = "strip-10"
+    labelled = expand(load_grid(tiny_grid))
+    assert [s.experiment_id for s in labelled] == [s.experiment_id for s in specs]
+    assert [s.victim_key for s in labelled] == [s.victim_key for s in specs]
+    assert (labelled[5].attack_variant, labelled[5].defense_variant) == ("big-patch", "strip-10")
+    tiny_grid["defenses"][1]["label"] = ""
+    with pytest.raises(ConfigError, match="label must be a non-empty string"):
+        load_grid(tiny_grid)

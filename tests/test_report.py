@@ -93,7 +93,8 @@ def test_leaderboard_numbers_match_a_hand_computation(tmp_path):
     ft = board.loc["ft"]
     half = 12.706204736 * 0.1414213562 / math.sqrt(2)  # t(0.975, 1 dof) * sd / sqrt(n)
     assert ft["n"] == 2 and ft["der_mean"] == pytest.approx(0.7)
-    assert ft["der_low"] == pytest.approx(0.7 - half, abs=1e-6) and ft["der_high"] == pytest.approx(0.7 + half, abs=1e-6)
+    assert 0.7 - half < 0 and 0.7 + half > 1  # the t interval leaves DER's range [0, 1]: it is clipped to it
+    assert ft["der_low"] == 0.0 and ft["der_high"] == 1.0
     assert ft["ca_drop"] == pytest.approx((0.1 + 0.0 + 0.1) / 3)
     assert ft["asr_after"] == pytest.approx(0.3)
     assert ft["benign_fp"] == pytest.approx(1.0)
@@ -102,7 +103,10 @@ def test_leaderboard_numbers_match_a_hand_computation(tmp_path):
     html = write_report(rows, tmp_path / "r.html").read_text()
     assert "<td>ft</td><td class=\"num\" data-value=\"2.0\">2</td><td class=\"num\" data-value=\"0.7\">0.700</td>" \
         in html.replace("data-value=\"2\"", "data-value=\"2.0\"")
-    assert f"{0.7 - half:.3f} – {0.7 + half:.3f}" in html
+    assert "0.000 – 1.000" in html and f"{0.7 - half:.3f}" not in html
+    assert "clipped to DER&#x27;s range [0, 1]" in html
+    assert board.loc["ft", "ranked"] and not board.loc["nc", "ranked"]  # nc changed no model: 0.5 by construction
+    assert "Not ranked by DER: nc." in html and "<td>2</td><td>nc</td>" not in html
 
 
 
@@ -270,5 +274,126 @@ def test_cli_run_ends_by_writing_the_report(tmp_path, monkeypatch):
     monkeypatch.setattr(bdbench.runner, "run_grid", fake_run_grid)
     ran = CliRunner().invoke(main, ["run", "demo", "--out", str(out)])
     assert ran.exit_code == 0, ran.output
-    assert ran.output.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    assert ran.output.strip().splitlines()[-2] == f"report: {out / 'report.html'}"
+    assert ran.output.strip().splitlines()[-1].startswith("1 experiment: 1 ok; rows in ")
     assert "<section id=\"leaderboard\">" in (out / "report.html").read_text()
+
+
+def _through_sqlite(tmp_path: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows as `bdbench report` sees them: written to a real results database and read back."""
+    from bdbench.store import ResultStore, load_results
+
+    out = tmp_path / "out"
+    store = ResultStore(out / "results.sqlite")
+    for record in rows.to_dict("records"):
+        store.write({k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))})
+    store.close()
+    return load_results(out)
+
+
+def test_every_row_with_a_verdict_gives_a_report(tmp_path):
+    """Issue 27: a grid of nc rows only (every row has `detected`) made pandas 3 read the column as bool, and
+    the naive table's 0.0 fill raised `Invalid value '0.0' for dtype 'bool'`, failing run and report."""
+    rows = _through_sqlite(tmp_path, pd.DataFrame([
+        _row(experiment_id="a", attack="badnets", defense="nc", detected=True, der=0.9, clean_acc=0.9,
+             clean_acc_before=0.9, asr=0.1, asr_before=0.9),
+        _row(experiment_id="b", attack="none", defense="nc", detected=False, clean_acc=0.9, clean_acc_before=0.9),
+        _row(experiment_id="c", attack="badnets", defense="nc", precision="int8-dynamic", detected=True,
+             proxy="ste", der=0.5, clean_acc=0.9, clean_acc_before=0.9, asr=0.9, asr_before=0.9),
+    ], columns=list(COLUMNS)))
+    naive = naive_detection_table(rows, ["precision", "defense"]).set_index("precision")
+    assert naive.loc["int8-dynamic", "naive_flag_rate"] == 0.0 and naive.loc["fp32", "naive_flag_rate"] == 0.5
+    html = write_report(rows, tmp_path / "r.html").read_text()
+    assert "Detection per precision" in html and "naive flag rate" in html
+
+
+def test_a_report_failure_does_not_fail_a_run_that_stored_its_rows(tmp_path, monkeypatch):
+    import bdbench.report
+    import bdbench.runner
+    from click.testing import CliRunner
+
+    from bdbench.cli import main
+    from bdbench.store import ResultStore
+
+    out = tmp_path / "out"
+
+    def fake_run_grid(config, out, **_):
+        store = ResultStore(Path(out) / "results.sqlite")
+        store.write({k: v for k, v in synthetic_rows().iloc[1].to_dict().items() if v is not None})
+        frame = store.dataframe()
+        store.close()
+        return frame
+
+    def broken_report(*_, **__):
+        raise TypeError("Invalid value '0.0' for dtype 'bool'")
+
+    monkeypatch.setattr(bdbench.runner, "run_grid", fake_run_grid)
+    monkeypatch.setattr(bdbench.report, "report_from_out", broken_report)
+    ran = CliRunner().invoke(main, ["run", "demo", "--out", str(out)])
+    assert ran.exit_code == 0, ran.output
+    last = ran.output.strip().splitlines()[-2]
+    assert last.startswith("report: could not be made (TypeError: Invalid value") and "bdbench report --out" in last
+    assert "Traceback" not in ran.output
+
+
+def _section(html: str, key: str) -> str:
+    start = html.index(f'<section id="{key}">')
+    return html[start:html.index("</section>", start)]
+
+
+def test_leaderboard_without_a_defense_says_what_there_is(tmp_path):
+    """Issue 27: backdoored rows without a defense were reported as "No successful experiments on backdoored models"."""
+    rows = _through_sqlite(tmp_path, pd.DataFrame([
+        _row(experiment_id=f"a{seed}", attack="badnets", defense="none", defense_kind="none", seed=seed,
+             clean_acc=0.9, clean_acc_before=0.9, asr=0.95, asr_before=0.95) for seed in range(3)
+    ], columns=list(COLUMNS)))
+    board = _section(write_report(rows, tmp_path / "r.html").read_text(), "leaderboard")
+    assert "No successful experiments on backdoored models" not in board
+    assert "3 successful experiments on backdoored models, but no defense in them changed a model" in board
+
+
+def test_a_detector_that_changes_no_model_is_not_ranked_by_der(tmp_path):
+    """Issue 27: STRIP (DER 0.500 by construction: a filter leaves the model as it is) ranked first while detecting
+    nothing, above a repair that really lowered the ASR at some cost in accuracy."""
+    rows = []
+    for seed in range(2):
+        rows.append(_row(experiment_id=f"s{seed}", attack="badnets", defense="strip", defense_kind="input_detection",
+                         seed=seed, clean_acc=0.9, clean_acc_before=0.9, asr=0.95, asr_before=0.95, der=0.5,
+                         det_tpr=0.0, det_fpr=0.01, det_auroc=0.5))
+        rows.append(_row(experiment_id=f"f{seed}", attack="badnets", defense="ft", defense_kind="model_repair",
+                         seed=seed, clean_acc=0.7, clean_acc_before=0.9, asr=0.85, asr_before=0.95,
+                         der=0.45 + seed / 100))
+    rows = _through_sqlite(tmp_path, pd.DataFrame(rows, columns=list(COLUMNS)))
+    board = leaderboard(rows)
+    assert board["defense"].tolist() == ["ft", "strip"] and board["ranked"].tolist() == [True, False]
+    html = write_report(rows, tmp_path / "r.html").read_text()
+    section = _section(html, "leaderboard")
+    assert '<tr class="rank1"><td class="num" data-value="1.0">1</td><td>ft</td>' in section.replace(
+        'data-value="1"', 'data-value="1.0"')
+    assert "<td>strip</td>" not in section and "Not ranked by DER: strip." in section
+    assert "<td>strip</td>" in _section(html, "detection")  # judged on its own scale
+
+
+def test_detection_is_split_by_precision_and_precisions_keep_their_natural_order(tmp_path):
+    """Issue 27: AUROC 0.855 at fp32 and 0.113 at int8 were shown as 0.484; precisions sorted alphabetically."""
+    rows = []
+    for precision, auroc in (("int4-sim", 0.3), ("int8-dynamic", 0.113), ("fp32", 0.855)):
+        rows.append(_row(experiment_id=f"ac-{precision}", attack="badnets", defense="ac",
+                         defense_kind="training_data_detection", precision=precision, clean_acc=0.9,
+                         clean_acc_before=0.9, asr=0.1, asr_before=0.9, der=0.9, det_tpr=0.8, det_fpr=0.1,
+                         det_auroc=auroc))
+        rows.append(_row(experiment_id=f"ac-none-{precision}", attack="none", defense="ac",
+                         defense_kind="training_data_detection", precision=precision, clean_acc=0.9,
+                         clean_acc_before=0.9, det_fpr=0.05))
+    rows = _through_sqlite(tmp_path, pd.DataFrame(rows, columns=list(COLUMNS)))
+    html = write_report(rows, tmp_path / "r.html").read_text()
+    detection = _section(html, "detection")
+    assert "0.484" not in detection and "0.423" not in detection  # no mean across precisions
+    for auroc in ("0.855", "0.113", "0.300"):
+        assert f">{auroc}</td>" in detection
+    assert detection.index("fp32") < detection.index("int8-dynamic") < detection.index("int4-sim")
+    precision = _section(html, "precision")
+    table = precision[precision.index("<table"):]
+    assert table.index(">fp32<") < table.index(">int8-dynamic<") < table.index(">int4-sim<")
+    board = _section(html, "leaderboard")
+    assert board.index(">fp32<") < board.index(">int8-dynamic<") < board.index(">int4-sim<")  # DER per precision

@@ -284,7 +284,7 @@ def test_cli_results_json_and_one_line_errors(tmp_path, tiny_grid):
     bdbench = [sys.executable, "-m", "bdbench"]
     ran = subprocess.run([*bdbench, "run", str(config), "--out", str(out)], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
-    assert "1 experiments in" in ran.stdout and "1 ok" in ran.stdout
+    assert ran.stdout.strip().splitlines()[-1].startswith("1 experiment: 1 ok; rows in ")
     listed = json.loads(subprocess.run([*bdbench, "results", "--out", str(out), "--format", "json"],
                                        capture_output=True, text=True, check=True).stdout)
     assert len(listed) == 1 and set(REQUIRED) <= set(listed[0]) and listed[0]["status"] == "ok"
@@ -318,3 +318,98 @@ def test_cli_list_json_has_name_and_description():
         "advdoor", "narcissus", "source_specific", "lsp", "dfb"}
     assert all(a["citation"] for a in attacks if a["name"] != "none")
     assert all("Gu" in a["citation"] for a in attacks if a["name"] == "badnets")
+
+
+def test_two_badnets_variants_and_two_strip_settings_stay_four_rows(tmp_path, tiny_grid):
+    """Issue 27: parameters were shown nowhere, so these four cells were pooled as badnets x strip."""
+    from click.testing import CliRunner
+
+    from bdbench.cli import main
+    from bdbench.report import report_from_out
+
+    tiny_grid.update(training={"epochs": 1, "batch_size": 64, "lr": 0.05}, target_label=3,
+                     attacks=[{"name": "badnets", "patch_size": 2}, {"name": "badnets", "patch_size": 3}],
+                     defenses=[{"name": "strip", "overlays": 10}, "strip"])
+    rows = run_grid(tiny_grid, out=tmp_path, progress=False, threads=1)
+    assert set(rows.status) == {"ok"}
+    pairs = list(zip(rows.attack_variant, rows.defense_variant))
+    assert pairs == [("badnets(patch_size=2)", "strip(overlays=10)"), ("badnets(patch_size=2)", "strip"),
+                     ("badnets", "strip(overlays=10)"), ("badnets", "strip")]
+    table = CliRunner().invoke(main, ["results", "--out", str(tmp_path)])
+    assert table.exit_code == 0, table.output
+    lines = table.output.strip().splitlines()
+    assert "target_label" in lines[0] and len(lines) == 5
+    assert sum("badnets(patch_size=2)" in line and "strip(overlays=10)" in line for line in lines) == 1
+    html = report_from_out(tmp_path).read_text()
+    leaderboard = html[html.index('id="leaderboard"'):html.index('id="heatmaps"')]
+    assert "Not ranked by DER: strip, strip(overlays=10)." in leaderboard  # filters change no model
+    detection = html[html.index('id="detection"'):html.index('id="precision"')]
+    for attack, defense in pairs:
+        assert f"<td>{defense}</td><td>{attack}</td>" in detection
+    assert "target label: 3" in html
+
+
+def test_run_exits_non_zero_when_an_experiment_errored_and_keeps_its_rows(tmp_path, tiny_grid):
+    """Issue 27: a grid whose every experiment errored (target label 99; a patch larger than the image) exited 0."""
+    tiny_grid.update(training={"epochs": 1}, attacks=["none", {"name": "badnets", "patch_size": 20}],
+                     defenses=["none"])
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(tiny_grid))
+    out = tmp_path / "out"
+    ran = subprocess.run([sys.executable, "-m", "bdbench", "run", str(config), "--out", str(out), "--threads", "1"],
+                         capture_output=True, text=True)
+    assert ran.returncode == 3, ran.stderr
+    assert ran.stdout.strip().splitlines()[-1].startswith("2 experiments: 1 error, 1 ok;")
+    assert "1 experiment ended in error" in ran.stdout.strip().splitlines()[-1]
+    assert "Traceback" not in ran.stderr
+    assert sorted(load_results(out).status) == ["error", "ok"]  # both rows kept
+
+    tiny_grid.update(attacks=["none"], target_label=99)
+    config.write_text(yaml.safe_dump(tiny_grid))
+    every = subprocess.run([sys.executable, "-m", "bdbench", "run", str(config), "--out", str(tmp_path / "all"),
+                            "--threads", "1"], capture_output=True, text=True)
+    assert every.returncode == 3, every.stderr
+    assert every.stdout.strip().splitlines()[-1].startswith("1 experiment: 1 error;")
+    assert load_results(tmp_path / "all").error.tolist() == ["target_label 99 is not a class of digits (0..9)"]
+
+
+def test_rows_name_the_data_set_and_keep_its_loader_beside_it(tmp_path, tiny_grid):
+    """Issue 19: a grid on {name: npz, path: .../cifar10.npz} stored `dataset = npz`, and the report said
+    "data set: npz". The row names the file's stem, or the spec's `label`, with the loader in `dataset_loader`."""
+    import numpy as np
+
+    from bdbench.report import report_from_out
+
+    digits = load_dataset("digits")
+    np.savez(tmp_path / "tiny-digits.npz", x_train=digits.x_train.permute(0, 2, 3, 1).numpy(),
+             y_train=digits.y_train.numpy(), x_test=digits.x_test.permute(0, 2, 3, 1).numpy(),
+             y_test=digits.y_test.numpy())
+    tiny_grid.update(training={"epochs": 1}, attacks=["none"], defenses=["none"],
+                     dataset={"name": "npz", "path": str(tmp_path / "tiny-digits.npz")})
+    rows = run_grid(tiny_grid, out=tmp_path / "out", progress=False, threads=1)
+    assert rows[["dataset", "dataset_loader", "status"]].values.tolist() == [["tiny-digits", "npz", "ok"]]
+    assert "data set: tiny-digits" in report_from_out(tmp_path / "out").read_text()
+
+    tiny_grid["dataset"]["label"] = "my-digits"
+    labelled = run_grid(tiny_grid, out=tmp_path / "labelled", progress=False, threads=1)
+    assert labelled[["dataset", "dataset_loader"]].values.tolist() == [["my-digits", "npz"]]
+    assert labelled.experiment_id.tolist() == rows.experiment_id.tolist()  # a label is a name, not a new cell
+    assert labelled.victim_key.tolist() == rows.victim_key.tolist()
+
+    tiny_grid["dataset"] = "digits"  # built-in names stay as they are
+    builtin = run_grid(tiny_grid, out=tmp_path / "builtin", progress=False, threads=1)
+    assert builtin[["dataset", "dataset_loader"]].values.tolist() == [["digits", "digits"]]
+
+
+def test_an_older_database_without_dataset_loader_still_loads(tmp_path):
+    db = sqlite3.connect(tmp_path / "results.sqlite")
+    db.execute("CREATE TABLE experiments (experiment_id TEXT PRIMARY KEY, dataset TEXT, attack TEXT, "
+               "attack_params TEXT, defense TEXT, defense_params TEXT, status TEXT)")
+    db.execute("INSERT INTO experiments VALUES ('old', 'npz', 'badnets', '{\"patch_size\": 4}', 'none', '{}', 'ok')")
+    db.commit()
+    db.close()
+    rows = load_results(tmp_path)
+    assert rows[["dataset", "dataset_loader", "attack_variant"]].values.tolist() == [
+        ["npz", "npz", "badnets(patch_size=4)"]]
+    assert "dataset_loader" not in {r[1] for r in sqlite3.connect(tmp_path / "results.sqlite").execute(
+        "PRAGMA table_info(experiments)")}  # read, not altered: a reader never writes

@@ -11,8 +11,12 @@ import click
 
 from bdbench.errors import BdbenchError
 
-_TABLE_COLUMNS = ["dataset", "model", "attack", "poison_rate", "defense", "precision", "seed", "status",
+_TABLE_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "defense", "precision", "seed", "status",
                   "clean_acc", "asr", "robust_acc", "der", "psnr", "ssim", "detected", "det_tpr", "det_fpr", "defense_s"]
+
+
+EXIT_USER_ERROR = 2  # a bad config, file or folder: nothing ran, or nothing more could
+EXIT_EXPERIMENT_ERRORS = 3  # the grid ran and its rows are stored, but at least one experiment ended in `error`
 
 
 class _OneLineErrors(click.Group):
@@ -23,7 +27,7 @@ class _OneLineErrors(click.Group):
             return super().invoke(ctx)
         except BdbenchError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted: finished experiments are stored; run the same command again to do the rest",
                        err=True)
@@ -59,13 +63,41 @@ def run(config: str, out: str, overrides: tuple[str, ...], executor: str, worker
     rows = run_grid(config, out=out, overrides=overrides, executor=executor, retry_errors=retry_errors,
                     workers=workers, threads=threads, ray_address=ray_address)
     counts = rows["status"].value_counts().to_dict()
-    click.echo(f"{len(rows)} experiments in {Path(out) / 'results.sqlite'}: "
-               + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
-    click.echo(rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    from bdbench.report import report_from_out
+    tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    click.echo(_table(rows))
+    click.echo(_report_line(out))
+    errored = counts.get("error", 0)
+    summary = f"{len(rows)} experiment{'s'[:len(rows) != 1]}: {tally}; rows in {Path(out) / 'results.sqlite'}"
+    if errored:
+        click.echo(f"{summary}; {errored} experiment{'s'[:errored != 1]} ended in error (the error column of "
+                   f"`bdbench results --out {out}`, tracebacks in {Path(out) / 'logs'}); --retry-errors runs "
+                   f"{'them' if errored != 1 else 'it'} again")
+        sys.exit(EXIT_EXPERIMENT_ERRORS)
+    click.echo(summary)
 
-    click.echo(f"report: {report_from_out(out)}")
+
+def _table(rows) -> str:
+    """The rows as a text table; attacks and defenses are shown as their variants (`badnets(patch_size=4)`)."""
+    from bdbench.store import with_variants
+
+    rows = with_variants(rows)
+    rows["attack"], rows["defense"] = rows["attack_variant"], rows["defense_variant"]
+    columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
+    return rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def _report_line(out: str) -> str:
+    """Write the run's report; a report that cannot be made is one line, never the run's failure: the rows
+    are stored and `bdbench report` can make it later."""
+    from bdbench import report
+
+    try:
+        return f"report: {report.report_from_out(out)}"
+    except BdbenchError as exc:
+        reason = str(exc)
+    except Exception as exc:  # a bug in the report must not cost the experiments their exit status
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return f"report: could not be made ({reason}); the rows are stored, try `bdbench report --out {out}` later"
 
 
 @main.command()
@@ -73,16 +105,17 @@ def run(config: str, out: str, overrides: tuple[str, ...], executor: str, worker
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def results(out: str, fmt: str) -> None:
     """Print the stored results of an output folder."""
-    from bdbench.store import load_results
+    from bdbench.store import load_results, no_rows_error
 
     rows = load_results(out)
+    if rows.empty:
+        raise no_rows_error(out)
     if fmt == "json":
         click.echo(rows.to_json(orient="records", indent=2))
     elif fmt == "csv":
         click.echo(rows.to_csv(index=False), nl=False)
     else:
-        columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
-        click.echo(rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        click.echo(_table(rows))
 
 
 @main.command()

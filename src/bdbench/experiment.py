@@ -23,7 +23,7 @@ from torch import nn
 
 from bdbench import metrics
 from bdbench.attacks import ATTACKS, Attack, AttackWorkshop, PoisonedTrainingSet, TriggeredTestSet
-from bdbench.data import Dataset, load_dataset
+from bdbench.data import Dataset, dataset_label, load_dataset
 from bdbench.defenses import DEFENSES, SEES_TRAINING_SET, Defense, DefenseContext, DefenseOutcome, InputDetector
 from bdbench.errors import ArtifactError, BdbenchError, NotApplicable
 from bdbench.grid import CleanBudget, ExperimentSpec
@@ -244,9 +244,11 @@ def redeploy(precision: Precision, model: nn.Module, calibration_x: torch.Tensor
 def base_row(spec: ExperimentSpec) -> dict[str, Any]:
     return {
         "experiment_id": spec.experiment_id, "victim_key": spec.victim_key,
-        "dataset": spec.dataset.name, "model": spec.model.name,
-        "attack": spec.attack.name, "attack_params": spec.attack.params, "poison_rate": spec.poison_rate,
-        "target_label": spec.target_label, "defense": spec.defense.name, "defense_params": spec.defense.params,
+        "dataset": dataset_label(spec.dataset.name, spec.dataset.params, spec.dataset.label),
+        "dataset_loader": spec.dataset.name, "model": spec.model.name,
+        "attack": spec.attack.name, "attack_params": spec.attack.params, "attack_variant": spec.attack_variant,
+        "poison_rate": spec.poison_rate, "target_label": spec.target_label, "defense": spec.defense.name,
+        "defense_params": spec.defense.params, "defense_variant": spec.defense_variant,
         "defense_kind": DEFENSES.get(spec.defense.name).kind.value, "precision": spec.precision,
         "precision_order": spec.precision_order, "seed": spec.seed,
         "spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True),

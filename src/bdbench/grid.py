@@ -38,6 +38,9 @@ class Component(BaseModel):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    # A display name (`{name: npz, path: ..., label: my-cifar}`): shown in rows and reports, never part of
+    # a hash (left out of every dump), so naming a setting does not retrain or rerun anything.
+    label: str | None = Field(None, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -48,7 +51,10 @@ class Component(BaseModel):
             value = dict(value)
             if "name" not in value:
                 raise ValueError("needs a 'name'")
-            return {"name": value.pop("name"), "params": value}
+            label = value.pop("label", None)
+            if label is not None and (not isinstance(label, str) or not label.strip()):
+                raise ValueError(f"label must be a non-empty string, not {label!r}")
+            return {"name": value.pop("name"), "params": value, "label": label}
         return value
 
 
@@ -161,10 +167,19 @@ class ExperimentSpec(BaseModel):
     def victim_key(self) -> str:
         return _hash(self._fields({"dataset", "model", "training", "attack", "poison_rate", "target_label", "seed"}))
 
+    @property
+    def attack_variant(self) -> str:
+        return ATTACKS.variant(self.attack.name, self.attack.params, self.attack.label)
+
+    @property
+    def defense_variant(self) -> str:
+        return DEFENSES.variant(self.defense.name, self.defense.params, self.defense.label)
+
     def describe(self) -> str:
-        attack = self.attack.name if self.attack.name == "none" else f"{self.attack.name}@{self.poison_rate:g}"
+        attack = (self.attack_variant if self.attack.name == "none"
+                  else f"{self.attack_variant}@{self.poison_rate:g} target {self.target_label}")
         order = " (defend, then quantize)" if self.precision_order == "defend_then_quantize" else ""
-        return f"{attack} / {self.defense.name} / {self.precision}{order} / seed {self.seed}"
+        return f"{attack} / {self.defense_variant} / {self.precision}{order} / seed {self.seed}"
 
 
 def _hash(obj: Any) -> str:
@@ -175,7 +190,8 @@ def without_poison_rate(attack: Component) -> Component:
     """The attack without its own `poison_rate` (a grid key, not an attack parameter)."""
     if "poison_rate" not in attack.params:
         return attack
-    return Component(name=attack.name, params={k: v for k, v in attack.params.items() if k != "poison_rate"})
+    return Component(name=attack.name, params={k: v for k, v in attack.params.items() if k != "poison_rate"},
+                     label=attack.label)
 
 
 def expand(grid: GridSpec) -> list[ExperimentSpec]:

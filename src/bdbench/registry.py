@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
@@ -99,6 +100,22 @@ class Registry(Generic[T]):
         self.check(name, params)
         return self.get(name)(**dict(params or {}))
 
+    def non_default(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The parameters of `params` that differ from the factory's defaults (all of them for a name that is
+        not registered here, e.g. a plugin's rows read back without the plugin)."""
+        if name not in self._entries:
+            return dict(params)
+        defaults = {p.name: p.default for p in inspect.signature(self.get(name)).parameters.values()
+                    if p.default is not p.empty}
+        return {k: v for k, v in params.items() if k not in defaults or _plain(v) != _plain(defaults[k])}
+
+    def variant(self, name: str, params: Mapping[str, Any] | None = None, label: str | None = None) -> str:
+        """A short name for one setting of an entry: `label` where the spec gives one, else the name with its
+        non-default parameters, e.g. `badnets(patch_size=4)`, or the bare name at the defaults."""
+        if label:
+            return str(label)
+        return variant_name(name, self.non_default(name, params or {}))
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
@@ -107,6 +124,36 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def registered(self) -> list[str]:
+        """The names in the order they were registered (for precisions: fp32 first, then fewer bits)."""
+        return list(self._entries)
+
+
+def variant_name(base: str, changed: Mapping[str, Any]) -> str:
+    """`base(k=v, ...)` with the parameters in name order, or `base` alone when there are none."""
+    if not changed:
+        return base
+    return f"{base}({', '.join(f'{k}={_compact(v)}' for k, v in sorted(changed.items()))})"
+
+
+def _plain(value: Any) -> Any:
+    """A comparable form of a parameter value: YAML gives lists where a default is a tuple, 1 where it is 1.0."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return str(value)
 
 
 @functools.cache

@@ -31,8 +31,18 @@ def exclusive(out: Path) -> Iterator[None]:
     """Hold the output folder's lock; refuse at once when another run holds it."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a+") as handle:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BdbenchError(f"cannot create the output folder {out} ({exc.strerror or exc}); make its parent "
+                           "writable for this user, or pick another --out") from None
+    try:
+        handle = open(out / ".lock", "a+")
+    except OSError as exc:
+        raise BdbenchError(f"cannot write in the output folder {out} ({exc.strerror or exc} on {out / '.lock'}); "
+                           "make it writable for this user, or pick another --out (`bdbench results` and "
+                           "`bdbench report -o FILE` still read it)") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

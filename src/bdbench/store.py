@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
 from contextlib import contextmanager, nullcontext
@@ -27,13 +28,16 @@ from bdbench.errors import ArtifactError
 COLUMNS: dict[str, str] = {
     "experiment_id": "TEXT PRIMARY KEY",
     "dataset": "TEXT",
+    "dataset_loader": "TEXT",
     "model": "TEXT",
     "attack": "TEXT",
     "attack_params": "TEXT",
+    "attack_variant": "TEXT",
     "poison_rate": "REAL",
     "target_label": "INTEGER",
     "defense": "TEXT",
     "defense_params": "TEXT",
+    "defense_variant": "TEXT",
     "defense_kind": "TEXT",
     "precision": "TEXT",
     "precision_order": "TEXT",
@@ -80,24 +84,47 @@ _JSON_COLUMNS = ("attack_params", "defense_params", "suspected_targets")
 
 
 class ResultStore:
-    """The results database of one output folder."""
+    """The results database of one output folder.
 
-    def __init__(self, path: str | Path) -> None:
+    `read_only=True` (what `load_results`, `bdbench results` and `bdbench report` use) never asks SQLite to
+    write: it works on a read-only folder, leaves an empty or older database as it is, and fills columns an
+    older database lacks in the returned frame instead. Every SQLite failure is a one-line `ArtifactError`
+    that says whether the file is damaged, not a database, or not writable, and what to do.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if read_only:
+                self._db = _connect_read_only(self.path)
+                self._check()
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=30)
+            self._check()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
                 f"CREATE TABLE IF NOT EXISTS experiments ({', '.join(f'{c} {t}' for c, t in COLUMNS.items())})"
             )
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(experiments)")}
+            have = self._columns()
             for column, sql_type in COLUMNS.items():
                 if column not in have:
                     self._db.execute(f"ALTER TABLE experiments ADD COLUMN {column} {sql_type}")
             self._db.commit()
         except sqlite3.DatabaseError as exc:
-            raise ArtifactError(f"{self.path}: not a bdbench results database ({exc}); move it away or pick another --out") from None
+            raise database_fault(self.path, exc) from None
+        except OSError as exc:
+            raise ArtifactError(f"cannot create {self.path.parent} ({exc.strerror or exc}): make its parent "
+                                "writable for this user, or pick another --out") from None
+
+    def _check(self) -> None:
+        """A damaged page fails here, before any experiment runs, rather than when its row is read."""
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}")
+
+    def _columns(self) -> set[str]:
+        return {row[1] for row in self._db.execute("PRAGMA table_info(experiments)")}
 
     def write(self, row: dict[str, Any]) -> None:
         """Insert or replace one experiment's row and commit it at once."""
@@ -105,17 +132,34 @@ class ResultStore:
         if unknown:
             raise ValueError(f"unknown result columns: {sorted(unknown)}")
         names = list(row)
-        self._db.execute(
-            f"INSERT OR REPLACE INTO experiments ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-            [_to_sql(row[n]) for n in names],
-        )
-        self._db.commit()
+        try:
+            self._db.execute(
+                f"INSERT OR REPLACE INTO experiments ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [_to_sql(row[n]) for n in names],
+            )
+            self._db.commit()
+        except sqlite3.DatabaseError as exc:
+            raise database_fault(self.path, exc) from None
 
     def statuses(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT experiment_id, status FROM experiments"))
+        try:
+            return dict(self._db.execute("SELECT experiment_id, status FROM experiments"))
+        except sqlite3.DatabaseError as exc:
+            raise database_fault(self.path, exc) from None
 
     def dataframe(self, experiment_ids: Iterable[str] | None = None) -> pd.DataFrame:
-        df = pd.read_sql_query("SELECT * FROM experiments ORDER BY rowid", self._db)
+        try:
+            if "experiment_id" not in self._columns():  # an empty file, read without creating the table
+                df = pd.DataFrame(columns=list(COLUMNS))
+            else:
+                df = pd.read_sql_query("SELECT * FROM experiments ORDER BY rowid", self._db)
+        except sqlite3.DatabaseError as exc:
+            raise database_fault(self.path, exc) from None
+        for column in COLUMNS:  # an older database read without altering it
+            if column not in df:
+                df[column] = None
+        # Rows stored before `dataset_loader` existed named the loader in `dataset`.
+        df["dataset_loader"] = df["dataset_loader"].where(df["dataset_loader"].notna(), df["dataset"])
         if experiment_ids is not None:
             df = df[df["experiment_id"].isin(set(experiment_ids))].reset_index(drop=True)
         for column in _BOOL_COLUMNS:
@@ -123,10 +167,60 @@ class ResultStore:
         for column in _JSON_COLUMNS:
             # NULL reads back as None or NaN, depending on the column's other values and the pandas version.
             df[column] = df[column].map(lambda v: json.loads(v) if isinstance(v, str) else None).astype(object)
-        return df
+        return with_variants(df)
 
     def close(self) -> None:
         self._db.close()
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Open without write access. SQLite reads a WAL database through its -shm file, which it cannot create in
+    a folder this user may not write: then the database and its -wal (rows committed but not yet folded in) are
+    copied aside and read from memory, so that no committed row is missed."""
+    db = None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError as exc:
+        if db is not None:
+            db.close()
+        if "unable to open" not in str(exc) and "readonly" not in str(exc):
+            raise
+    memory = sqlite3.connect(":memory:")
+    with tempfile.TemporaryDirectory(prefix="bdbench-read-") as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
+        wal = path.with_name(f"{path.name}-wal")
+        if wal.is_file():
+            shutil.copyfile(wal, copy.with_name(f"{copy.name}-wal"))
+        disk = sqlite3.connect(copy)
+        try:
+            disk.backup(memory)
+        finally:
+            disk.close()
+    return memory
+
+
+def database_fault(path: Path, exc: sqlite3.DatabaseError) -> ArtifactError:
+    """One line for a SQLite failure on a results database: what is wrong with the file, and the way out."""
+    text = str(exc)
+    low = text.lower()
+    if "malformed" in low or "corrupt" in low:
+        # Dumped first: the sqlite3 tool folds a -wal left by a killed run into the file as it closes it.
+        damaged, dump = (path.with_name(f"{path.stem}.damaged{path.suffix}"), path.with_name(f"{path.stem}.sql"))
+        return ArtifactError(
+            f"{path} is damaged ({text}); keep the rows it still holds with `sqlite3 {path} .dump | sed "
+            f"'s/^ROLLBACK;.*/COMMIT;/' > {dump} && mv {path} {damaged} && sqlite3 {path} < {dump}` (a run then "
+            "skips them), or pick another --out")
+    if "not a database" in low or "encrypted" in low:
+        return ArtifactError(f"{path} is not a SQLite database ({text}); move it away or pick another --out")
+    if any(word in low for word in ("readonly", "read-only", "unable to open", "permission", "disk i/o", "full")):
+        return ArtifactError(f"cannot write {path} ({text}); make {path.parent} and the files in it writable for "
+                             "this user (and check the disk has room), or pick another --out")
+    if "locked" in low or "busy" in low:
+        return ArtifactError(f"{path} is locked by another process ({text}); wait for it, or pick another --out")
+    return ArtifactError(f"{path}: not a bdbench results database ({text}); move it away or pick another --out")
 
 
 def _to_sql(value: Any) -> Any:
@@ -137,16 +231,80 @@ def _to_sql(value: Any) -> Any:
     return value
 
 
+def with_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """Fill `attack_variant` and `defense_variant` where a row lacks them (rows stored before they existed, or
+    a frame built by hand) from the name and parameters: `badnets(patch_size=4)`, or the bare name."""
+    from bdbench.attacks import ATTACKS
+    from bdbench.defenses import DEFENSES
+
+    df = df.copy()
+    for kind, registry in (("attack", ATTACKS), ("defense", DEFENSES)):
+        column = f"{kind}_variant"
+        if kind not in df:
+            continue
+        params = df[f"{kind}_params"] if f"{kind}_params" in df else pd.Series([None] * len(df), index=df.index)
+        known = df[column] if column in df else pd.Series([None] * len(df), index=df.index)
+        df[column] = [v if isinstance(v, str) and v else
+                      (registry.variant(n, p if isinstance(p, dict) else _json_dict(p)) if isinstance(n, str) else None)
+                      for v, n, p in zip(known, df[kind], params)]
+    return df
+
+
+def _json_dict(value: Any) -> dict:
+    if isinstance(value, str):
+        try:
+            loaded = json.loads(value)
+        except ValueError:
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
 def load_results(out: str | Path = "bdbench-out") -> pd.DataFrame:
     """All result rows of an output folder as a pandas DataFrame."""
     path = Path(out) / "results.sqlite"
     if not path.is_file():
-        raise ArtifactError(f"{path}: no results yet; run `bdbench run CONFIG --out {out}` first")
-    store = ResultStore(path)
+        raise no_rows_error(out)
+    store = ResultStore(path, read_only=True)
     try:
         return store.dataframe()
     finally:
         store.close()
+
+
+def running_pid(out: str | Path) -> str | None:
+    """The pid of the `bdbench run` that holds the output folder's lock now, or None when none does. Only reads
+    the lock file, so it works on a folder this user cannot write."""
+    import fcntl
+
+    try:
+        handle = open(Path(out) / ".lock")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "unknown"
+        except OSError:
+            return None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+def no_rows_error(out: str | Path) -> ArtifactError:
+    """One line for an output folder that holds no finished experiment: a run still at its first one, an empty
+    (0-byte) database, or none at all."""
+    path = Path(out) / "results.sqlite"
+    pid = running_pid(out)
+    if pid is not None:
+        return ArtifactError(f"{out}: a bdbench run is in progress (pid {pid}) and no experiment has finished yet; "
+                             "try again once the first one has")
+    if not path.is_file():
+        return ArtifactError(f"{path}: no results yet; run `bdbench run CONFIG --out {out}` first")
+    empty = " (an empty, 0-byte file)" if path.stat().st_size == 0 else ""
+    return ArtifactError(f"{path} holds no finished experiment{empty}; "
+                         f"run `bdbench run CONFIG --out {out}` to add some")
 
 
 class ArtifactCache:
@@ -271,4 +429,5 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results"]
+__all__ = ["COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results", "no_rows_error", "running_pid",
+           "with_variants"]

@@ -13,7 +13,7 @@ from pydantic import Field
 from bdbench.data.dataset import Dataset, channel_stats
 from bdbench.data.facts import make_dataset
 from bdbench.errors import DataError
-from bdbench.registry import Registry
+from bdbench.registry import Registry, variant_name
 
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 _SPLIT_SEED = 0  # fixed, so that every run of a data set sees the same train/test split
@@ -135,6 +135,22 @@ def load_npz(path: str, allow_hflip: bool = False, num_classes: Annotated[int, F
     padding = max(1, round(xt.shape[2] / 8))
     return Dataset(file.stem, xt, yt, xs, ys, class_names, mean, std,
                    allow_hflip=allow_hflip, crop_padding=padding)
+
+
+def dataset_label(name: str, params: dict[str, Any], label: str | None = None) -> str:
+    """The data set's own name for rows and reports, without loading it: the spec's `label`; else, for a
+    loader of files, the file's stem or the folder's name (`cifar10` for `{name: npz, path: .../cifar10.npz}`);
+    else the registered name (`mnist5k`, `cifar10`); plus any other non-default parameter (`gtsrb(size=64)`)."""
+    if label:
+        return str(label)
+    rest = {k: v for k, v in params.items() if k not in ("path", "root")}
+    if name == "npz" and params.get("path"):
+        base = Path(str(params["path"])).expanduser().stem
+    elif name == "imagefolder" and params.get("root"):
+        base = Path(str(params["root"])).expanduser().resolve().name or name
+    else:
+        base = name
+    return variant_name(base, DATASETS.non_default(name, rest))
 
 
 _CACHE: dict[tuple, Dataset] = {}

@@ -16,9 +16,11 @@ def write_report(rows: pd.DataFrame, path: str | Path) -> Path:
 
 def report_from_out(out: str | Path = "bdbench-out", path: str | Path | None = None) -> Path:
     """Load an output folder's results and write its report (default OUT/report.html)."""
-    from bdbench.store import load_results
+    from bdbench.store import load_results, no_rows_error
 
     rows = load_results(out)
+    if rows.empty:
+        raise no_rows_error(out)
     return write_report(rows, Path(out) / "report.html" if path is None else path)
 
 

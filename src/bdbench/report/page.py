@@ -11,14 +11,15 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from bdbench.errors import BdbenchError
 from bdbench.report import figures, stats
 from bdbench.report.assets import CSS, ERROR_TRAP, TABLE_SCRIPT
 
 # Columns of the every-experiment table, in reading order; long JSON columns (spec) stay in the database.
-EXPERIMENT_COLUMNS = ["dataset", "model", "attack", "poison_rate", "defense", "defense_kind", "precision", "seed",
-                      "status", "clean_acc", "asr", "robust_acc", "der", "clean_acc_before", "asr_before",
-                      "detected", "anomaly_index", "det_tpr", "det_fpr", "det_auroc", "defense_s", "peak_rss_mb",
-                      "wall_s", "experiment_id"]
+EXPERIMENT_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "defense", "defense_kind",
+                      "precision", "seed", "status", "clean_acc", "asr", "robust_acc", "der", "clean_acc_before",
+                      "asr_before", "detected", "anomaly_index", "det_tpr", "det_fpr", "det_auroc", "defense_s",
+                      "peak_rss_mb", "wall_s", "experiment_id"]
 SECTIONS = [("leaderboard", "Leaderboard"), ("heatmaps", "ASR and CA drop"), ("detection", "Detection"),
             ("precision", "Precision"), ("cost", "Cost"), ("experiments", "All experiments"),
             ("failures", "Errors and not applicable")]
@@ -64,34 +65,66 @@ def _empty(text: str) -> str:
 
 
 def leaderboard_section(rows: pd.DataFrame) -> str:
-    """Defenses ranked by mean DER, with the interval, CA drop, ASR after, benign flags and cost."""
-    board = stats.leaderboard(rows)
-    if board.empty or board["n"].sum() == 0:
+    """Defenses that changed a model, ranked by mean DER, with the interval, CA drop, ASR after, benign flags and
+    cost; defenses that changed none are named below it and judged in the detection section instead."""
+    hit = stats.attacked(stats.ok_rows(rows))
+    if hit.empty:
         return _empty("No successful experiments on backdoored models: nothing to rank.")
-    shown = pd.DataFrame({
-        "rank": range(1, len(board) + 1), "defense": board["defense"], "n": board["n"],
-        "DER mean": board["der_mean"],
-        "95% interval": [f"{fmt(lo)} – {fmt(hi)}" if not math.isnan(lo) else "– (n<2)"
-                         for lo, hi in zip(board["der_low"], board["der_high"])],
-        "CA drop": board["ca_drop"], "ASR after": board["asr_after"],
-        "benign FP rate": board["benign_fp"], "defense time (s)": board["defense_s"]})
+    board = stats.leaderboard(rows)
+    ranked = board[board["ranked"] & (board["n"] > 0)]
+    unranked = sorted(set(board.loc[~board["ranked"] & ~board["is_none"], "defense"]))
+    skipped = ""
+    if unranked:
+        skipped = (f"Not ranked by DER: {', '.join(unranked)}. They changed no model (an input-time detector, a "
+                   "detector without a repair, or one that flagged nothing), so their DER is 0.5 by construction; "
+                   "the Detection section judges them.")
+    if ranked.empty:
+        return _empty(f"{len(hit)} successful experiment{'s'[:len(hit) != 1]} on backdoored models, but no defense "
+                      "in them changed a model: nothing to rank by DER.") \
+            + (f'<p class="note">{escape(skipped)}</p>' if skipped else "")
+    shown = pd.DataFrame({"rank": range(1, len(ranked) + 1), "defense": ranked["defense"].to_numpy()})
+    if "precision" in ranked:
+        shown["precision"] = ranked["precision"].to_numpy()
+    shown["n"] = ranked["n"].to_numpy()
+    shown["DER mean"] = ranked["der_mean"].to_numpy()
+    shown["95% interval"] = [f"{fmt(lo)} – {fmt(hi)}" if not math.isnan(lo) else "– (n<2)"
+                             for lo, hi in zip(ranked["der_low"], ranked["der_high"])]
+    for column, source in (("CA drop", "ca_drop"), ("ASR after", "asr_after"), ("benign FP rate", "benign_fp"),
+                           ("defense time (s)", "defense_s")):
+        shown[column] = ranked[source].to_numpy()
+    per = "seeds, attacks and poison rates, per precision" if "precision" in ranked else \
+        "seeds, attacks, poison rates and precisions"
     note = (f"DER (defense effectiveness rating, 0.5 = no change, higher is better) averaged over every successful "
-            f"backdoored cell of a defense: seeds, attacks, poison rates and precisions; n counts those cells. "
-            f"The interval is a {stats.INTERVAL_NAME} (t quantile with n-1 degrees of freedom); cells are not "
-            f"independent across attacks, so read it as a spread, not a test. CA drop is clean accuracy lost against "
-            f"the same deployed model undefended (all ok cells, clean models included). The benign FP rate is the "
-            f"share of clean models (attack = none) that the defense flagged, or its sample-level FPR on clean data "
-            f"where it gives no model verdict. Error and not-applicable rows are excluded and listed at the end.")
+            f"backdoored cell of a defense: {per}; n counts those cells. Only defenses that changed a model are "
+            f"ranked. The interval is a {stats.INTERVAL_NAME} (t quantile with n-1 degrees of freedom), clipped to "
+            f"DER's range [0, 1]; cells are not independent across attacks, so read it as a spread, not a test. CA "
+            f"drop is clean accuracy lost against the same deployed model undefended (all ok cells, clean models "
+            f"included). The benign FP rate is the share of clean models (attack = none) that the defense flagged, "
+            f"or its sample-level FPR on clean data where it gives no model verdict. Error and not-applicable rows "
+            f"are excluded and listed at the end.")
     classes = ["rank1" if i == 0 else "" for i in range(len(shown))]
-    return html_table(shown, row_class=classes) + f'<p class="note">{escape(note)}</p>'
+    return (html_table(shown, row_class=classes) + f'<p class="note">{escape(note)}</p>'
+            + (f'<p class="note">{escape(skipped)}</p>' if skipped else ""))
+
+
+def _defense_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Where precision varies, a heatmap row is a defense at one precision (`ft @ int8-static`), never a mean over
+    precisions; rows are in precision order."""
+    if not stats.varies(rows, "precision"):
+        return rows
+    order = {p: i for i, p in enumerate(stats.precision_order(rows["precision"]))}
+    rows = rows.assign(defense=rows["defense"].astype(str) + " @ " + rows["precision"].astype(str),
+                       _rank=rows["precision"].map(order))
+    return rows.sort_values(["_rank", "defense"], kind="stable").drop(columns="_rank")
 
 
 def heatmap_section(rows: pd.DataFrame) -> str:
     """ASR after the defense and CA drop, per defense x attack."""
-    good = stats.ok_rows(rows)
+    good = _defense_rows(stats.ok_rows(rows))
     hit = stats.attacked(good)
-    asr = stats.grid_mean(hit, hit["asr"], "defense", "attack")
-    drop = stats.grid_mean(good, stats.ca_drop(good), "defense", "attack")
+    ordered = stats.varies(good, "precision")
+    asr = stats.grid_mean(hit, hit["asr"], "defense", "attack", keep_order=ordered)
+    drop = stats.grid_mean(good, stats.ca_drop(good), "defense", "attack", keep_order=ordered)
     parts = []
     parts.append(figures.heatmap(asr, "ASR after defense (lower is better)", "attack success rate", 0.0, 1.0)
                  if not asr.empty else _empty("No ASR numbers: no successful experiment on a backdoored model."))
@@ -101,7 +134,9 @@ def heatmap_section(rows: pd.DataFrame) -> str:
         limit = max(0.05, float(abs(drop.to_numpy()).max()))
         parts.append(figures.heatmap(drop, "Clean-accuracy drop (lower is better)", "CA before − CA after",
                                      min(0.0, float(drop.min().min())), limit))
-    note = "Means over seeds, poison rates and precisions; n/a marks a cell with no successful run."
+    over = "seeds and poison rates, one row per defense and precision" if stats.varies(good, "precision") \
+        else "seeds, poison rates and precisions"
+    note = f"Means over {over}; n/a marks a cell with no successful run."
     return '<div class="figrow">' + "".join(f"<div>{p}</div>" for p in parts) + f'</div><p class="note">{note}</p>'
 
 
@@ -113,8 +148,9 @@ _NAIVE_HEADERS = {"naive_tpr": "naive TPR", "naive_flag_rate": "naive flag rate"
 def detection_section(rows: pd.DataFrame) -> str:
     """Detection quality on backdoored models and the flag rate on clean ones."""
     good = stats.ok_rows(rows)
-    on_attacked = stats.detection_table(stats.attacked(good), ["defense", "attack"])
-    on_benign = stats.detection_table(stats.benign(good), ["defense"])
+    split = ["precision"] if stats.varies(good, "precision") else []
+    on_attacked = stats.detection_table(stats.attacked(good), ["defense", "attack"] + split)
+    on_benign = stats.detection_table(stats.benign(good), ["defense"] + split)
     if on_attacked.empty and on_benign.empty:
         return _empty("No defense in these results reports detections (no TPR, FPR, AUROC or verdicts).")
     parts = ["<h3>On backdoored models</h3>"]
@@ -123,6 +159,8 @@ def detection_section(rows: pd.DataFrame) -> str:
     parts.append("<h3>On clean models (benign false positives)</h3>")
     parts.append(html_table(on_benign, _DETECTION_HEADERS) if not on_benign.empty
                  else _empty("No detection results on clean models: the benign false-positive rate is unknown."))
+    if split:
+        parts.append('<p class="note">One line per precision: detection is never averaged across precisions.</p>')
     parts.append('<p class="note">TPR/FPR/AUROC score suspicion of training samples or inputs against the poison '
                  'ground truth; the model flag rate is the share of models a model-level detector called backdoored '
                  '(on clean models every flag is a false positive).</p>')
@@ -134,7 +172,7 @@ def precision_section(rows: pd.DataFrame) -> str:
     table = stats.precision_table(rows)
     if table.empty:
         return _empty("No successful experiments: nothing to show per precision.")
-    precisions = sorted(table["precision"].unique())
+    precisions = stats.precision_order(table["precision"])
     parts = []
     if len(precisions) == 1:
         parts.append(_empty(f"Only one precision in these results ({precisions[0]}): "
@@ -203,13 +241,16 @@ def _summary(rows: pd.DataFrame) -> str:
     status = ", ".join(f"{n} {escape(str(s))}" for s, n in sorted(counts.items())) or "none"
     datasets = ", ".join(escape(str(v)) for v in sorted(rows["dataset"].dropna().unique()))
     models = ", ".join(escape(str(v)) for v in sorted(rows["model"].dropna().unique()))
+    targets = sorted(int(t) for t in stats.attacked(rows)["target_label"].dropna().unique())
+    target = f" · target label{'s' if len(targets) > 1 else ''}: {', '.join(map(str, targets))}" if targets else ""
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     return (f'<p class="meta">{len(rows)} experiments ({status}) · data set: {datasets or "–"} · '
-            f"model: {models or '–'} · generated {when}</p>")
+            f"model: {models or '–'}{target} · generated {when}</p>")
 
 
 def render(rows: pd.DataFrame, title: str = "bdbench report") -> str:
     """The whole page as one string: inline CSS, inline SVG figures, inline script, no external references."""
+    rows = stats.by_variant(rows)
     builders = {"leaderboard": leaderboard_section, "heatmaps": heatmap_section, "detection": detection_section,
                 "precision": precision_section, "cost": cost_section, "experiments": experiments_section,
                 "failures": failures_section}
@@ -226,6 +267,11 @@ def render(rows: pd.DataFrame, title: str = "bdbench report") -> str:
 def write_page(rows: pd.DataFrame, path: str | Path, title: str = "bdbench report") -> Path:
     """Write the page atomically enough for a report: the whole text at once, parent folders created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(rows, title), encoding="utf-8")
+    html = render(rows, title)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise BdbenchError(f"cannot write the report to {path} ({exc.strerror or exc}); give `bdbench report` "
+                           "-o FILE.html in a folder you can write") from None
     return path

@@ -10,6 +10,72 @@ from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
 INTERVAL_NAME = "Student-t 95% interval of the mean"
+DER_RANGE = (0.0, 1.0)  # metrics.defense_effectiveness_rating: 0.5 is no change
+
+
+def by_variant(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with `attack` and `defense` replaced by their variants (`badnets(patch_size=4)`, `strip(overlays=10)`,
+    or a spec's `label`), so that every table and figure groups by the setting, never pools two settings under one
+    name; where the rows hold more than one target label, the attack names it too (`badnets [target 3]`). The
+    registered names stay in `attack_name` and `defense_name`."""
+    from bdbench.store import with_variants
+
+    rows = with_variants(rows)
+    rows["attack_name"], rows["defense_name"] = rows["attack"], rows["defense"]
+    attack = rows["attack_variant"].where(rows["attack_variant"].notna(), rows["attack"])
+    targets = rows.loc[rows["attack_name"] != "none", "target_label"].dropna().unique() \
+        if "target_label" in rows else []
+    if len(targets) > 1:
+        suffix = rows["target_label"].map(lambda t: "" if pd.isna(t) else f" [target {int(t)}]")
+        attack = attack.where(rows["attack_name"] == "none", attack + suffix)
+    rows["attack"] = attack
+    rows["defense"] = rows["defense_variant"].where(rows["defense_variant"].notna(), rows["defense"])
+    return rows
+
+
+def _attack_names(rows: pd.DataFrame) -> pd.Series:
+    return rows["attack_name"] if "attack_name" in rows else rows["attack"]
+
+
+def _defense_names(rows: pd.DataFrame) -> pd.Series:
+    return rows["defense_name"] if "defense_name" in rows else rows["defense"]
+
+
+def varies(rows: pd.DataFrame, column: str) -> bool:
+    """Whether the rows hold more than one value of `column`: then metrics are split by it, never averaged over."""
+    return column in rows and rows[column].nunique(dropna=True) > 1
+
+
+def precision_order(values: "pd.Series | list") -> list[str]:
+    """The distinct precisions in their natural order: the registry's (fp32, then fewer bits), unknown ones last."""
+    from bdbench.precision import PRECISIONS
+
+    known = {name: i for i, name in enumerate(PRECISIONS.registered())}
+    distinct = pd.Series(list(values)).dropna().unique()
+    return sorted((str(v) for v in distinct), key=lambda v: (known.get(v, len(known)), v))
+
+
+def by_precision(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with its rows in precision order, keeping the order within each precision."""
+    if "precision" not in frame or frame.empty:
+        return frame
+    rank = {name: i for i, name in enumerate(precision_order(frame["precision"]))}
+    order = frame["precision"].map(lambda v: rank.get(str(v), len(rank))).to_numpy()
+    return frame.iloc[np.argsort(order, kind="stable")].reset_index(drop=True)
+
+
+def changes_model(rows: pd.DataFrame) -> bool:
+    """Whether a defense changed any model it was handed (CA or ASR after differ from before). One that never
+    did (an input detector, a detector without a repair, no defense) has DER 0.5 by construction: DER does not
+    rate it, its detection numbers do."""
+    kinds = rows["defense_kind"] if "defense_kind" in rows else pd.Series(dtype=object)
+    if len(rows) == 0 or (_defense_names(rows) == "none").all() or (kinds == "input_detection").all():
+        return False
+    changed = pd.Series(False, index=rows.index)
+    for after, before in (("clean_acc", "clean_acc_before"), ("asr", "asr_before")):
+        gap = (numeric(rows[after]) - numeric(rows[before])).abs()
+        changed |= gap.gt(1e-9).fillna(False)
+    return bool(changed.any())
 
 
 def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -19,17 +85,23 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 def attacked(rows: pd.DataFrame) -> pd.DataFrame:
     """Backdoored cells: DER and ASR only mean something where there is a backdoor."""
-    return rows[rows["attack"] != "none"]
+    return rows[_attack_names(rows) != "none"]
 
 
 def benign(rows: pd.DataFrame) -> pd.DataFrame:
     """Clean-model cells: any flag raised there is a false positive."""
-    return rows[rows["attack"] == "none"]
+    return rows[_attack_names(rows) == "none"]
+
+
+def numeric(values: pd.Series) -> pd.Series:
+    """A column as float64, NaN where missing or not a number. Verdicts (`detected`) become 0.0/1.0: a column
+    whose every value is a bool would otherwise be bool-typed (pandas 3) and refuse a 0.0 written into it."""
+    return pd.to_numeric(values, errors="coerce").astype("float64")
 
 
 def t_interval(values: pd.Series) -> tuple[float, float, int]:
     """Mean and Student-t half-width (NaN below two values): seeds are few, so a normal interval would be too narrow."""
-    values = pd.to_numeric(values, errors="coerce").dropna()
+    values = numeric(values).dropna()
     n = len(values)
     if n == 0:
         return math.nan, math.nan, 0
@@ -41,14 +113,14 @@ def t_interval(values: pd.Series) -> tuple[float, float, int]:
 
 
 def _mean(values: pd.Series) -> float:
-    values = pd.to_numeric(values, errors="coerce").dropna()
+    values = numeric(values).dropna()
     return float(values.mean()) if len(values) else math.nan
 
 
 def benign_flag_rate(rows: pd.DataFrame) -> float:
     """Share of clean-model cells flagged: the model verdict where there is one, else the data-level FPR."""
     rows = benign(ok_rows(rows))
-    detected = pd.to_numeric(rows["detected"], errors="coerce").dropna()
+    detected = numeric(rows["detected"]).dropna()
     if len(detected):
         return float(detected.mean())
     return _mean(rows["det_fpr"])
@@ -56,40 +128,50 @@ def benign_flag_rate(rows: pd.DataFrame) -> float:
 
 def ca_drop(rows: pd.DataFrame) -> pd.Series:
     """Clean accuracy lost to the defense, against the same deployed model undefended."""
-    return pd.to_numeric(rows["clean_acc_before"], errors="coerce") - pd.to_numeric(rows["clean_acc"], errors="coerce")
+    return numeric(rows["clean_acc_before"]) - numeric(rows["clean_acc"])
 
 
 def leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per defense, ranked by mean DER over every backdoored ok cell (seeds x attacks x rates x precisions)."""
+    """One line per defense (per defense and precision where precision varies), over every backdoored ok cell
+    (seeds x attacks x rates). `ranked` lines (defenses that changed a model) come first, by mean DER; the
+    interval is clipped to DER's range."""
     good = ok_rows(rows)
+    keys = ["defense"] + (["precision"] if varies(good, "precision") else [])
     lines = []
-    for defense, group in good.groupby("defense", sort=True):
+    for key, group in good.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
         hit = attacked(group)
         der_mean, der_half, n = t_interval(hit["der"])
         lines.append({
-            "defense": defense,
+            **dict(zip(keys, key)),
             "n": n,
             "der_mean": der_mean,
-            "der_low": der_mean - der_half,
-            "der_high": der_mean + der_half,
+            "der_low": float(np.clip(der_mean - der_half, *DER_RANGE)),  # NaN (n < 2) stays NaN
+            "der_high": float(np.clip(der_mean + der_half, *DER_RANGE)),
             "ca_drop": _mean(ca_drop(group)),
             "asr_after": _mean(hit["asr"]),
             "benign_fp": benign_flag_rate(group),
             "defense_s": _mean(group["defense_s"]),
+            "ranked": changes_model(group),
+            "is_none": bool((_defense_names(group) == "none").all()),
         })
-    table = pd.DataFrame(lines, columns=["defense", "n", "der_mean", "der_low", "der_high", "ca_drop",
-                                         "asr_after", "benign_fp", "defense_s"])
-    return table.sort_values("der_mean", ascending=False, na_position="last").reset_index(drop=True)
+    table = pd.DataFrame(lines, columns=keys + ["n", "der_mean", "der_low", "der_high", "ca_drop", "asr_after",
+                                                "benign_fp", "defense_s", "ranked", "is_none"])
+    return by_precision(table).sort_values(["ranked", "der_mean"], ascending=[False, False], na_position="last",
+                                           kind="stable").reset_index(drop=True)  # ties in precision order
 
 
-def grid_mean(rows: pd.DataFrame, values: pd.Series, index: str, columns: str) -> pd.DataFrame:
-    """Mean of `values` per (index, columns) cell; empty when no cell has a number."""
+def grid_mean(rows: pd.DataFrame, values: pd.Series, index: str, columns: str,
+              keep_order: bool = False) -> pd.DataFrame:
+    """Mean of `values` per (index, columns) cell; empty when no cell has a number. Index values are sorted, or
+    kept in the order they first appear in `rows` with `keep_order`."""
     frame = rows[[index, columns]].copy()
-    frame["value"] = pd.to_numeric(values, errors="coerce")
+    frame["value"] = numeric(values)
     frame = frame.dropna(subset=["value"])
     if frame.empty:
         return pd.DataFrame()
-    return frame.pivot_table(index=index, columns=columns, values="value", aggfunc="mean").sort_index()
+    table = frame.pivot_table(index=index, columns=columns, values="value", aggfunc="mean")
+    return table.reindex(list(dict.fromkeys(frame[index]))) if keep_order else table.sort_index()
 
 
 def detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -98,13 +180,13 @@ def detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     metrics = ["det_tpr", "det_fpr", "det_auroc", "detected"]
     frame = good[by + metrics].copy()
     for column in metrics:
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        frame[column] = numeric(frame[column])
     frame = frame.dropna(subset=metrics, how="all")
     if frame.empty:
         return pd.DataFrame()
     table = frame.groupby(by, sort=True)[metrics].mean().reset_index()
     table["n"] = frame.groupby(by, sort=True).size().to_numpy()
-    return table.rename(columns={"detected": "flag_rate"})
+    return by_precision(table.rename(columns={"detected": "flag_rate"}))
 
 
 def naive_detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -116,7 +198,7 @@ def naive_detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     metrics = ["det_tpr", "detected"]
     frame = rows[list(dict.fromkeys(by + ["defense", "status", "proxy"] + metrics))].copy()
     for column in metrics:
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        frame[column] = numeric(frame[column])
     reported = frame[frame["status"] == "ok"].groupby("defense")[metrics].agg(lambda v: v.notna().any())
     frame = frame[frame["defense"].isin(reported.index[reported.any(axis=1)])]
     if frame.empty:
@@ -128,7 +210,7 @@ def naive_detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     frame["blocked"] = blocked.astype(int)
     table = frame.groupby(by, sort=True).agg(naive_tpr=("det_tpr", "mean"), naive_flag_rate=("detected", "mean"),
                                              blocked=("blocked", "sum"), rows=("blocked", "size"))
-    return table.reset_index()
+    return by_precision(table.reset_index())
 
 
 def precision_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -142,7 +224,7 @@ def precision_table(rows: pd.DataFrame) -> pd.DataFrame:
         lines.append({"precision": precision, "defense": defense,
                       "clean_acc": _mean(group["clean_acc"]), "clean_acc_before": _mean(group["clean_acc_before"]),
                       "asr": _mean(hit["asr"]), "asr_before": _mean(hit["asr_before"]), "n": len(group)})
-    return pd.DataFrame(lines)
+    return by_precision(pd.DataFrame(lines))
 
 
 def failures(rows: pd.DataFrame) -> pd.DataFrame:
