@@ -25,8 +25,10 @@ METRICS = ["experiment_id", "status", "error", "clean_acc", "asr", "robust_acc",
 
 def _grid_with_a_failing_attack() -> dict:
     grid = copy.deepcopy(TINY_GRID)
-    # The patch does not fit an 8x8 image: the attack raises inside the experiment (in the worker).
-    grid["attacks"].append({"name": "badnets", "patch_size": 2, "location": [7, 7]})
+    # A surrogate's settings are read only when the attack learns its trigger, inside the experiment (in
+    # the worker), so an unknown surrogate model fails there; grid settings the data set cannot take
+    # (a patch outside the image) are refused before any experiment starts.
+    grid["attacks"].append({"name": "trojannn", "surrogate": {"model": "no-such-model"}})
     return grid
 
 
@@ -44,7 +46,7 @@ def _victims_trained(rows) -> int:
 def test_local_reference_has_a_failed_attack_and_goes_on(local_rows):
     assert len(local_rows) == 6 and local_rows.status.tolist().count("error") == 2
     failed = local_rows[local_rows.status == "error"]
-    assert failed.error.str.contains("outside the image").all()
+    assert failed.error.str.contains("unknown model 'no-such-model'").all()
     assert _victims_trained(local_rows) == 2 and (local_rows.torch_threads == 1).all()
 
 

@@ -350,9 +350,11 @@ def test_two_badnets_variants_and_two_strip_settings_stay_four_rows(tmp_path, ti
 
 
 def test_run_exits_non_zero_when_an_experiment_errored_and_keeps_its_rows(tmp_path, tiny_grid):
-    """Issue 27: a grid whose every experiment errored (target label 99; a patch larger than the image) exited 0."""
-    tiny_grid.update(training={"epochs": 1}, attacks=["none", {"name": "badnets", "patch_size": 20}],
-                     defenses=["none"])
+    """Issue 27: a grid whose every experiment errored exited 0. (Its cases, target label 99 and a patch larger
+    than the image, are now refused before any work: tests/test_preflight.py. An unknown surrogate model
+    fails inside the experiment, where the attack learns its trigger.)"""
+    failing = {"name": "trojannn", "surrogate": {"model": "no-such-model"}}
+    tiny_grid.update(training={"epochs": 1}, attacks=["none", failing], defenses=["none"])
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump(tiny_grid))
     out = tmp_path / "out"
@@ -364,13 +366,13 @@ def test_run_exits_non_zero_when_an_experiment_errored_and_keeps_its_rows(tmp_pa
     assert "Traceback" not in ran.stderr
     assert sorted(load_results(out).status) == ["error", "ok"]  # both rows kept
 
-    tiny_grid.update(attacks=["none"], target_label=99)
+    tiny_grid.update(attacks=[failing])
     config.write_text(yaml.safe_dump(tiny_grid))
     every = subprocess.run([sys.executable, "-m", "bdbench", "run", str(config), "--out", str(tmp_path / "all"),
                             "--threads", "1"], capture_output=True, text=True)
     assert every.returncode == 3, every.stderr
     assert every.stdout.strip().splitlines()[-1].startswith("1 experiment: 1 error;")
-    assert load_results(tmp_path / "all").error.tolist() == ["target_label 99 is not a class of digits (0..9)"]
+    assert load_results(tmp_path / "all").error.str.contains("unknown model 'no-such-model'").all()
 
 
 def test_rows_name_the_data_set_and_keep_its_loader_beside_it(tmp_path, tiny_grid):
