@@ -123,3 +123,21 @@ def test_grid_settings_the_data_cannot_take(tmp_path, finished, changes, message
     if changes.get("dataset") == "mnist":  # any non-digit data set: a small npz stands in for it
         changes["dataset"] = {"name": "npz", "path": _npz(tmp_path / "other.npz")}
     assert message in _refused(tmp_path, finished, changes)
+
+
+def test_the_bfloat16_cpu_path_on_a_cpu_without_native_bfloat16_is_one_warning(tmp_path, monkeypatch, caplog):
+    import bdbench.preflight
+    from bdbench import run_grid
+
+    grid = {**BASE, "attacks": ["none"], "training": {"epochs": 1, "batch_size": 64, "cpu_bfloat16": True}}
+    monkeypatch.setattr(bdbench.preflight, "cpu_has_native_bfloat16", lambda: False)
+    with caplog.at_level("WARNING", logger="bdbench"):
+        rows = run_grid(grid, out=tmp_path, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "no native bfloat16" in warnings[0] and "\n" not in warnings[0]
+    assert set(rows.status) == {"ok"} and set(rows.train_dtype) == {"bfloat16"}  # a warning, not a refusal
+    monkeypatch.setattr(bdbench.preflight, "cpu_has_native_bfloat16", lambda: True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bdbench"):
+        run_grid(grid, out=tmp_path, progress=False)
+    assert not [r for r in caplog.records if "bfloat16" in r.getMessage()]

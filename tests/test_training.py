@@ -89,3 +89,13 @@ def test_loss_fn_replaces_the_objective(digits):
                   seed=0, loss_fn=always_predict_three)
     assert len(seen) == len(digits.y_train) // 100
     assert (predict(model, digits.x_test) == 3).float().mean() > 0.9
+
+
+def test_training_epochs_are_reported_to_a_progress_listener(digits):
+    from bdbench.progress import listening
+
+    heard = []
+    with listening(lambda what, number, total: heard.append((what, number, total))):
+        train(_model(digits), digits.x_train[:128], digits.y_train[:128], TrainConfig(epochs=3, batch_size=64), seed=0)
+    train(_model(digits), digits.x_train[:128], digits.y_train[:128], TrainConfig(epochs=1, batch_size=64), seed=0)
+    assert heard == [("training epoch", 1, 3), ("training epoch", 2, 3), ("training epoch", 3, 3)]  # none outside

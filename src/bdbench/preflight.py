@@ -16,10 +16,21 @@ from bdbench.data import Dataset
 from bdbench.errors import ConfigError
 from bdbench.grid import GridSpec, without_poison_rate
 from bdbench.models import create_model
+from bdbench.training import cpu_has_native_bfloat16, default_device
 
 # A test set with fewer images than this per class cannot resolve clean accuracy or ASR to a few
 # points (one test image gives an accuracy of 0 or 1), so a grid on it is refused.
 MIN_TEST_IMAGES_PER_CLASS = 10
+
+
+def bfloat16_warning(grid: GridSpec) -> str | None:
+    """One line when the grid asks for the bfloat16 CPU path on a CPU without native bfloat16, where it
+    is emulated (same results as on any CPU of its kernel set, and no faster than float32)."""
+    if grid.training.cpu_bfloat16 and default_device().type == "cpu" and not cpu_has_native_bfloat16():
+        return ("training.cpu_bfloat16 is set, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
+                "bfloat16 is emulated, which gives no speed-up over float32; set it to false unless you want "
+                "bfloat16 numerics")
+    return None
 
 
 def check_grid(grid: GridSpec, dataset: Dataset) -> None:

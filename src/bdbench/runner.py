@@ -20,7 +20,8 @@ from bdbench.data import load_dataset
 from bdbench.errors import BdbenchError, ConfigError
 from bdbench.executors import EXECUTORS, Resources
 from bdbench.grid import ExperimentSpec, expand, load_grid
-from bdbench.preflight import check_grid
+from bdbench.preflight import bfloat16_warning, check_grid
+from bdbench.progress import listening
 from bdbench.store import ResultStore
 
 log = logging.getLogger("bdbench")
@@ -93,6 +94,8 @@ def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out
     out = Path(out)
     # A missing data file, or a grid its data cannot take, fails here, before any work.
     check_grid(grid, load_dataset(grid.dataset.name, **grid.dataset.params))
+    if warning := bfloat16_warning(grid):
+        log.warning(warning)
     with exclusive(out):
         store = ResultStore(out / "results.sqlite")
         try:
@@ -108,7 +111,9 @@ def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out
                       file=sys.stderr, dynamic_ncols=True) as bar:
                 if todo:  # (a Ray cluster is not started for nothing)
                     # closing(): an interrupt stops the executor's workers at once, not when collected.
-                    with closing(run(todo, out, resources)) as finished:
+                    # Steps inside an experiment (epochs, a defense's rounds) show beside the bar.
+                    with closing(run(todo, out, resources)) as finished, \
+                            listening(lambda what, number, total: bar.set_postfix_str(f"{what} {number}/{total}")):
                         for done, row in enumerate(finished, start=1):
                             store.write(row)
                             bar.write(f"[{done}/{len(todo)}] " + _summary(by_id[row["experiment_id"]], row),

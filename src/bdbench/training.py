@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from bdbench.progress import steps
 from bdbench.seeding import derive_seed
 
 
@@ -141,7 +142,7 @@ def train(
     # `seed` for the length of training, so that the experiment's seed fixes them too.
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.manual_seed(derive_seed(seed, "random_layers"))
-        for _ in range(config.epochs):
+        for _ in steps("training epoch", config.epochs):
             order = torch.randperm(n, generator=generator).to(device)
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size:(step + 1) * batch_size]

@@ -41,6 +41,7 @@ from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseO
 from bdbench.defenses.layers import norm_layers
 from bdbench.defenses.scoring import check_rate
 from bdbench.errors import ConfigError
+from bdbench.progress import steps
 from bdbench.training import augment_batch
 
 
@@ -122,7 +123,7 @@ class AdversarialNeuronPruning(Defense):
         mask_optimizer = torch.optim.SGD(neurons.masks, lr=self.mask_lr, momentum=0.9)
         generator = context.generator("anp_batches")
         x_all, y_all = context.clean_x.to(context.device), context.clean_y.to(context.device)
-        for _ in range(self.iterations):
+        for _ in steps("anp iteration", self.iterations):
             pick = torch.randint(len(y_all), (self.batch_size,), generator=generator).to(context.device)
             x = augment_batch(x_all[pick].float().div_(255.0), context.crop_padding, context.allow_hflip, generator)
             y = y_all[pick]

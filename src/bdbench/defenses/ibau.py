@@ -45,6 +45,7 @@ from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseO
 from bdbench.defenses.layers import twice_differentiable
 from bdbench.defenses.scoring import check_rate
 from bdbench.errors import ConfigError
+from bdbench.progress import steps
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
         generator = context.generator("ibau")
         x, y = context.clean_x.to(context.device), context.clean_y.to(context.device)
         with twice_differentiable(model):
-            for _ in range(self.rounds):
+            for _ in steps("ibau round", self.rounds):
                 order = torch.randperm(len(y), generator=generator).to(context.device)
                 batches = list(order.split(self.batch_size))
                 delta = self.universal_perturbation(model, x, batches)

@@ -30,6 +30,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from bdbench import progress
 from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.scoring import check_rate
 from bdbench.errors import ConfigError
@@ -56,7 +57,7 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
     last_total = torch.full((num_classes,), math.inf, dtype=torch.float64)
     active = torch.ones(num_classes, dtype=torch.bool)
     group = max(1, images_per_pass // restarts)
-    for _ in range(steps):
+    for _ in progress.steps("mmbd step", steps):
         labels = torch.nonzero(active).flatten()
         images.grad = torch.zeros_like(images)
         reached, total = torch.empty(len(labels), dtype=torch.float64), torch.empty(len(labels), dtype=torch.float64)

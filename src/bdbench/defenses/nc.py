@@ -46,6 +46,7 @@ from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseO
 from bdbench.defenses.ft import check_fine_tuning, fine_tune
 from bdbench.defenses.scoring import anomaly_index, check_rate, median
 from bdbench.errors import ConfigError
+from bdbench.progress import steps
 
 
 @dataclass
@@ -149,7 +150,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
     best_mask, best_pattern = _squash(mask_raw).detach().clone(), _squash(pattern_raw).detach().clone()
     active = torch.ones(num_classes, dtype=torch.bool)
     x_dev = x.to(device)
-    for _ in range(epochs):
+    for _ in steps("nc trigger epoch", epochs):
         labels = torch.nonzero(active).flatten()
         labels_dev = labels.to(device)
         cost = schedule.cost[labels].to(device, torch.float32)
