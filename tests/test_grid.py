@@ -26,9 +26,9 @@ def test_ids_are_stable_and_depend_on_every_field(tiny_grid):
 
 def test_cpu_bfloat16_is_a_new_experiment_and_leaves_default_ids_alone(tiny_grid):
     default = expand(load_grid(tiny_grid))
-    # Pinned: the ids this cell had before `cpu_bfloat16` existed, so that stored results and
-    # cached victims are still found.
-    assert (default[0].experiment_id, default[0].victim_key) == ("6f97f4b5d3bf276d", "0b1df720366feb22")
+    # Pinned: the ids these cells had before `cpu_bfloat16` existed, so that stored results and
+    # cached backdoored victims are still found (clean victims' keys dropped the target label later).
+    assert (default[0].experiment_id, default[2].victim_key) == ("6f97f4b5d3bf276d", "ec041596dd8a49b9")
     tiny_grid["training"]["cpu_bfloat16"] = True
     fast = expand(load_grid(tiny_grid))
     assert not {s.experiment_id for s in default} & {s.experiment_id for s in fast}
@@ -131,3 +131,16 @@ def test_variants_name_the_non_default_parameters_and_a_label_changes_no_id(tiny
     tiny_grid["defenses"][1]["label"] = ""
     with pytest.raises(ConfigError, match="label must be a non-empty string"):
         load_grid(tiny_grid)
+
+
+def test_a_clean_victim_is_keyed_without_the_target_label(tiny_grid):
+    first = expand(load_grid(tiny_grid))
+    tiny_grid["target_label"] = 3
+    other = expand(load_grid(tiny_grid))
+    keys = {(s.attack.name, s.victim_key) for s in first}, {(s.attack.name, s.victim_key) for s in other}
+    clean = [{k for name, k in group if name == "none"} for group in keys]
+    poisoned = [{k for name, k in group if name != "none"} for group in keys]
+    assert clean[0] == clean[1]  # the target label does not shape a clean model's weights
+    assert not poisoned[0] & poisoned[1]  # it does shape a backdoored one's
+    # The experiment itself still differs: its ASR is measured against the target label.
+    assert not {s.experiment_id for s in first} & {s.experiment_id for s in other}

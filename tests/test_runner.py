@@ -415,3 +415,18 @@ def test_an_older_database_without_dataset_loader_still_loads(tmp_path):
         ["npz", "npz", "badnets(patch_size=4)"]]
     assert "dataset_loader" not in {r[1] for r in sqlite3.connect(tmp_path / "results.sqlite").execute(
         "PRAGMA table_info(experiments)")}  # read, not altered: a reader never writes
+
+
+def test_a_clean_model_trained_for_one_target_label_serves_another(tmp_path, tiny_grid):
+    tiny_grid["attacks"] = ["none"]
+    tiny_grid["defenses"] = ["none"]
+    run_grid(tiny_grid, out=tmp_path / "a", progress=False)
+    tiny_grid["target_label"] = 3
+    # Trained afresh in a new folder, the clean model for target 3 is byte-identical to target 0's...
+    run_grid(tiny_grid, out=tmp_path / "b", progress=False)
+    (a,) = (tmp_path / "a" / "cache" / "victims").glob("*.safetensors")
+    (b,) = (tmp_path / "b" / "cache" / "victims").glob("*.safetensors")
+    assert a.name == b.name and a.read_bytes() == b.read_bytes()
+    # ...so in the first folder the target-3 grid finds it cached instead of training it again.
+    rows = run_grid(tiny_grid, out=tmp_path / "a", progress=False)
+    assert rows.target_label.tolist() == [3] and rows.victim_cached.tolist() == [True]

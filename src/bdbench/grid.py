@@ -165,7 +165,12 @@ class ExperimentSpec(BaseModel):
 
     @property
     def victim_key(self) -> str:
-        return _hash(self._fields({"dataset", "model", "training", "attack", "poison_rate", "target_label", "seed"}))
+        """The hash of what shapes the victim's weights. A clean model (attack `none`) learns no
+        target, so its key leaves the target label out: one clean model serves every target label."""
+        shaping = {"dataset", "model", "training", "attack", "poison_rate", "target_label", "seed"}
+        if self.attack.name == "none":
+            shaping.discard("target_label")
+        return _hash(self._fields(shaping))
 
     @property
     def attack_variant(self) -> str:
