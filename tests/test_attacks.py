@@ -117,3 +117,18 @@ def test_workshop_learns_once_and_reuses_from_the_cache(tmp_path, digits, effect
     assert len(files) == 3  # two perturbations and one surrogate
     again = workshop.surrogate(digits, model="cnn-small", training=TrainConfig(epochs=4, batch_size=64), width=8)
     assert all(torch.equal(a, b) for a, b in zip(surrogate.state_dict().values(), again.state_dict().values()))
+
+
+def test_an_artefact_cached_in_an_older_format_is_learned_again(tmp_path):
+    from bdbench.store import ArtifactCache
+
+    workshop = AttackWorkshop(seed=0, cache=ArtifactCache(tmp_path), dataset_key="digits")
+    old = workshop.learned("gen", {"eps": 0.1}, lambda: {"weights": torch.zeros(3)})
+    # The attack's code now stores a different set of tensors and says so with its format version:
+    # the cached file of format 1 is not read as format 2 (no KeyError), it is learned again.
+    new = workshop.learned("gen", {"eps": 0.1}, lambda: {"mask": torch.ones(2), "pattern": torch.ones(2)}, version=2)
+    assert set(old) == {"weights"} and set(new) == {"mask", "pattern"}
+    again = workshop.learned("gen", {"eps": 0.1}, lambda: pytest.fail("format 2 is cached now"), version=2)
+    assert torch.equal(again["mask"], torch.ones(2))
+    # Format 1 keeps its old key, so artefacts cached before versions existed are still found.
+    assert set(workshop.learned("gen", {"eps": 0.1}, lambda: pytest.fail("format 1 is cached"))) == {"weights"}

@@ -30,3 +30,23 @@ def test_triggers_cli_reads_a_grid_and_refuses_nothing_to_draw(tmp_path, tiny_gr
     assert result.exit_code == 2 and "needs a CONFIG or at least one --attack" in result.output
     result = CliRunner().invoke(main, ["triggers", "--attack", "nope", "-o", str(out)])
     assert result.exit_code == 2 and "unknown attack 'nope'" in result.output
+
+
+def test_triggers_dataset_takes_a_mapping_as_set_dataset_does(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), y_train=np.arange(40) % 2,
+             x_test=rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8), y_test=np.arange(20) % 2)
+    out = tmp_path / "npz.png"
+    result = CliRunner().invoke(main, ["triggers", "--attack", "blended", "--dataset",
+                                       f"{{name: npz, path: {data}, allow_hflip: true}}", "--out", str(tmp_path),
+                                       "-o", str(out), "--images", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("blended: PSNR") and Image.open(out).size[0] > 0
+    result = CliRunner().invoke(main, ["triggers", "--attack", "blended", "--dataset", "{name: npz, pth: x.npz}",
+                                       "-o", str(out)])
+    assert result.exit_code == 2 and "pth" in result.output and len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, ["triggers", "--attack", "blended", "--dataset", "{path: x.npz}", "-o", str(out)])
+    assert result.exit_code == 2 and "--dataset" in result.output and "needs a 'name'" in result.output

@@ -12,7 +12,7 @@ import torch
 
 from bdbench import metrics
 from bdbench.attacks import ATTACKS, Attack, AttackWorkshop
-from bdbench.data import Dataset, load_dataset
+from bdbench.data import DATASETS, Dataset, load_dataset
 from bdbench.errors import ConfigError
 from bdbench.grid import Component, load_grid, without_poison_rate
 from bdbench.seeding import derive_seed
@@ -91,14 +91,27 @@ def draw(rows: list[TriggerRow], path: str | Path) -> Path:
     return path
 
 
+def parse_component(text: str, option: str) -> Component:
+    """A command-line component: a registered name, or a YAML mapping such as
+    '{name: npz, path: data.npz, allow_hflip: true}' (as `--set dataset=...` takes it)."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        value = yaml.safe_load(text) if text.lstrip().startswith("{") else text
+        return Component.model_validate(value)
+    except (yaml.YAMLError, ValidationError) as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(exc, ValidationError) else "not YAML"
+        raise ConfigError(f"{option} {text!r}: {reason}; give a name or a mapping like "
+                          "'{name: npz, path: data.npz}'") from None
+
+
 def write_trigger_picture(output: str | Path, config: str | None = None, attacks: Iterable[str] = (),
                           dataset: str | None = None, out: str | Path = "bdbench-out", images: int = 4,
                           overrides: Iterable[str] = ()) -> list[TriggerRow]:
     """The `bdbench triggers` command: attacks from a grid (its data set, target and first seed) or
     from `attacks` (names or YAML mappings such as '{name: badnets, patch_size: 4}'), on `dataset`
     (default: the grid's, else mnist5k). Learned triggers are cached in `out`/cache like a run's."""
-    import yaml
-
     if config is not None:
         grid = load_grid(config, overrides)
         dataset_spec, target_label, seed = grid.dataset, grid.target_label, grid.seeds[0]
@@ -106,10 +119,10 @@ def write_trigger_picture(output: str | Path, config: str | None = None, attacks
     else:
         dataset_spec, target_label, seed, components = Component(name="mnist5k"), 0, 0, []
     if dataset is not None:
-        dataset_spec = Component(name=dataset)
+        dataset_spec = parse_component(dataset, "--dataset")
+        DATASETS.check(dataset_spec.name, dataset_spec.params)
     if attacks:
-        components = [Component.model_validate(yaml.safe_load(a) if a.lstrip().startswith("{") else a)
-                      for a in attacks]
+        components = [parse_component(a, "--attack") for a in attacks]
     for component in components:
         ATTACKS.build(component.name, without_poison_rate(component).params)  # bad names fail before any work
     data = load_dataset(dataset_spec.name, **dataset_spec.params)

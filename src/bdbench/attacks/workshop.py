@@ -32,11 +32,18 @@ class AttackWorkshop:
     def generator(self, purpose: str) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, purpose))
 
-    def learned(self, name: str, params: Mapping[str, Any],
-                build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def learned(self, name: str, params: Mapping[str, Any], build: Callable[[], dict[str, torch.Tensor]],
+                version: int = 1) -> dict[str, torch.Tensor]:
         """The tensors `build()` returns for (`name`, `params`, data set, seed): from the cache when
-        they were learned before, otherwise built now and cached."""
+        they were learned before, otherwise built now and cached.
+
+        `version` is the format of what `build` returns: an attack bumps it whenever it changes the
+        tensors it stores (names, shapes, meaning), so that artefacts cached by older code are
+        learned again instead of being read in the wrong format. It enters the cache key from 2 on,
+        so artefacts of format 1 cached before versions existed are still found."""
         description = {"name": name, "params": dict(params), "dataset": self.dataset_key, "seed": self.seed}
+        if version != 1:
+            description["format"] = version
         key = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
         if self.cache is None:
             return build()
