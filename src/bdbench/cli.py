@@ -6,14 +6,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from bdbench.errors import BdbenchError
-
-_TABLE_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "defense", "precision", "seed", "status",
-                  "clean_acc", "asr", "robust_acc", "der", "psnr", "ssim", "detected", "det_tpr", "det_fpr", "defense_s"]
-
+from bdbench.registry import Registry
+from bdbench.schema import TABLE_COLUMNS
 
 EXIT_USER_ERROR = 2  # a bad config, file or folder: nothing ran, or nothing more could
 EXIT_EXPERIMENT_ERRORS = 3  # the grid ran and its rows are stored, but at least one experiment ended in `error`
@@ -82,7 +81,7 @@ def _table(rows) -> str:
 
     rows = with_variants(rows)
     rows["attack"], rows["defense"] = rows["attack_variant"], rows["defense_variant"]
-    columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
+    columns = [c for c in TABLE_COLUMNS if c in rows and rows[c].notna().any()]
     return rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
@@ -176,6 +175,7 @@ def _catalogue(what: str) -> list[dict]:
         from bdbench.grid import builtin_configs
 
         return [{"name": n, "description": d} for n, d in builtin_configs().items()]
+    registry: Registry[Any]
     if what == "datasets":
         from bdbench.data import DATASETS as registry
     elif what == "models":
@@ -188,7 +188,7 @@ def _catalogue(what: str) -> list[dict]:
         from bdbench.precision import PRECISIONS as registry
     entries = []
     for entry in registry:
-        item = {"name": entry.name, "description": entry.description}
+        item: dict[str, Any] = {"name": entry.name, "description": entry.description}
         if hasattr(entry.obj, "citation"):
             item["citation"] = entry.obj.citation
         if hasattr(entry.obj, "kind"):
