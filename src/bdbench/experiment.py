@@ -74,6 +74,43 @@ class Victim:
     model: nn.Module
     cached: bool
     train_s: float | None
+    federated: dict[str, Any] | None = None  # a federated victim's measurements (FederationResult.summary)
+
+
+def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, cache: ArtifactCache,
+                         device: torch.device) -> Victim:
+    """The global model of the spec's federation, from the cache when the same federation ran before (its
+    measurements are stored beside it); otherwise the federation runs, resuming from its last checkpoint."""
+    from bdbench.federated.simulation import run_federation
+
+    assert spec.federated is not None
+    with cache.lock("victims", spec.victim_key):
+        model = new_model(spec, dataset, "victim_init")
+        try:
+            info = cache.load_info("victims", spec.victim_key)
+            if cache.load("victims", spec.victim_key, model):
+                if not isinstance(info, dict) or "federated" not in info:
+                    raise ArtifactError(f"cached federated victim {spec.victim_key} lacks its measurements")
+                return Victim(model.to(device).eval(), True, None, info["federated"])
+        except ArtifactError as exc:
+            log.warning("%s; running the federation again", exc)
+            cache.discard("victims", spec.victim_key)
+            model = new_model(spec, dataset, "victim_init")
+        start = time.perf_counter()
+        federation = spec.federated
+        result = run_federation(
+            federation, (federation.server_defense.name, federation.server_defense.params), dataset,
+            None if ATTACKS.is_reference(spec.attack.name) else attack, spec.poison_rate, spec.target_label, model,
+            derive_seed(spec.seed, "federation"), device, cache=cache, checkpoint_key=spec.victim_key)
+        seconds = time.perf_counter() - start
+        summary = result.summary()
+        cache.save("victims", spec.victim_key, result.model, {
+            "spec": spec.model_dump(mode="json", include={"dataset", "model", "attack", "poison_rate", "target_label",
+                                                          "seed", "federated"}),
+            "train_s": round(seconds, 3), "poisoned_samples": result.poisoned_samples, "federated": summary,
+        })
+        cache.discard("federated", spec.victim_key)  # the checkpoint, once the finished model is stored
+    return Victim(result.model.eval(), False, seconds, summary)
 
 
 def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned: PoisonedTrainingSet,
@@ -258,7 +295,19 @@ def base_row(spec: ExperimentSpec) -> ResultRow:
         defense_kind=DEFENSES.get(spec.defense.name).kind.value, precision=spec.precision,
         precision_order=spec.precision_order, seed=spec.seed,
         spec=json.dumps(spec.model_dump(mode="json"), sort_keys=True),
+        **_federated_columns(spec),
     )
+
+
+def _federated_columns(spec: ExperimentSpec) -> dict[str, Any]:
+    """The columns a federated spec fixes (none for a centralized one)."""
+    federation = spec.federated
+    if federation is None:
+        return {}
+    return {"server_defense": federation.server_defense.name, "server_defense_params": federation.server_defense.params,
+            "server_defense_variant": federation.server_defense_variant, "fed_clients": federation.clients,
+            "fed_malicious": len(federation.malicious_ids), "fed_participation": federation.participation,
+            "fed_split": federation.split_name(), "rounds": federation.rounds}
 
 
 def run_experiment(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device | None = None,
@@ -305,8 +354,13 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device, row: 
     workshop = AttackWorkshop(seed=derive_seed(spec.seed, "attack"), device=device, cache=cache,
                               dataset_key=spec.dataset.model_dump_json())
     attack.prepare(dataset, spec.target_label, workshop)
-    poisoned = attack.poison(dataset, spec.poison_rate, spec.target_label, _generator(spec.seed, "poison"))
-    victim = get_victim(spec, dataset, attack, poisoned, cache, device)
+    if spec.federated is not None:
+        # The malicious clients poison their own shares inside the federation; no central training set exists.
+        poisoned = PoisonedTrainingSet(dataset.x_train, dataset.y_train, torch.zeros(len(dataset.y_train), dtype=torch.bool))
+        victim = get_federated_victim(spec, dataset, attack, cache, device)
+    else:
+        poisoned = attack.poison(dataset, spec.poison_rate, spec.target_label, _generator(spec.seed, "poison"))
+        victim = get_victim(spec, dataset, attack, poisoned, cache, device)
     # After the victim: an attack that learns its trigger while the victim trains has it only now.
     poisoned = attack.after_training(poisoned)
     reference = ATTACKS.is_reference(spec.attack.name)
@@ -318,6 +372,9 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device, row: 
     before = evaluate(deployed.model, dataset, triggered)
 
     defense = DEFENSES.build(spec.defense.name, spec.defense.params)
+    if spec.federated is not None and defense.kind in SEES_TRAINING_SET:
+        raise NotApplicable(f"{spec.defense.name} inspects the training set, which a federation never gathers in one "
+                            "place; run it on a centralized grid")
     if spec.precision_order == "defend_then_quantize":
         defended, proxy = victim.model, None
     else:
@@ -367,3 +424,7 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device, row: 
     row.defense_scoring_s = _seconds(costs, "scoring")
     row.peak_rss_mb = max(c.peak_rss_mb for c in costs.values())
     row.der = der
+    if victim.federated is not None:
+        row.bytes_up, row.bytes_down = victim.federated["bytes_up"], victim.federated["bytes_down"]
+        row.server_defense_s = round(victim.federated["server_defense_s"], 4)
+        row.round_metrics = victim.federated["curve"]

@@ -22,6 +22,7 @@ from bdbench.attacks import ATTACKS
 from bdbench.data import DATASETS
 from bdbench.defenses import DEFENSES
 from bdbench.errors import ConfigError
+from bdbench.federated import SERVER_DEFENSES, FederatedConfig
 from bdbench.models import MODELS
 from bdbench.precision import PRECISIONS
 from bdbench.training import TrainConfig
@@ -76,6 +77,43 @@ class CleanBudget(BaseModel):
         return self
 
 
+class FederatedGrid(FederatedConfig):
+    """A grid's `federated:` section: the federation's settings and its axis of server defenses. With it, every
+    victim is the global model of a federation (`bdbench.federated`), the grid's poison rate is the share of each
+    malicious client's candidate samples it poisons, and the grid's `training` is not used."""
+
+    server_defenses: list[Component] = Field([Component(name="fedavg")], min_length=1)
+
+
+class FederatedSpec(FederatedConfig):
+    """One experiment's federation: the settings and its one server defense."""
+
+    server_defense: Component
+
+    @property
+    def server_defense_variant(self) -> str:
+        return SERVER_DEFENSES.variant(self.server_defense.name, self.server_defense.params, self.server_defense.label)
+
+
+def _check_federated(federated: FederatedGrid, model: Component, attacks: list[Component]) -> None:
+    from bdbench.attacks import Attack
+
+    for attack in attacks:
+        cls = ATTACKS.get(attack.name)
+        if getattr(cls, "learns_with_victim", False) or cls.training_hook is not Attack.training_hook:
+            raise ValueError(f"attack {attack.name} controls the victim's training through a hook, which federated "
+                             "clients do not run; pick a data-poisoning attack (badnets, blended, ...)")
+    for entry in federated.server_defenses:
+        SERVER_DEFENSES.build(entry.name, entry.params).check(federated.clients, federated.per_round)
+    import torch
+
+    from bdbench.federated.clients import check_template
+    from bdbench.models import create_model
+
+    with torch.device("meta"):
+        check_template(create_model(model.name, 10, 3, 32, **model.params), model.name)
+
+
 class GridSpec(BaseModel):
     """A whole grid as written in YAML. Unknown keys are errors."""
 
@@ -96,6 +134,7 @@ class GridSpec(BaseModel):
     precision_order: PrecisionOrder = "quantize_then_defend"
     seeds: list[int] = Field([0], min_length=1)
     clean_budget: CleanBudget = CleanBudget()
+    federated: FederatedGrid | None = None
 
     @field_validator("poison_rates")
     @classmethod
@@ -128,6 +167,8 @@ class GridSpec(BaseModel):
             PRECISIONS.get(precision)
         DATASETS.check(self.dataset.name, self.dataset.params)
         MODELS.check(self.model.name, self.model.params, supplied=MODEL_SHAPE)
+        if self.federated is not None:
+            _check_federated(self.federated, self.model, self.attacks)
         return self
 
 
@@ -147,6 +188,7 @@ class ExperimentSpec(BaseModel):
     seed: int
     clean_budget: CleanBudget
     precision_order: PrecisionOrder = "quantize_then_defend"
+    federated: FederatedSpec | None = None
 
     def _fields(self, include: set[str] | None = None) -> dict[str, Any]:
         """The fields that the hashes cover. Fields added later are left out at their defaults, so
@@ -156,6 +198,8 @@ class ExperimentSpec(BaseModel):
             del fields["precision_order"]
         if "training" in fields and not fields["training"]["cpu_bfloat16"]:
             del fields["training"]["cpu_bfloat16"]
+        if "federated" in fields and fields["federated"] is None:
+            del fields["federated"]
         return fields
 
     @property
@@ -166,10 +210,14 @@ class ExperimentSpec(BaseModel):
     def victim_key(self) -> str:
         """The hash of what shapes the victim's weights. A clean model (attack `none`) learns no
         target, so its key leaves the target label out: one clean model serves every target label."""
-        shaping = {"dataset", "model", "training", "attack", "poison_rate", "target_label", "seed"}
+        shaping = {"dataset", "model", "training", "attack", "poison_rate", "target_label", "seed", "federated"}
         if ATTACKS.is_reference(self.attack.name):
             shaping.discard("target_label")
-        return _hash(self._fields(shaping))
+        fields = self._fields(shaping)
+        if self.federated is not None:  # what shapes the global model: not how often it is scored or checkpointed
+            fields["federated"] = {**self.federated.settings(),
+                                   "server_defense": self.federated.server_defense.model_dump(mode="json")}
+        return _hash(fields)
 
     @property
     def attack_variant(self) -> str:
@@ -183,7 +231,8 @@ class ExperimentSpec(BaseModel):
         attack = (self.attack_variant if ATTACKS.is_reference(self.attack.name)
                   else f"{self.attack_variant}@{self.poison_rate:g} target {self.target_label}")
         order = " (defend, then quantize)" if self.precision_order == "defend_then_quantize" else ""
-        return f"{attack} / {self.defense_variant} / {self.precision}{order} / seed {self.seed}"
+        federated = f"federated {self.federated.server_defense_variant}: " if self.federated is not None else ""
+        return f"{federated}{attack} / {self.defense_variant} / {self.precision}{order} / seed {self.seed}"
 
 
 def _hash(obj: Any) -> str:
@@ -209,7 +258,11 @@ def expand(grid: GridSpec) -> list[ExperimentSpec]:
     seen: set[str] = set()
     runs = [(attack, rate) for attack in grid.attacks
             for rate in ([attack.params["poison_rate"]] if "poison_rate" in attack.params else grid.poison_rates)]
-    for seed, (attack, rate) in itertools.product(grid.seeds, runs):
+    federations: list[FederatedSpec | None] = [None]
+    if grid.federated is not None:
+        settings = grid.federated.model_dump(exclude={"server_defenses"})
+        federations = [FederatedSpec(**settings, server_defense=entry) for entry in grid.federated.server_defenses]
+    for seed, (attack, rate), federated in itertools.product(grid.seeds, runs, federations):
         attack = without_poison_rate(attack)
         rate = 0.0 if ATTACKS.is_reference(attack.name) else rate
         for defense, precision in itertools.product(grid.defenses, grid.precisions):
@@ -219,7 +272,7 @@ def expand(grid: GridSpec) -> list[ExperimentSpec]:
                                   clean_budget=grid.clean_budget,
                                   # At fp32 both orders are the same experiment.
                                   precision_order="quantize_then_defend" if precision == "fp32"
-                                  else grid.precision_order)
+                                  else grid.precision_order, federated=federated)
             if spec.experiment_id not in seen:
                 seen.add(spec.experiment_id)
                 specs.append(spec)
@@ -304,7 +357,8 @@ def _format_error(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "grid"
     if err["type"] == "extra_forbidden":
         parent = err["loc"][:-1]
-        nested: dict[str, type[BaseModel]] = {"training": TrainConfig, "clean_budget": CleanBudget}
+        nested: dict[str, type[BaseModel]] = {"training": TrainConfig, "clean_budget": CleanBudget,
+                                              "federated": FederatedGrid}
         model = GridSpec if not parent else nested.get(str(parent[0]))
         valid = f"; valid keys: {', '.join(model.model_fields)}" if model else ""
         return f"unknown key {where!r} in grid spec{valid}"

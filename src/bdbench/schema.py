@@ -92,6 +92,24 @@ class ResultRow:
     defense_scoring_s: float | None = _column("seconds an input detector spent scoring the test images")
     peak_rss_mb: float | None = _column("the process's peak resident memory over the defense's parts (MB)",
                                         report=True)
+    server_defense: str | None = _column("federated runs: the server's aggregation rule (`fedavg`, `krum`, `lockdown`, ...)",
+                                         table=True, report=True)
+    server_defense_params: dict[str, Any] | None = _column("the server defense's parameters as the spec gives them (JSON)")
+    server_defense_variant: str | None = _column("the server defense's setting, named as `attack_variant`")
+    fed_clients: int | None = _column("federated runs: clients in the federation")
+    fed_malicious: int | None = _column("federated runs: clients that train on poisoned data (on clean data "
+                                        "where the attack is `none`)")
+    fed_participation: float | None = _column("federated runs: share of clients chosen each round")
+    fed_split: str | None = _column("federated runs: how the training set is shared (`iid`, `dirichlet(alpha=0.5)`)")
+    rounds: int | None = _column("federated runs: communication rounds", report=True)
+    bytes_up: float | None = _column("federated runs: bytes all participating clients sent per round (mean over "
+                                     "rounds; float32 values, Lockdown's masked coordinates only)", report=True)
+    bytes_down: float | None = _column("federated runs: bytes the server sent the participating clients per round "
+                                       "(mean over rounds)")
+    server_defense_s: float | None = _column("federated runs: seconds of server-side aggregation over all rounds",
+                                             report=True)
+    round_metrics: list[dict[str, Any]] | None = _column("federated runs: the per-round curve (JSON; also in the "
+                                                         "`federated_rounds` table)")
     device: str | None = _column("the torch device the experiment ran on")
     torch_threads: int | None = _column("torch threads the experiment used")
     train_dtype: str | None = _column("`float32` or `bfloat16` training")

@@ -28,6 +28,11 @@ from bdbench.schema import BOOL_COLUMNS, JSON_COLUMNS, ResultRow, check_columns,
 # Column name -> SQLite type, from the one result schema. New columns are added to older databases when they are
 # opened.
 COLUMNS: dict[str, str] = sql_columns()
+# A federated experiment's per-round curve, one row per experiment and evaluated round (the `round_metrics` column
+# of its row, normalised), written in the same transaction as the row.
+ROUND_COLUMNS: dict[str, str] = {"experiment_id": "TEXT NOT NULL", "round": "INTEGER NOT NULL", "clean_acc": "REAL",
+                                 "asr": "REAL", "robust_acc": "REAL", "bytes_up": "REAL", "bytes_down": "REAL",
+                                 "server_defense_s": "REAL"}
 
 
 class ResultStore:
@@ -53,6 +58,9 @@ class ResultStore:
             self._db.execute(
                 f"CREATE TABLE IF NOT EXISTS experiments ({', '.join(f'{c} {t}' for c, t in COLUMNS.items())})"
             )
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS federated_rounds "
+                             f"({', '.join(f'{c} {t}' for c, t in ROUND_COLUMNS.items())}, "
+                             "PRIMARY KEY (experiment_id, round))")
             have = self._columns()
             for column, sql_type in COLUMNS.items():
                 if column not in have:
@@ -85,6 +93,11 @@ class ResultStore:
                 f"INSERT OR REPLACE INTO experiments ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                 [to_sql(row[n]) for n in names],
             )
+            self._db.execute("DELETE FROM federated_rounds WHERE experiment_id = ?", (row["experiment_id"],))
+            curve = row.get("round_metrics") or []
+            self._db.executemany(
+                f"INSERT INTO federated_rounds ({', '.join(ROUND_COLUMNS)}) VALUES ({', '.join('?' * len(ROUND_COLUMNS))})",
+                [[row["experiment_id"], *(point.get(c) for c in list(ROUND_COLUMNS)[1:])] for point in curve])
             self._db.commit()
         except sqlite3.DatabaseError as exc:
             raise database_fault(self.path, exc) from None
@@ -116,6 +129,16 @@ class ResultStore:
             # NULL reads back as None or NaN, depending on the column's other values and the pandas version.
             df[column] = df[column].map(lambda v: json.loads(v) if isinstance(v, str) else None).astype(object)
         return with_variants(df)
+
+    def rounds(self) -> pd.DataFrame:
+        """The per-round curves of the federated experiments, one row per experiment and evaluated round."""
+        try:
+            have = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "federated_rounds" not in have:
+                return pd.DataFrame(columns=list(ROUND_COLUMNS))
+            return pd.read_sql_query("SELECT * FROM federated_rounds ORDER BY experiment_id, round", self._db)
+        except sqlite3.DatabaseError as exc:
+            raise database_fault(self.path, exc) from None
 
     def close(self) -> None:
         self._db.close()
@@ -208,6 +231,19 @@ def load_results(out: str | Path = "bdbench-out") -> pd.DataFrame:
     store = ResultStore(path, read_only=True)
     try:
         return store.dataframe()
+    finally:
+        store.close()
+
+
+def load_rounds(out: str | Path = "bdbench-out") -> pd.DataFrame:
+    """The per-round curves of an output folder's federated experiments (join them to `load_results` on
+    `experiment_id`)."""
+    path = Path(out) / "results.sqlite"
+    if not path.is_file():
+        raise no_rows_error(out)
+    store = ResultStore(path, read_only=True)
+    try:
+        return store.rounds()
     finally:
         store.close()
 
@@ -369,5 +405,5 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results", "no_rows_error", "running_pid",
+__all__ = ["COLUMNS", "ROUND_COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results", "load_rounds", "no_rows_error", "running_pid",
            "with_variants"]

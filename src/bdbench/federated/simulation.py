@@ -1,0 +1,296 @@
+"""One federation, round by round: the global model a federated experiment deploys (its "victim").
+
+    split the training set -> malicious clients poison their own share with the grid's attack
+      -> each round: choose clients, train them (vectorised), collect their updates
+      -> the server defense aggregates -> the global model moves -> score the evaluated model
+
+Threat model: the server defense sees the round's updates and the clients' sample counts only; poisoned
+samples, which clients are malicious and test data never reach it. The simulation scores the evaluated model
+(Lockdown's consensus-fused one) on the test set after the rounds `eval_every` picks, for the per-round curve.
+
+Every random choice of round r is drawn from a seed derived from the experiment's seed and r (participants,
+each client's batches and augmentation, server noise), so a run resumed from a checkpoint (every
+`checkpoint_every` rounds, in the artifact cache under `federated/<victim key>`) ends with the same weights as
+one never interrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bdbench import metrics
+from bdbench.attacks import Attack, TriggeredTestSet
+from bdbench.data import Dataset
+from bdbench.errors import ArtifactError, ConfigError
+from bdbench.federated.aggregation import SERVER_DEFENSES, RoundContext, ServerDefense
+from bdbench.federated.clients import ClientPlan, ClientTrainer, LocalSGD, Tensors, check_template
+from bdbench.federated.config import FederatedConfig
+from bdbench.federated.lockdown import Lockdown, consensus, init_masks, prune, prune_ratio, regrow
+from bdbench.federated.split import split_dirichlet, split_iid
+from bdbench.progress import steps
+from bdbench.seeding import derive_seed
+from bdbench.store import ArtifactCache
+from bdbench.training import predict
+
+log = logging.getLogger("bdbench")
+
+BYTES_PER_VALUE = 4  # float32 weights
+CURVE_FIELDS = ("round", "clean_acc", "asr", "robust_acc", "bytes_up", "bytes_down", "server_defense_s")
+
+
+@dataclass
+class FederationResult:
+    """The evaluated global model and what the federation measured."""
+
+    model: nn.Module
+    curve: list[dict[str, Any]]  # one entry per evaluated round, CURVE_FIELDS
+    bytes_up: float  # mean bytes all participating clients sent per round
+    bytes_down: float  # mean bytes the server sent to them per round
+    server_defense_s: float  # seconds of server-side aggregation over all rounds
+    poisoned_samples: int
+    resumed_from: int = 0  # the round a checkpoint resumed from (0: none)
+    measures: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What is stored beside the cached global model (JSON) and read back when it is loaded."""
+        return {"curve": self.curve, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "server_defense_s": self.server_defense_s, "poisoned_samples": self.poisoned_samples}
+
+
+def client_shares(y: torch.Tensor, config: FederatedConfig, seed: int) -> list[torch.Tensor]:
+    """The training-set rows each client holds."""
+    if config.split == "iid":
+        return split_iid(y, config.clients, derive_seed(seed, "federated_split"))
+    return split_dirichlet(y, config.clients, config.split, derive_seed(seed, "federated_split"))
+
+
+def poison_shares(dataset: Dataset, shares: list[torch.Tensor], malicious: list[int], attack: Attack,
+                  share: float, target_label: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The federation's training tensor with each malicious client's rows poisoned by `attack`: floor(share x the
+    attack's candidates among the client's samples) of them (for an all-to-one attack, its non-target samples,
+    as Lockdown's `poison_dataset`). Returns images, labels and the number of poisoned samples."""
+    x, y, poisoned = dataset.x_train.clone(), dataset.y_train.clone(), 0
+    for client in malicious:
+        rows = shares[client]
+        own = dataclasses.replace(dataset, x_train=dataset.x_train[rows], y_train=dataset.y_train[rows])
+        generator = torch.Generator().manual_seed(derive_seed(seed, "federated_poison", client))
+        candidates = len(attack.select(own.y_train, 1.0, target_label, generator))
+        count = math.floor(share * candidates)
+        if count == 0:
+            continue
+        result = attack.poison(own, count / len(rows), target_label, generator)
+        if result.y.dtype != torch.long:
+            raise ConfigError(f"attack {type(attack).__name__} trains on soft labels, which federated clients do not "
+                              "support yet; pick a hard-label attack")
+        x[rows], y[rows] = result.x, result.y
+        poisoned += int(result.poison_mask.sum())
+    return x, y, poisoned
+
+
+def _stack(params: Tensors, k: int) -> Tensors:
+    return {n: p.unsqueeze(0).expand(k, *p.shape).clone() for n, p in params.items()}
+
+
+def _flat(stacked: Tensors, names: list[str]) -> torch.Tensor:
+    return torch.cat([stacked[n].reshape(stacked[n].shape[0], -1) for n in names], dim=1)
+
+
+def _unflat(vector: torch.Tensor, like: Tensors, names: list[str]) -> Tensors:
+    out, start = {}, 0
+    for n in names:
+        size = like[n].numel()
+        out[n] = vector[start:start + size].view_as(like[n])
+        start += size
+    return out
+
+
+def score(model: nn.Module, dataset: Dataset, triggered: TriggeredTestSet | None) -> dict[str, float | None]:
+    """Clean accuracy, ASR and robust accuracy of a global model."""
+    row: dict[str, float | None] = {"clean_acc": metrics.accuracy(predict(model, dataset.x_test), dataset.y_test),
+                                    "asr": None, "robust_acc": None}
+    if triggered is not None and len(triggered.x):
+        pred = predict(model, triggered.x)
+        row["asr"] = metrics.attack_success_rate(pred, triggered.y_target)
+        row["robust_acc"] = metrics.robust_accuracy(pred, triggered.y_true)
+    return row
+
+
+class Federation:
+    """The state of one federation between rounds: global weights, Lockdown's masks, the curve so far."""
+
+    def __init__(self, config: FederatedConfig, defense: ServerDefense, template: nn.Module, seed: int,
+                 device: torch.device) -> None:
+        self.config, self.defense, self.template, self.seed, self.device = config, defense, template, seed, device
+        self.names = [n for n, _ in template.named_parameters()]
+        self.weights: Tensors = {n: p.detach().to(device).clone() for n, p in template.named_parameters()}
+        self.masks: Tensors | None = None
+        self.removed: dict[str, torch.Tensor] | None = None
+        if isinstance(defense, Lockdown):
+            shapes = {n: p.shape for n, p in self.weights.items()}
+            self.masks = init_masks(shapes, config.clients, defense.density,
+                                    torch.Generator().manual_seed(derive_seed(seed, "lockdown_masks")),
+                                    defense.mask_init, defense.same_init_mask)
+            self.masks = {n: m.to(device) for n, m in self.masks.items()}
+            self.removed = {n: torch.zeros(config.clients, dtype=torch.long) for n in self.names}
+        self.round = 0
+        self.curve: list[dict[str, Any]] = []
+        self.server_s = 0.0
+        self.bytes = [0.0, 0.0]  # summed over rounds: up, down
+
+    # ------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict[str, torch.Tensor]:
+        tensors = {f"weights.{n}": p for n, p in self.weights.items()}
+        if self.masks is not None and self.removed is not None:
+            tensors.update({f"masks.{n}": m.to(torch.uint8) for n, m in self.masks.items()})
+            tensors.update({f"removed.{n}": r for n, r in self.removed.items()})
+        tensors["round"] = torch.tensor(self.round)
+        tensors["totals"] = torch.tensor([self.server_s, *self.bytes], dtype=torch.float64)
+        tensors["curve"] = torch.tensor([[math.nan if e[f] is None else float(e[f]) for f in CURVE_FIELDS]
+                                         for e in self.curve], dtype=torch.float64).view(-1, len(CURVE_FIELDS))
+        return tensors
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            self.weights = {n: tensors[f"weights.{n}"].to(self.device).clone() for n in self.names}
+            if self.masks is not None:
+                self.masks = {n: tensors[f"masks.{n}"].float().to(self.device) for n in self.names}
+                self.removed = {n: tensors[f"removed.{n}"].long() for n in self.names}
+            self.round = int(tensors["round"])
+            self.server_s, up, down = (float(v) for v in tensors["totals"])
+            self.bytes = [up, down]
+            self.curve = [{f: (int(v) if f == "round" else None if math.isnan(v) else float(v))
+                           for f, v in zip(CURVE_FIELDS, entry.tolist())} for entry in tensors["curve"]]
+        except KeyError as exc:
+            raise ArtifactError(f"federated checkpoint lacks {exc.args[0]}") from None
+
+    # ------------------------------------------------------------- one round
+
+    def evaluated_weights(self) -> Tensors:
+        """The weights the federation deploys: the global model, fused by consensus under Lockdown."""
+        if self.masks is not None and isinstance(self.defense, Lockdown):
+            return consensus(self.weights, self.masks, self.defense.theta)
+        return self.weights
+
+    def model(self) -> nn.Module:
+        """A copy of the template holding the evaluated weights, in eval mode, on the federation's device."""
+        model = copy.deepcopy(self.template).to(self.device)
+        weights = self.evaluated_weights()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(weights[n])
+        return model.eval()
+
+    def run_round(self, trainer: ClientTrainer, shares: list[torch.Tensor], local: LocalSGD) -> dict[str, float]:
+        config, r = self.config, self.round + 1
+        order = torch.randperm(config.clients, generator=torch.Generator().manual_seed(
+            derive_seed(self.seed, "participants", r)))
+        chosen = torch.sort(order[:config.per_round]).values
+        k = len(chosen)
+        plans = [ClientPlan.draw(shares[int(c)], local, derive_seed(self.seed, "client", r, int(c))) for c in chosen]
+        start = _stack(self.weights, k)
+        masks = None
+        if self.masks is not None and self.removed is not None:
+            masks = {n: m[chosen] for n, m in self.masks.items()}
+            start = {n: start[n] * masks[n] for n in self.names}
+            down = sum(float(m.sum()) for m in masks.values()) * BYTES_PER_VALUE
+            removed = {n: v[chosen] for n, v in self.removed.items()}
+            if any(int(v.sum()) for v in removed.values()):
+                screens = [ClientPlan.draw(shares[int(c)], local, derive_seed(self.seed, "screen", r, int(c)),
+                                           epochs=1, augment=False) for c in chosen]
+                masks = regrow(masks, trainer.gradient_sums(start, screens, config.vectorised), removed)
+        else:
+            down = float(k * sum(p.numel() for p in self.weights.values()) * BYTES_PER_VALUE)
+        trained = trainer.train(start, plans, local, masks, config.vectorised)
+        if masks is not None and self.masks is not None and self.removed is not None:
+            assert isinstance(self.defense, Lockdown)
+            masks, counts = prune(masks, trained, prune_ratio(r, config.rounds, self.defense.alpha0))
+            for n in self.names:
+                self.masks[n][chosen] = masks[n]
+                self.removed[n][chosen] = counts[n]
+            updates = _flat({n: masks[n] * (trained[n] - self.weights[n]) for n in self.names}, self.names)
+            up = sum(float(m.sum()) for m in masks.values()) * BYTES_PER_VALUE
+        else:
+            updates = _flat({n: trained[n] - self.weights[n] for n in self.names}, self.names)
+            up = float(updates.numel() * BYTES_PER_VALUE)
+        sizes = torch.tensor([len(shares[int(c)]) for c in chosen], dtype=torch.float64, device=updates.device)
+        context = RoundContext(r, config.rounds, config.clients,
+                               torch.Generator().manual_seed(derive_seed(self.seed, "server", r)))
+        began = time.perf_counter()
+        aggregate = self.defense.aggregate(updates, sizes, context)
+        seconds = time.perf_counter() - began
+        step = _unflat(aggregate.to(updates.dtype), self.weights, self.names)
+        self.weights = {n: self.weights[n] + config.server_lr * step[n] for n in self.names}
+        self.round, self.server_s = r, self.server_s + seconds
+        self.bytes = [self.bytes[0] + up, self.bytes[1] + down]
+        return {"bytes_up": up, "bytes_down": down, "server_defense_s": seconds}
+
+
+def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str, Any]], dataset: Dataset,
+                   attack: Attack | None, poison_share: float, target_label: int, template: nn.Module, seed: int,
+                   device: torch.device, cache: ArtifactCache | None = None, checkpoint_key: str | None = None,
+                   stop_after: int | None = None) -> FederationResult:
+    """Run a federation and return its evaluated global model and measurements. `attack` None (or a reference
+    attack) is a benign run. With a `cache` and `checkpoint_key`, the state is saved every `checkpoint_every`
+    rounds and a run resumes from the last one saved. `stop_after` ends after that round (tests of resuming)."""
+    check_template(template, type(template).__name__)
+    defense = SERVER_DEFENSES.build(*server_defense)
+    defense.check(config.clients, config.per_round)
+    shares = client_shares(dataset.y_train, config, seed)
+    small = [(i, len(s)) for i, s in enumerate(shares) if len(s) < config.batch_size]
+    if small:
+        raise ConfigError(f"client {small[0][0]} holds {small[0][1]} samples, fewer than federated.batch_size "
+                          f"{config.batch_size}; lower batch_size, use fewer clients or raise split.min_samples")
+    triggered = None
+    if attack is not None:
+        x, y, poisoned = poison_shares(dataset, shares, config.malicious_ids, attack, poison_share, target_label, seed)
+        triggered = attack.triggered_test_set(dataset, target_label)
+    else:
+        x, y, poisoned = dataset.x_train, dataset.y_train, 0
+    local = LocalSGD(config.local_epochs, config.batch_size, config.client_lr, config.client_momentum,
+                     config.weight_decay, dataset.crop_padding, dataset.allow_hflip)
+    federation = Federation(config, defense, template, seed, device)
+    resumed = 0
+    if cache is not None and checkpoint_key is not None:
+        try:
+            stored = cache.load_tensors("federated", checkpoint_key)
+            if stored is not None:
+                federation.load(stored)
+                resumed = federation.round
+                log.info("federation %s resumes after round %d", checkpoint_key, resumed)
+        except ArtifactError as exc:
+            log.warning("%s; starting the federation again", exc)
+            federation = Federation(config, defense, template, seed, device)
+    trainer = ClientTrainer(template, x, y, device, config.client_chunk)
+    if config.vectorised is None:
+        config = config.model_copy(update={"vectorised": device.type == "cuda"})
+        federation.config = config
+    for index in steps("federated round", config.rounds):
+        if index < federation.round:
+            continue
+        sent = federation.run_round(trainer, shares, local)
+        r = federation.round
+        if r % config.eval_every == 0 or r == config.rounds:
+            measured = score(federation.model(), dataset, triggered)
+            federation.curve.append({"round": r, **measured, **sent})
+        if cache is not None and checkpoint_key is not None and r % config.checkpoint_every == 0 and r < config.rounds:
+            cache.save_tensors("federated", checkpoint_key, federation.state(), {"round": r})
+        if stop_after is not None and r >= stop_after:
+            break
+    model = federation.model()
+    rounds = max(1, federation.round)
+    return FederationResult(model, federation.curve, federation.bytes[0] / rounds, federation.bytes[1] / rounds,
+                            federation.server_s, poisoned, resumed)
+
+
+__all__ = ["CURVE_FIELDS", "Federation", "FederationResult", "client_shares", "poison_shares", "run_federation",
+           "score"]
