@@ -92,6 +92,14 @@ class ResultRow:
     defense_scoring_s: float | None = _column("seconds an input detector spent scoring the test images")
     peak_rss_mb: float | None = _column("the process's peak resident memory over the defense's parts (MB)",
                                         report=True)
+    device: str | None = _column("the torch device the experiment ran on")
+    torch_threads: int | None = _column("torch threads the experiment used")
+    train_dtype: str | None = _column("`float32` or `bfloat16` training")
+    cpu_kernels: str | None = _column("the CPU kernel set (`AVX512`, `AVX2`, ...)")
+    victim_key: str | None = _column("hash of what trained the victim (the cached model's name)")
+    spec: str | None = _column("the experiment's whole spec (JSON text)")
+    finished_at: str | None = _column("UTC time the row was made")
+    # Added in 0.2 (new columns go last: older databases gain them at the end).
     server_defense: str | None = _column("federated runs: the server's aggregation rule (`fedavg`, `krum`, `lockdown`, ...)",
                                          table=True, report=True)
     server_defense_params: dict[str, Any] | None = _column("the server defense's parameters as the spec gives them (JSON)")
@@ -110,13 +118,6 @@ class ResultRow:
                                              report=True)
     round_metrics: list[dict[str, Any]] | None = _column("federated runs: the per-round curve (JSON; also in the "
                                                          "`federated_rounds` table)")
-    device: str | None = _column("the torch device the experiment ran on")
-    torch_threads: int | None = _column("torch threads the experiment used")
-    train_dtype: str | None = _column("`float32` or `bfloat16` training")
-    cpu_kernels: str | None = _column("the CPU kernel set (`AVX512`, `AVX2`, ...)")
-    victim_key: str | None = _column("hash of what trained the victim (the cached model's name)")
-    spec: str | None = _column("the experiment's whole spec (JSON text)")
-    finished_at: str | None = _column("UTC time the row was made")
 
     def update(self, **values: Any) -> None:
         """Set several columns; an unknown name is a `TypeError` naming it."""

@@ -156,8 +156,8 @@ class ClientTrainer:
             active = (steps > step).to(xb.dtype)
             with torch.no_grad():
                 for n in self.names:
-                    g = grads[n] if masks is None else grads[n] * masks[n]
-                    params[n] = _sgd(params[n], g, velocity, n, config, active.view(-1, *[1] * (g.dim() - 1)))
+                    params[n] = _sgd(params[n], grads[n], velocity, n, config,
+                                     active.view(-1, *[1] * (grads[n].dim() - 1)), None if masks is None else masks[n])
         return params
 
     def _train_one_by_one(self, start: Tensors, plans: list[ClientPlan], config: LocalSGD,
@@ -174,8 +174,8 @@ class ClientTrainer:
                 grads = dict(zip(self.names, torch.autograd.grad(self._loss(params, xb, yb), list(params.values()))))
                 with torch.no_grad():
                     for n in self.names:
-                        g = grads[n] if masks is None else grads[n] * masks[n][k].to(self.device)
-                        params[n] = _sgd(params[n].detach(), g, velocity, n, config, None)
+                        params[n] = _sgd(params[n].detach(), grads[n], velocity, n, config, None,
+                                         None if masks is None else masks[n][k].to(self.device))
             for n in self.names:
                 trained[n].append(params[n].detach())
         return {n: torch.stack(v) if v else start[n].clone() for n, v in trained.items()}
@@ -204,10 +204,13 @@ class ClientTrainer:
 
 
 def _sgd(p: torch.Tensor, g: torch.Tensor, velocity: Tensors | None, name: str, config: LocalSGD,
-         active: torch.Tensor | None) -> torch.Tensor:
+         active: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """torch.optim.SGD's step (weight decay added to the gradient, then momentum without dampening); where
-    `active` is 0 the client's weights and momentum stay as they are."""
+    `active` is 0 the client's weights and momentum stay as they are; outside `mask` nothing moves (Lockdown masks
+    the gradient, and its weights outside the mask are zero, so weight decay leaves them too)."""
     d = g + config.weight_decay * p if config.weight_decay else g
+    if mask is not None:
+        d = d * mask
     if velocity is not None:
         v = velocity[name]  # starts at zero, so the first step's momentum is d itself, as in torch.optim.SGD
         new_v = config.momentum * v + d

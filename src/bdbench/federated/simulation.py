@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -207,10 +207,10 @@ class Federation:
             if any(int(v.sum()) for v in removed.values()):
                 screens = [ClientPlan.draw(shares[int(c)], local, derive_seed(self.seed, "screen", r, int(c)),
                                            epochs=1, augment=False) for c in chosen]
-                masks = regrow(masks, trainer.gradient_sums(start, screens, config.vectorised), removed)
+                masks = regrow(masks, trainer.gradient_sums(start, screens, bool(config.vectorised)), removed)
         else:
             down = float(k * sum(p.numel() for p in self.weights.values()) * BYTES_PER_VALUE)
-        trained = trainer.train(start, plans, local, masks, config.vectorised)
+        trained = trainer.train(start, plans, local, masks, bool(config.vectorised))
         if masks is not None and self.masks is not None and self.removed is not None:
             assert isinstance(self.defense, Lockdown)
             masks, counts = prune(masks, trained, prune_ratio(r, config.rounds, self.defense.alpha0))
