@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 import torch
+from effects import test_seed
 
 from bdbench.errors import ConfigError
 from bdbench.federated import SERVER_DEFENSES, FederatedConfig, RoundContext
@@ -232,6 +233,15 @@ def test_a_bad_federated_section_is_one_line_naming_the_problem(override, messag
     assert "\n" not in str(info.value)
 
 
+def test_clients_too_small_for_a_batch_are_refused_before_any_work(tmp_path):
+    from bdbench.runner import run_grid
+
+    with pytest.raises(ConfigError, match=r"6 IID clients of digits hold 239 training images each, fewer than "
+                                          r"federated\.batch_size 300"):
+        run_grid(FED_GRID, out=tmp_path, overrides=["federated.batch_size=300"], progress=False)
+    assert not (tmp_path / "results.sqlite").exists()
+
+
 def test_a_federated_grid_runs_into_rows_and_per_round_curves(tmp_path):
     from bdbench.runner import run_grid
     from bdbench.store import load_rounds
@@ -274,3 +284,34 @@ def test_a_killed_federation_resumes_from_its_checkpoint_with_the_same_weights(d
         assert torch.allclose(a, b, atol=1e-6), n
     assert [e["round"] for e in resumed.curve] == [1, 2, 3, 4]
     assert [e["clean_acc"] for e in resumed.curve] == [e["clean_acc"] for e in whole.curve]
+
+
+# ---------------------------------------------------------------- effects
+
+def _federate(digits, defense: tuple[str, dict]) -> list[dict]:
+    """Six clients of digits, two of them poisoning half their non-target samples with a 3x3 BadNets patch
+    (target 7), ten rounds: the per-round curve."""
+    from bdbench.attacks import ATTACKS
+    from bdbench.attacks.workshop import AttackWorkshop
+    from bdbench.federated.simulation import run_federation
+
+    attack = ATTACKS.build("badnets", {"patch_size": 3})
+    attack.prepare(digits, 7, AttackWorkshop(seed=0, device=torch.device("cpu"), cache=None, dataset_key="digits"))
+    torch.manual_seed(test_seed())
+    net = with_normalization(create_model("cnn-small", 10, 1, 8, width=16, norm="group"), digits.mean, digits.std)
+    config = FederatedConfig(clients=6, malicious=2, rounds=10, local_epochs=2, batch_size=16, client_lr=0.05,
+                             client_momentum=0.9)
+    return run_federation(config, defense, digits, attack, 0.5, 7, net, test_seed(), torch.device("cpu")).curve
+
+
+def test_fedavg_lets_malicious_clients_implant_the_backdoor_and_krum_keeps_it_out(digits, effect):
+    """Means over the last three rounds (single rounds of a small federation swing)."""
+    fedavg, krum = _federate(digits, ("fedavg", {})), _federate(digits, ("krum", {"f": 1}))
+
+    def late(curve, what):
+        return sum(point[what] for point in curve[-3:]) / 3
+
+    effect.check("FedAvg ASR", late(fedavg, "asr"), ">", 0.5)
+    effect.check("FedAvg clean accuracy", late(fedavg, "clean_acc"), ">", 0.5)
+    effect.check("Krum ASR", late(krum, "asr"), "<", 0.1)
+    effect.check("Krum clean accuracy", late(krum, "clean_acc"), ">", 0.4)

@@ -156,10 +156,11 @@ def triggers(config: str | None, attacks: tuple[str, ...], output: str, dataset:
 
 
 @main.command(name="list")
-@click.argument("what", type=click.Choice(["configs", "datasets", "models", "attacks", "defenses", "precisions"]))
+@click.argument("what", type=click.Choice(["configs", "datasets", "models", "attacks", "defenses", "server-defenses",
+                                           "precisions"]))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def list_(what: str, fmt: str) -> None:
-    """List built-in grids or registered datasets, models, attacks, defenses, precisions."""
+    """List built-in grids or registered datasets, models, attacks, defenses, federated server defenses, precisions."""
     entries = _catalogue(what)
     if fmt == "json":
         click.echo(json.dumps(entries, indent=2))
@@ -184,6 +185,8 @@ def _catalogue(what: str) -> list[dict]:
         from bdbench.attacks import ATTACKS as registry
     elif what == "defenses":
         from bdbench.defenses import DEFENSES as registry
+    elif what == "server-defenses":
+        from bdbench.federated import SERVER_DEFENSES as registry
     else:
         from bdbench.precision import PRECISIONS as registry
     entries = []

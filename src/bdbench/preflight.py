@@ -57,6 +57,11 @@ def check_grid(grid: GridSpec, dataset: Dataset) -> None:
                               "or a fraction")
     for attack in grid.attacks:
         ATTACKS.build(attack.name, without_poison_rate(attack).params).check(dataset, grid.target_label)
+    federated = grid.federated
+    if federated is not None and federated.split == "iid" and train_size // federated.clients < federated.batch_size:
+        raise ConfigError(f"{federated.clients} IID clients of {dataset.name} hold {train_size // federated.clients} "
+                          f"training images each, fewer than federated.batch_size {federated.batch_size}; lower "
+                          "batch_size or use fewer clients")
     try:
         create_model(grid.model.name, k, dataset.in_channels, dataset.image_size, **grid.model.params)
     except ConfigError:

@@ -81,7 +81,9 @@ class FedAvg(ServerDefense):
 
 @SERVER_DEFENSES.register("clip")
 class NormClipping(ServerDefense):
-    """Norm clipping with optional Gaussian noise (Sun et al. 2019, "Can You Really Backdoor Federated Learning?").
+    """Norm clipping with optional Gaussian noise (Sun et al. 2019).
+
+    From "Can You Really Backdoor Federated Learning?".
 
     Each update is scaled to an L2 norm of at most `max_norm` (u / max(1, ||u|| / M)), the clipped updates are
     averaged as FedAvg does, and independent Gaussian noise of standard deviation `noise_std` is added to every
@@ -146,8 +148,9 @@ class Krum(ServerDefense):
 
 @SERVER_DEFENSES.register("median")
 class CoordinateMedian(ServerDefense):
-    """Coordinate-wise median (Yin, Chen, Ramchandran, Bartlett, ICML 2018): each coordinate of the aggregate is
-    the median of that coordinate over the updates (the mean of the two middle values for an even count, as the
+    """Coordinate-wise median (Yin, Chen, Ramchandran, Bartlett, ICML 2018).
+
+    Each coordinate of the aggregate is the median of that coordinate over the updates (the mean of the two middle values for an even count, as the
     paper defines the median; Lockdown's code takes `torch.median`, the lower of the two)."""
 
     citation = ("Yin, Chen, Ramchandran, Bartlett. Byzantine-Robust Distributed Learning: Towards Optimal "
@@ -161,8 +164,10 @@ class CoordinateMedian(ServerDefense):
 
 @SERVER_DEFENSES.register("trimmed-mean")
 class TrimmedMean(ServerDefense):
-    """Coordinate-wise trimmed mean (Yin et al., ICML 2018): for each coordinate, drop the `beta` share of
-    largest and the `beta` share of smallest values (floor(beta * n) each) and average the rest."""
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, the mean without the extremes.
+
+    For each coordinate, drop the `beta` share of largest and the `beta` share of smallest values (floor(beta * n)
+    each) and average the rest."""
 
     citation = CoordinateMedian.citation
 

@@ -138,8 +138,10 @@ def consensus(params: Tensors, masks: Tensors, theta: int) -> Tensors:
 
 @SERVER_DEFENSES.register("lockdown")
 class Lockdown(ServerDefense):
-    """Lockdown (Huang et al., NeurIPS 2023): clients train isolated sparse subspaces, the server fuses by
-    consensus (see the module's docstring for the protocol and where the authors' code and the paper differ)."""
+    """Lockdown (Huang et al., NeurIPS 2023): isolated sparse client subspaces, fused by consensus.
+
+    See the module's docstring for the protocol and where the authors' code and the paper differ; `weighting`
+    `uniform` is the paper's 1/M average (its Algorithm 1, line 9), `samples` the code's."""
 
     citation = ("Huang, Hu, Chow, Ilhan, Tekin, Liu. Lockdown: Backdoor Defense for Federated Learning with "
                 "Isolated Subspace Training. NeurIPS 2023.")
