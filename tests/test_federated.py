@@ -315,3 +315,47 @@ def test_fedavg_lets_malicious_clients_implant_the_backdoor_and_krum_keeps_it_ou
     effect.check("FedAvg clean accuracy", late(fedavg, "clean_acc"), ">", 0.5)
     effect.check("Krum ASR", late(krum, "asr"), "<", 0.1)
     effect.check("Krum clean accuracy", late(krum, "clean_acc"), ">", 0.4)
+
+
+def test_a_federated_run_killed_with_minus_nine_resumes_from_its_checkpoint(tmp_path):
+    """`bdbench run` killed mid-federation (after its round-2 checkpoint) and run again resumes from the
+    checkpoint and stores the row an uninterrupted run stores."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from bdbench.runner import run_grid
+    from bdbench.store import load_results
+
+    grid = {**FED_GRID, "attacks": [{"name": "badnets", "patch_size": 2}],
+            "federated": {**FED_GRID["federated"], "rounds": 8,
+                          "server_defenses": [{"name": "lockdown", "theta": 3, "alpha0": 0.5}]}}
+    whole = run_grid(grid, out=tmp_path / "whole", progress=False).iloc[0]
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bdbench", "run", str(config), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            infos = list((out / "cache" / "federated").glob("*.json"))
+            if infos and json.loads(infos[0].read_text() or "{}").get("round", 0) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "results.sqlite").exists() or load_results(out).empty
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumes after round" in done.stderr
+    row = load_results(out).iloc[0]
+    assert row.clean_acc == whole.clean_acc and row.asr == whole.asr
+    assert [p["clean_acc"] for p in row.round_metrics] == [p["clean_acc"] for p in whole.round_metrics]
+    assert not list((out / "cache" / "federated").glob("*.safetensors"))  # the checkpoint went with the finished model
