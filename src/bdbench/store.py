@@ -29,7 +29,7 @@ from bdbench.schema import BOOL_COLUMNS, JSON_COLUMNS, ResultRow, check_columns,
 # opened.
 COLUMNS: dict[str, str] = sql_columns()
 # A federated experiment's per-round curve, one row per experiment and evaluated round (the `round_metrics` column
-# of its row, normalised), written in the same transaction as the row.
+# of its row, normalised), written in the same transaction as the row; the table is made with the first such row.
 ROUND_COLUMNS: dict[str, str] = {"experiment_id": "TEXT NOT NULL", "round": "INTEGER NOT NULL", "clean_acc": "REAL",
                                  "asr": "REAL", "robust_acc": "REAL", "bytes_up": "REAL", "bytes_down": "REAL",
                                  "server_defense_s": "REAL"}
@@ -58,9 +58,6 @@ class ResultStore:
             self._db.execute(
                 f"CREATE TABLE IF NOT EXISTS experiments ({', '.join(f'{c} {t}' for c, t in COLUMNS.items())})"
             )
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS federated_rounds "
-                             f"({', '.join(f'{c} {t}' for c, t in ROUND_COLUMNS.items())}, "
-                             "PRIMARY KEY (experiment_id, round))")
             have = self._columns()
             for column, sql_type in COLUMNS.items():
                 if column not in have:
@@ -76,7 +73,8 @@ class ResultStore:
         """A damaged page fails here, before any experiment runs, rather than when its row is read."""
         problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
-            raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}")
+            # SQLite's report may span lines ("*** in database main ***\nPage 5: ..."): the error is one line.
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {' '.join(str(problems[0]).split())}")
 
     def _columns(self) -> set[str]:
         return {row[1] for row in self._db.execute("PRAGMA table_info(experiments)")}
@@ -93,11 +91,16 @@ class ResultStore:
                 f"INSERT OR REPLACE INTO experiments ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                 [to_sql(row[n]) for n in names],
             )
-            self._db.execute("DELETE FROM federated_rounds WHERE experiment_id = ?", (row["experiment_id"],))
-            curve = row.get("round_metrics") or []
-            self._db.executemany(
-                f"INSERT INTO federated_rounds ({', '.join(ROUND_COLUMNS)}) VALUES ({', '.join('?' * len(ROUND_COLUMNS))})",
-                [[row["experiment_id"], *(point.get(c) for c in list(ROUND_COLUMNS)[1:])] for point in curve])
+            curve = row.get("round_metrics")
+            if curve:  # the table exists from the first federated row on: centralized databases keep their layout
+                self._db.execute(f"CREATE TABLE IF NOT EXISTS federated_rounds "
+                                 f"({', '.join(f'{c} {t}' for c, t in ROUND_COLUMNS.items())}, "
+                                 "PRIMARY KEY (experiment_id, round))")
+                self._db.execute("DELETE FROM federated_rounds WHERE experiment_id = ?", (row["experiment_id"],))
+                self._db.executemany(
+                    f"INSERT INTO federated_rounds ({', '.join(ROUND_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(ROUND_COLUMNS))})",
+                    [[row["experiment_id"], *(point.get(c) for c in list(ROUND_COLUMNS)[1:])] for point in curve])
             self._db.commit()
         except sqlite3.DatabaseError as exc:
             raise database_fault(self.path, exc) from None
