@@ -53,7 +53,7 @@ def ours(rows: pd.DataFrame) -> tuple[float, float, float, int]:
 
 
 def backdoorbench_table(results: pd.DataFrame, dataset: str) -> list[str]:
-    rows = results[(results.dataset == dataset) & (results.attack == "badnets") & (results.precision == "fp32")
+    rows = results[(results.dataset.str.split("(").str[0] == dataset) & (results.attack == "badnets") & (results.precision == "fp32")
                    & (results.status == "ok")]
     lines = [f"| defense | published CA / ASR | ours CA / ASR | our victim's CA | seeds | in kind |",
              "|---|---:|---:|---:|---:|---|"]
@@ -76,7 +76,7 @@ def quant_table(results: pd.DataFrame) -> list[str]:
     rows = results[(results.attack == "badnets") & (results.defense == "none") & (results.status == "ok")]
     lines = ["| data set | precision | published CA / ASR | ours CA / ASR | seeds |", "|---|---|---:|---:|---:|"]
     for (dataset, precision), (pub_acc, pub_asr) in QUANT_BLINDSPOTS.items():
-        mine = rows[(rows.dataset == dataset) & (rows.precision == precision)]
+        mine = rows[(rows.dataset.str.split("(").str[0] == dataset) & (rows.precision == precision)]
         if mine.empty:
             lines.append(f"| {dataset} | {precision} | {pub_acc:.1f} / {pub_asr:.1f} | not run | 0 |")
             continue
