@@ -106,6 +106,9 @@ class DefenseOutcome:
     - `input_detector`: a run-time filter, which the runner applies to clean and triggered test images.
     - `threshold`: the score above which a detector flags (set on the defender's own data), where it
       has one threshold; reported as `det_threshold`.
+    - `class_statistics`: the per-class statistic behind a model-level verdict (Neural Cleanse's mask norms,
+      MM-BD's maximum margins), and `pictures`: images for a person to look at (each label's reversed
+      trigger), name -> (C, H, W) in [0, 1]. Neither is scored; `bdbench scan` shows them.
     """
 
     model: nn.Module | None = None
@@ -116,6 +119,8 @@ class DefenseOutcome:
     flagged: torch.Tensor | None = None
     input_detector: InputDetector | None = None
     threshold: float | None = None
+    class_statistics: torch.Tensor | None = None
+    pictures: dict[str, torch.Tensor] | None = None
 
 
 class Defense(ABC):
@@ -131,3 +136,8 @@ class Defense(ABC):
     @abstractmethod
     def run(self, context: DefenseContext) -> DefenseOutcome:
         """Defend using only what `context` holds."""
+
+    def detect(self, context: DefenseContext) -> DefenseOutcome:
+        """The model-level verdict alone, for an audit (`bdbench scan`): a detector that also repairs skips the
+        repair here. Defaults to `run`."""
+        return self.run(context)
