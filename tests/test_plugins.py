@@ -88,7 +88,7 @@ def plugin_module(tmp_path, monkeypatch):
     yield "byo_test_plugin"
     for name in ("byo_test_plugin", "byo_clashing_plugin"):
         sys.modules.pop(name, None)
-        plugins._IMPORTED.pop(name, None)
+        plugins._IMPORTED.discard(name)
     if "ft-once" in DEFENSES:
         DEFENSES.unregister("ft-once")
 

@@ -70,7 +70,7 @@ def test_scan_flags_the_badnets_target_and_passes_the_clean_model_as_the_grid_di
 
 
 def test_the_api_returns_each_detectors_statistics(audited):
-    weights, grid_row = audited["badnets"]
+    weights = audited["badnets"][0]
     report = scan(weights, "cnn-small", "digits", model_params={"width": 16}, split="train", per_class=15,
                   detectors="[{name: mmbd, restarts: 5, steps: 30}]", output=None)
     (verdict,) = report.verdicts

@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import importlib
 import importlib.metadata
+import inspect
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from bdbench.errors import ConfigError
@@ -40,7 +41,7 @@ GROUPS = {"attack": "bdbench.attacks", "defense": "bdbench.defenses", "model": "
           "dataset": "bdbench.datasets"}
 
 _SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("bdbench_plugin_source", default=None)
-_IMPORTED: dict[str, str] = {}  # plugin module -> the source its entries were registered under
+_IMPORTED: set[str] = set()  # the plugin modules imported in this process
 
 
 def source_of(obj: object) -> str:
@@ -89,12 +90,8 @@ def load_entry_points(registry: "Registry") -> None:
                 raise ConfigError(f"plugin {source}: entry point {entry_point.name} = {entry_point.value} in group "
                                   f"{group} cannot be loaded ({_first_line(exc)}); fix or uninstall that "
                                   f"distribution (pip uninstall {source.split()[0]})") from None
-            if not _is_module(obj):
+            if not inspect.ismodule(obj):  # a module registered its components itself as it was imported
                 registry.register(entry_point.name, source=source)(obj)
-
-
-def _is_module(obj: object) -> bool:
-    return type(obj).__name__ == "module"
 
 
 def import_modules(modules: Iterable[str], where: str = "") -> None:
@@ -117,7 +114,7 @@ def import_modules(modules: Iterable[str], where: str = "") -> None:
             place = f" {where}" if where else ""
             raise ConfigError(f"plugin module {name!r} cannot be imported{place} ({_first_line(exc)}); install its "
                               f"package (pip install -e PATH) or put its folder on PYTHONPATH") from None
-        _IMPORTED[name] = name
+        _IMPORTED.add(name)
 
 
 def _discover_all() -> None:
@@ -129,7 +126,3 @@ def _discover_all() -> None:
     for registry in (ATTACKS, DATASETS, DEFENSES, MODELS):
         registry.discover_plugins()
 
-
-def imported_modules() -> list[str]:
-    """The plugin modules imported in this process, in import order."""
-    return list(_IMPORTED)
