@@ -8,7 +8,7 @@ STAMP := $(VENV)/.bdbench-installed
 TEST_STAMP := $(VENV)/.bdbench-test-installed
 OUT ?= bdbench-out
 
-.PHONY: setup run test test-avx2 clean
+.PHONY: setup run lint test test-avx2 clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,12 @@ $(TEST_STAMP): $(STAMP)
 run: setup
 	$(BIN)/bdbench run demo --out $(OUT)
 
-test: $(TEST_STAMP)
+# ruff and mypy, as configured in pyproject.toml (pre-commit runs the same two before a commit).
+lint: $(STAMP)
+	$(BIN)/ruff check src
+	$(BIN)/mypy
+
+test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q
 
 # The effect tests (tests/effects.py) on PyTorch's and oneDNN's AVX2 kernels, as on most laptops.

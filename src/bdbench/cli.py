@@ -7,14 +7,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from bdbench.errors import BdbenchError
-
-_TABLE_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "defense", "precision", "seed", "status",
-                  "clean_acc", "asr", "robust_acc", "der", "psnr", "ssim", "detected", "det_tpr", "det_fpr", "defense_s"]
-
+from bdbench.registry import Registry
+from bdbench.schema import TABLE_COLUMNS
 
 EXIT_USER_ERROR = 2  # a bad config, file or folder: nothing ran, or nothing more could
 EXIT_EXPERIMENT_ERRORS = 3  # the grid ran and its rows are stored, but at least one experiment ended in `error`
@@ -88,7 +87,7 @@ def _table(rows) -> str:
 
     rows = with_variants(rows)
     rows["attack"], rows["defense"] = rows["attack_variant"], rows["defense_variant"]
-    columns = [c for c in _TABLE_COLUMNS if c in rows and rows[c].notna().any()]
+    columns = [c for c in TABLE_COLUMNS if c in rows and rows[c].notna().any()]
     return rows[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
@@ -190,7 +189,8 @@ def scan(weights: str, model: str, model_params: tuple[str, ...], data: str, spl
          plugins: tuple[str, ...]) -> None:
     """Audit a model's weights for a backdoor: exit 0 nothing flagged, 1 flagged, 2 error."""
     from bdbench.plugins import import_modules
-    from bdbench.scan import parse_channels, parse_model_params, scan as run_scan
+    from bdbench.scan import parse_channels, parse_model_params
+    from bdbench.scan import scan as run_scan
     from bdbench.triggers import parse_component
 
     try:
@@ -238,6 +238,7 @@ def _catalogue(what: str) -> list[dict]:
         from bdbench.grid import builtin_configs
 
         return [{"name": n, "description": d} for n, d in builtin_configs().items()]
+    registry: Registry[Any]
     if what == "datasets":
         from bdbench.data import DATASETS as registry
     elif what == "models":
@@ -250,7 +251,8 @@ def _catalogue(what: str) -> list[dict]:
         from bdbench.precision import PRECISIONS as registry
     entries = []
     for entry in registry:
-        item = {"name": entry.name, "description": entry.description, "source": entry.source}
+        item: dict[str, Any] = {"name": entry.name, "description": entry.description,
+                                 "source": entry.source}
         if hasattr(entry.obj, "citation"):
             item["citation"] = entry.obj.citation
         if hasattr(entry.obj, "kind"):

@@ -30,6 +30,7 @@ from bdbench.grid import CleanBudget, ExperimentSpec
 from bdbench.models import create_model, with_normalization
 from bdbench.precision import PRECISIONS, Deployed, Precision, is_int8_kernel, passes_input_gradient
 from bdbench.profiling import Cost, measure
+from bdbench.schema import ResultRow
 from bdbench.seeding import derive_seed
 from bdbench.store import ArtifactCache
 from bdbench.training import default_device, predict, train, trains_in_bfloat16
@@ -57,7 +58,11 @@ def clean_budget(dataset: Dataset, budget: CleanBudget, seed: int) -> tuple[torc
     picked = []
     for label in range(dataset.num_classes):
         members = torch.nonzero(y == label).flatten()
-        count = budget.per_class if budget.per_class is not None else round(budget.fraction * len(members))
+        if budget.per_class is not None:
+            count = budget.per_class
+        else:
+            assert budget.fraction is not None  # CleanBudget holds one of the two
+            count = round(budget.fraction * len(members))
         count = min(len(members), max(1, count))
         picked.append(members[torch.randperm(len(members), generator=generator)[:count]])
     idx = torch.sort(torch.cat(picked)).values
@@ -241,46 +246,48 @@ def redeploy(precision: Precision, model: nn.Module, calibration_x: torch.Tensor
     return precision.deploy(model, calibration_x).model
 
 
-def base_row(spec: ExperimentSpec) -> dict[str, Any]:
-    return {
-        "experiment_id": spec.experiment_id, "victim_key": spec.victim_key,
-        "dataset": dataset_label(spec.dataset.name, spec.dataset.params, spec.dataset.label),
-        "dataset_loader": spec.dataset.name, "model": spec.model.name,
-        "attack": spec.attack.name, "attack_params": spec.attack.params, "attack_variant": spec.attack_variant,
-        "poison_rate": spec.poison_rate, "target_label": spec.target_label, "defense": spec.defense.name,
-        "defense_params": spec.defense.params, "defense_variant": spec.defense_variant,
-        "defense_kind": DEFENSES.get(spec.defense.name).kind.value, "precision": spec.precision,
-        "precision_order": spec.precision_order, "seed": spec.seed,
-        "spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True),
-    }
+def base_row(spec: ExperimentSpec) -> ResultRow:
+    """The columns an experiment's spec fixes, before any work: a misspelled column fails here."""
+    return ResultRow(
+        experiment_id=spec.experiment_id, victim_key=spec.victim_key,
+        dataset=dataset_label(spec.dataset.name, spec.dataset.params, spec.dataset.label),
+        dataset_loader=spec.dataset.name, model=spec.model.name,
+        attack=spec.attack.name, attack_params=spec.attack.params, attack_variant=spec.attack_variant,
+        poison_rate=spec.poison_rate, target_label=spec.target_label, defense=spec.defense.name,
+        defense_params=spec.defense.params, defense_variant=spec.defense_variant,
+        defense_kind=DEFENSES.get(spec.defense.name).kind.value, precision=spec.precision,
+        precision_order=spec.precision_order, seed=spec.seed,
+        spec=json.dumps(spec.model_dump(mode="json"), sort_keys=True),
+    )
 
 
 def run_experiment(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device | None = None,
                    log_dir: Path | None = None) -> dict[str, Any]:
-    """Run one experiment and return its row. A failure is a row with status `error`, never an exception."""
+    """Run one experiment and return its row (every column of `ResultRow`). A failure is a row with status
+    `error`, never an exception."""
     device = device or default_device()
     row = base_row(spec)
     # Float reductions split across threads, and PyTorch and oneDNN pick kernels by the CPU's instruction
     # set (AVX-512, AVX2, ...), so both are part of "same device, same numbers".
-    row.update(device=str(device), torch_threads=torch.get_num_threads(),
-               cpu_kernels=torch.backends.cpu.get_cpu_capability(),
-               train_dtype="bfloat16" if trains_in_bfloat16(spec.training, device) else "float32")
+    row.device, row.torch_threads = str(device), torch.get_num_threads()
+    row.cpu_kernels = torch.backends.cpu.get_cpu_capability()
+    row.train_dtype = "bfloat16" if trains_in_bfloat16(spec.training, device) else "float32"
     start = time.perf_counter()
     try:
-        row.update(_run(spec, cache, device))
-        row["status"] = "ok"
+        _run(spec, cache, device, row)
+        row.status = "ok"
     except NotApplicable as exc:
-        row.update(status="not_applicable", error=str(exc))
+        row.status, row.error = "not_applicable", str(exc)
     except BdbenchError as exc:
-        row.update(status="error", error=str(exc))
+        row.status, row.error = "error", str(exc)
     except Exception as exc:  # a crash in an attack or defense is a result, not the end of the grid
-        row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        row.status, row.error = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / f"{spec.experiment_id}.log").write_text(traceback.format_exc())
-    row["wall_s"] = round(time.perf_counter() - start, 3)
-    row["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return row
+    row.wall_s = round(time.perf_counter() - start, 3)
+    row.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return row.as_dict()
 
 
 def _seconds(costs: dict[str, Cost], part: str) -> float | None:
@@ -288,7 +295,8 @@ def _seconds(costs: dict[str, Cost], part: str) -> float | None:
     return round(costs[part].seconds, 3) if part in costs else None
 
 
-def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> dict[str, Any]:
+def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device, row: ResultRow) -> None:
+    """The experiment's work; it fills the measured columns of `row` once all of it has succeeded."""
     dataset = load_dataset(spec.dataset.name, **spec.dataset.params)
     if not 0 <= spec.target_label < dataset.num_classes:
         raise BdbenchError(f"target_label {spec.target_label} is not a class of {dataset.name} (0..{dataset.num_classes - 1})")
@@ -301,7 +309,8 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> di
     victim = get_victim(spec, dataset, attack, poisoned, cache, device)
     # After the victim: an attack that learns its trigger while the victim trains has it only now.
     poisoned = attack.after_training(poisoned)
-    triggered = None if spec.attack.name == "none" else attack.triggered_test_set(dataset, spec.target_label)
+    reference = ATTACKS.is_reference(spec.attack.name)
+    triggered = None if reference else attack.triggered_test_set(dataset, spec.target_label)
 
     budget_x, budget_y = clean_budget(dataset, spec.clean_budget, spec.seed)
     precision = PRECISIONS.get(spec.precision)
@@ -340,15 +349,21 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device) -> di
     # Whatever the defense hands back is measured as it would be deployed.
     after = evaluate(redeploy(precision, repaired, budget_x), dataset, triggered) if repaired is not None else before
 
-    row: dict[str, Any] = {**after, **detection, **trigger_stealth(triggered, spec, attack, cache)}
-    row.update(clean_acc_before=before["clean_acc"], asr_before=before["asr"], robust_acc_before=before["robust_acc"],
-               quantized_layers=deployed.quantized_layers, proxy=proxy,
-               clean_budget=len(budget_y), victim_cached=victim.cached,
-               victim_train_s=None if victim.train_s is None else round(victim.train_s, 3),
-               defense_s=round(sum(cost.seconds for cost in costs.values()), 3),
-               defense_method_s=_seconds(costs, "method"), defense_retrain_s=_seconds(costs, "retrain"),
-               defense_scoring_s=_seconds(costs, "scoring"), peak_rss_mb=max(c.peak_rss_mb for c in costs.values()))
-    if spec.defense.name != "none" and before["asr"] is not None:
-        row["der"] = metrics.defense_effectiveness_rating(before["clean_acc"], before["asr"],
-                                                          after["clean_acc"], after["asr"])
-    return row
+    stealth = trigger_stealth(triggered, spec, attack, cache)
+    der = None
+    if not DEFENSES.is_reference(spec.defense.name) and before["asr"] is not None:
+        der = metrics.defense_effectiveness_rating(before["clean_acc"], before["asr"], after["clean_acc"], after["asr"])
+    # The row's measured columns are set only now, after every step succeeded: an error row holds none of them.
+    row.clean_acc, row.asr, row.robust_acc = after["clean_acc"], after["asr"], after["robust_acc"]
+    row.update(**detection)
+    row.psnr, row.ssim = stealth["psnr"], stealth["ssim"]
+    row.clean_acc_before, row.asr_before, row.robust_acc_before = (before["clean_acc"], before["asr"],
+                                                                   before["robust_acc"])
+    row.quantized_layers, row.proxy = deployed.quantized_layers, proxy
+    row.clean_budget, row.victim_cached = len(budget_y), victim.cached
+    row.victim_train_s = None if victim.train_s is None else round(victim.train_s, 3)
+    row.defense_s = round(sum(cost.seconds for cost in costs.values()), 3)
+    row.defense_method_s, row.defense_retrain_s = _seconds(costs, "method"), _seconds(costs, "retrain")
+    row.defense_scoring_s = _seconds(costs, "scoring")
+    row.peak_rss_mb = max(c.peak_rss_mb for c in costs.values())
+    row.der = der

@@ -27,7 +27,6 @@ from bdbench.plugins import import_modules
 from bdbench.precision import PRECISIONS
 from bdbench.training import TrainConfig
 
-
 PrecisionOrder = Literal["quantize_then_defend", "defend_then_quantize"]
 MODEL_SHAPE = ("num_classes", "in_channels", "image_size")  # model parameters that come from the data set
 
@@ -68,7 +67,7 @@ class CleanBudget(BaseModel):
     per_class: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _one_of(self) -> "CleanBudget":
+    def _one_of(self) -> CleanBudget:
         if self.per_class is not None:
             if "fraction" in self.model_fields_set and self.fraction is not None:
                 raise ValueError("give fraction or per_class, not both")
@@ -132,7 +131,7 @@ class GridSpec(BaseModel):
         return values
 
     @model_validator(mode="after")
-    def _names_and_params(self) -> "GridSpec":
+    def _names_and_params(self) -> GridSpec:
         # Build each component once so unknown names and parameters fail now, not mid-grid.
         # Constructors do no work, so this is cheap.
         for attack in self.attacks:
@@ -188,7 +187,7 @@ class ExperimentSpec(BaseModel):
         """The hash of what shapes the victim's weights. A clean model (attack `none`) learns no
         target, so its key leaves the target label out: one clean model serves every target label."""
         shaping = {"dataset", "model", "training", "attack", "poison_rate", "target_label", "seed"}
-        if self.attack.name == "none":
+        if ATTACKS.is_reference(self.attack.name):
             shaping.discard("target_label")
         return _hash(self._fields(shaping))
 
@@ -201,7 +200,7 @@ class ExperimentSpec(BaseModel):
         return DEFENSES.variant(self.defense.name, self.defense.params, self.defense.label)
 
     def describe(self) -> str:
-        attack = (self.attack_variant if self.attack.name == "none"
+        attack = (self.attack_variant if ATTACKS.is_reference(self.attack.name)
                   else f"{self.attack_variant}@{self.poison_rate:g} target {self.target_label}")
         order = " (defend, then quantize)" if self.precision_order == "defend_then_quantize" else ""
         return f"{attack} / {self.defense_variant} / {self.precision}{order} / seed {self.seed}"
@@ -232,7 +231,7 @@ def expand(grid: GridSpec) -> list[ExperimentSpec]:
             for rate in ([attack.params["poison_rate"]] if "poison_rate" in attack.params else grid.poison_rates)]
     for seed, (attack, rate) in itertools.product(grid.seeds, runs):
         attack = without_poison_rate(attack)
-        rate = 0.0 if attack.name == "none" else rate
+        rate = 0.0 if ATTACKS.is_reference(attack.name) else rate
         for defense, precision in itertools.product(grid.defenses, grid.precisions):
             spec = ExperimentSpec(dataset=grid.dataset, model=grid.model, training=grid.training,
                                   attack=attack, poison_rate=rate, target_label=grid.target_label,
@@ -325,7 +324,8 @@ def _format_error(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "grid"
     if err["type"] == "extra_forbidden":
         parent = err["loc"][:-1]
-        model = GridSpec if not parent else {"training": TrainConfig, "clean_budget": CleanBudget}.get(str(parent[0]))
+        nested: dict[str, type[BaseModel]] = {"training": TrainConfig, "clean_budget": CleanBudget}
+        model = GridSpec if not parent else nested.get(str(parent[0]))
         valid = f"; valid keys: {', '.join(model.model_fields)}" if model else ""
         return f"unknown key {where!r} in grid spec{valid}"
     message = err["msg"].removeprefix("Value error, ")

@@ -76,7 +76,7 @@ def _distribution(entry_point: importlib.metadata.EntryPoint) -> str:
     return f"{dist.metadata['Name']} {dist.version}"
 
 
-def load_entry_points(registry: "Registry") -> None:
+def load_entry_points(registry: Registry) -> None:
     """Register what the installed distributions declare in the registry's entry-point group."""
     group = GROUPS.get(registry.kind)
     if group is None:
@@ -86,7 +86,7 @@ def load_entry_points(registry: "Registry") -> None:
         with loading(source):
             try:
                 obj = entry_point.load()
-            except Exception as exc:  # noqa: BLE001 - any failure of a third-party import is the plugin's
+            except Exception as exc:  # any failure of a third-party import is the plugin's
                 raise ConfigError(f"plugin {source}: entry point {entry_point.name} = {entry_point.value} in group "
                                   f"{group} cannot be loaded ({_first_line(exc)}); fix or uninstall that "
                                   f"distribution (pip uninstall {source.split()[0]})") from None
@@ -110,7 +110,7 @@ def import_modules(modules: Iterable[str], where: str = "") -> None:
             importlib.import_module(name)
         except ConfigError:
             raise
-        except Exception as exc:  # noqa: BLE001 - an import runs arbitrary code; report it in one line
+        except Exception as exc:  # an import runs arbitrary code; report it in one line
             place = f" {where}" if where else ""
             raise ConfigError(f"plugin module {name!r} cannot be imported{place} ({_first_line(exc)}); install its "
                               f"package (pip install -e PATH) or put its folder on PYTHONPATH") from None

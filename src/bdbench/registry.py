@@ -1,8 +1,11 @@
 """One small name -> factory registry, used by datasets, models, attacks, defenses and precisions.
 
-A factory's parameters are typed by its signature: `build` and `check` refuse a value that does not
-fit the annotation (`patch_size: int`, or a range such as `width: Annotated[float, Gt(0)]`) in one
-line that names the parameter, before the factory runs.
+Every kind registers the same way, with a decorator on the class or factory function:
+`@ATTACKS.register("badnets")`. A factory's parameters are typed by its signature: `build` and `check`
+refuse a value that does not fit the annotation (`patch_size: int`, or a range such as
+`epochs: Annotated[int, Field(ge=1)]`, see `bdbench.params`) in one line that names the parameter, before
+the factory runs; a registered class checks them again whenever it is constructed, also directly. A
+reference entry (`none`: no attack, no defense) says so with a class attribute `reference = True`.
 """
 
 from __future__ import annotations
@@ -10,9 +13,8 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar, cast
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -43,6 +45,9 @@ class Registry(Generic[T]):
         self._plugins_read = False
 
     def register(self, name: str, description: str | None = None, source: str | None = None) -> Callable[[T], T]:
+        """A decorator that registers a class or factory under `name`. A class also validates its constructor's
+        parameters against their annotations on every construction. `source` says where it comes from (default:
+        the plugin being loaded, else bdbench or `module M`); a name already held is a one-line error."""
         def decorate(obj: T) -> T:
             from bdbench.plugins import source_of
 
@@ -54,6 +59,8 @@ class Registry(Generic[T]):
                 built_in = "bdbench's built-in" if held.source == "bdbench" else f"the one from {held.source}"
                 raise ConfigError(f"{self.kind} {name!r} from {origin} clashes with {built_in} {self.kind} {name!r}; "
                                   f"register it under another name")
+            if inspect.isclass(obj):
+                _validate_construction(obj, self.kind, name)
             self._entries[name] = Entry(name, obj, description or _first_doc_line(obj), origin)
             return obj
 
@@ -66,6 +73,12 @@ class Registry(Generic[T]):
             from bdbench.plugins import load_entry_points
 
             load_entry_points(self)
+
+    def is_reference(self, name: str) -> bool:
+        """Whether `name` is a reference entry (no attack, no defense: `reference = True` on its class), which
+        rows compare against rather than rate; False for a name not registered here (a plugin's rows read back
+        without the plugin)."""
+        return name in self and bool(getattr(self._entries[name].obj, "reference", False))
 
     def unregister(self, name: str) -> None:
         """Remove an entry (plugins and tests that register temporary ones)."""
@@ -91,7 +104,7 @@ class Registry(Generic[T]):
         factory = self.get(name)
         params = dict(params or {})
         supplied = set(supplied)
-        signature = inspect.signature(factory)
+        signature = inspect.signature(cast(Callable[..., Any], factory))
         named = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         accepted = {p.name for p in named} - supplied
         unknown = sorted(set(params) - accepted)
@@ -103,28 +116,19 @@ class Registry(Generic[T]):
         missing = [p.name for p in named if p.default is p.empty and p.name not in params and p.name not in supplied]
         if missing:
             raise ConfigError(f"{self.kind} {name!r} needs parameter {missing[0]!r}")
-        adapters = _parameter_types(factory)
-        for key, value in params.items():
-            if key not in adapters:
-                continue
-            try:
-                adapters[key].validate_python(value)
-            except ValidationError as exc:
-                problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
-                raise ConfigError(f"{self.kind} {name!r} parameter {key!r} is {value!r}: {problem[:1].lower()}"
-                                  f"{problem[1:]}") from None
+        _validate(_parameter_types(factory), params, self.kind, name)
 
     def build(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
         """Call the factory with `params`, after checking them against its signature (`check`)."""
         self.check(name, params)
-        return self.get(name)(**dict(params or {}))
+        return cast(Callable[..., Any], self.get(name))(**dict(params or {}))
 
     def non_default(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """The parameters of `params` that differ from the factory's defaults (all of them for a name that is
         not registered here, e.g. a plugin's rows read back without the plugin)."""
         if name not in self:
             return dict(params)
-        defaults = {p.name: p.default for p in inspect.signature(self.get(name)).parameters.values()
+        defaults = {p.name: p.default for p in inspect.signature(cast(Callable[..., Any], self.get(name))).parameters.values()
                     if p.default is not p.empty}
         return {k: v for k, v in params.items() if k not in defaults or _plain(v) != _plain(defaults[k])}
 
@@ -179,20 +183,54 @@ def _compact(value: Any) -> str:
     return str(value)
 
 
+def _validate(adapters: Mapping[str, TypeAdapter], params: Mapping[str, Any], kind: str, name: str) -> None:
+    """Hold each parameter against its annotation; the first misfit is one line naming it."""
+    for key, value in params.items():
+        if key not in adapters:
+            continue
+        try:
+            adapters[key].validate_python(value)
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{kind} {name!r} parameter {key!r} is {value!r}: {problem[:1].lower()}"
+                              f"{problem[1:]}") from None
+
+
+def _validate_construction(cls: type, kind: str, name: str) -> None:
+    """Make `cls(...)` validate its arguments (those `_parameter_types` can check) before its own `__init__` runs.
+    Values reach `__init__` as given: validation never converts them."""
+    init = cls.__init__  # type: ignore[misc]
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return init(self, *args, **kwargs)  # Python's own message for a wrong call
+        given = {key: value for key, value in list(bound.arguments.items())[1:]
+                 if signature.parameters[key].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                       inspect.Parameter.KEYWORD_ONLY)}
+        _validate(_parameter_types(cls), given, kind, name)
+        return init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init  # type: ignore[misc]
+
+
 @functools.cache
 def _parameter_types(factory: Callable[..., Any]) -> dict[str, TypeAdapter]:
-    """A validator per annotated parameter of a factory (a class's `__init__`, or a function).
-    A factory whose annotations cannot be resolved is checked by name only."""
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        hints = typing.get_type_hints(target, include_extras=True)
-    except Exception:  # an annotation naming a type only imported for type checkers
-        return {}
-    hints.pop("return", None)
+    """A validator per annotated parameter of a factory (a class's `__init__`, or a function). Each annotation is
+    resolved on its own, so one naming a type only imported for type checkers leaves the others checked; a type
+    pydantic cannot validate (a tensor, a module) is left to the factory."""
+    target = inspect.unwrap(factory.__init__ if inspect.isclass(factory) else factory)
+    namespace = dict(getattr(target, "__globals__", {}))
     adapters = {}
-    for key, hint in hints.items():
+    for key, annotation in getattr(target, "__annotations__", {}).items():
+        if key == "return":
+            continue
         try:
+            hint = eval(annotation, namespace) if isinstance(annotation, str) else annotation
             adapters[key] = TypeAdapter(hint)
-        except Exception:  # a type pydantic cannot validate (a tensor, a module): checked by the factory
+        except Exception:
             continue
     return adapters

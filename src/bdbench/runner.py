@@ -38,7 +38,7 @@ def exclusive(out: Path) -> Iterator[None]:
         raise BdbenchError(f"cannot create the output folder {out} ({exc.strerror or exc}); make its parent "
                            "writable for this user, or pick another --out") from None
     try:
-        handle = open(out / ".lock", "a+")
+        handle = open(out / ".lock", "a+")  # noqa: SIM115 - opened apart so that its failure has its own message
     except OSError as exc:
         raise BdbenchError(f"cannot write in the output folder {out} ({exc.strerror or exc} on {out / '.lock'}); "
                            "make it writable for this user, or pick another --out (`bdbench results` and "

@@ -216,7 +216,7 @@ def _carries_normalization(path: Path) -> bool:
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
-    except Exception:  # noqa: BLE001 - load_model reports an unreadable file in its own words
+    except Exception:  # load_model reports an unreadable file in its own words
         return True
     return {"normalize.mean", "normalize.std"} <= keys or {"module.normalize.mean", "module.normalize.std"} <= keys
 
@@ -268,8 +268,8 @@ def scan(weights: str | Path, model: str, data: Component | str, *, model_params
                           "--mean 0 --std 1 for a model trained on unnormalised [0, 1] images)")
 
     dataset = load_dataset(data.name, **data.params)
-    if mean is not None and len(mean) == 1 and dataset.in_channels > 1:
-        mean, std = mean * dataset.in_channels, std * dataset.in_channels
+    if mean is not None and std is not None and len(mean) == len(std) == 1 and dataset.in_channels > 1:
+        mean, std = mean * dataset.in_channels, std * dataset.in_channels  # one value for every channel
     network = load_model(path, model, dataset.num_classes, dataset.in_channels, dataset.image_size,
                          mean=mean, std=std, **model_params)
     device = device or default_device()
@@ -281,7 +281,9 @@ def scan(weights: str | Path, model: str, data: Component | str, *, model_params
              path, model, len(clean_y), split, data.label or data.name, int(counts.min()), int(counts.max()),
              budget_accuracy)
 
-    normalization = (tuple(network.normalize.mean.flatten().tolist()), tuple(network.normalize.std.flatten().tolist()))
+    normalize = network.normalize
+    normalization = (tuple(normalize.get_buffer("mean").flatten().tolist()),
+                     tuple(normalize.get_buffer("std").flatten().tolist()))
 
     def new_model() -> torch.nn.Module:
         net = create_model(model, dataset.num_classes, dataset.in_channels, dataset.image_size, **model_params)
@@ -325,7 +327,7 @@ def _run_detector(component: Component, network: torch.nn.Module, clean_x: torch
         outcome: DefenseOutcome = DEFENSES.build(component.name, component.params).detect(context)
     except BdbenchError as exc:
         verdict.error = str(exc)
-    except Exception as exc:  # noqa: BLE001 - a crashing detector is reported, and the others still run
+    except Exception as exc:  # a crashing detector is reported, and the others still run
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         verdict.error = f"{type(exc).__name__}: {first}"
         log.debug("%s", traceback.format_exc())
@@ -354,7 +356,7 @@ def _png(image: torch.Tensor, min_side: int = 96) -> bytes:
     array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
     picture = Image.fromarray(array.numpy())
     scale = max(1, math.ceil(min_side / max(picture.size)))
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()

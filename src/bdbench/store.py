@@ -23,64 +23,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bdbench.errors import ArtifactError
+from bdbench.schema import BOOL_COLUMNS, JSON_COLUMNS, ResultRow, check_columns, sql_columns, to_sql
 
-# Column name -> SQLite type. New columns are added to older databases when they are opened.
-COLUMNS: dict[str, str] = {
-    "experiment_id": "TEXT PRIMARY KEY",
-    "dataset": "TEXT",
-    "dataset_loader": "TEXT",
-    "model": "TEXT",
-    "attack": "TEXT",
-    "attack_params": "TEXT",
-    "attack_variant": "TEXT",
-    "poison_rate": "REAL",
-    "target_label": "INTEGER",
-    "defense": "TEXT",
-    "defense_params": "TEXT",
-    "defense_variant": "TEXT",
-    "defense_kind": "TEXT",
-    "precision": "TEXT",
-    "precision_order": "TEXT",
-    "quantized_layers": "TEXT",
-    "proxy": "TEXT",
-    "seed": "INTEGER",
-    "status": "TEXT",
-    "error": "TEXT",
-    "clean_acc": "REAL",
-    "asr": "REAL",
-    "robust_acc": "REAL",
-    "der": "REAL",
-    "clean_acc_before": "REAL",
-    "asr_before": "REAL",
-    "robust_acc_before": "REAL",
-    "psnr": "REAL",
-    "ssim": "REAL",
-    "detected": "INTEGER",
-    "anomaly_index": "REAL",
-    "suspected_targets": "TEXT",
-    "det_tpr": "REAL",
-    "det_fpr": "REAL",
-    "det_auroc": "REAL",
-    "det_threshold": "REAL",
-    "clean_budget": "INTEGER",
-    "victim_cached": "INTEGER",
-    "victim_train_s": "REAL",
-    "wall_s": "REAL",
-    "defense_s": "REAL",
-    "defense_method_s": "REAL",
-    "defense_retrain_s": "REAL",
-    "defense_scoring_s": "REAL",
-    "peak_rss_mb": "REAL",
-    "device": "TEXT",
-    "torch_threads": "INTEGER",
-    "train_dtype": "TEXT",
-    "cpu_kernels": "TEXT",
-    "victim_key": "TEXT",
-    "spec": "TEXT",
-    "finished_at": "TEXT",
-}
-_BOOL_COLUMNS = ("detected", "victim_cached")
-_JSON_COLUMNS = ("attack_params", "defense_params", "suspected_targets")
+# Column name -> SQLite type, from the one result schema. New columns are added to older databases when they are
+# opened.
+COLUMNS: dict[str, str] = sql_columns()
 
 
 class ResultStore:
@@ -126,16 +73,17 @@ class ResultStore:
     def _columns(self) -> set[str]:
         return {row[1] for row in self._db.execute("PRAGMA table_info(experiments)")}
 
-    def write(self, row: dict[str, Any]) -> None:
-        """Insert or replace one experiment's row and commit it at once."""
-        unknown = set(row) - set(COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown result columns: {sorted(unknown)}")
+    def write(self, row: ResultRow | dict[str, Any]) -> None:
+        """Insert or replace one experiment's row and commit it at once. A column the schema lacks is a
+        `TypeError` before the database is touched."""
+        if isinstance(row, ResultRow):
+            row = row.as_dict()
+        check_columns(row)
         names = list(row)
         try:
             self._db.execute(
                 f"INSERT OR REPLACE INTO experiments ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                [_to_sql(row[n]) for n in names],
+                [to_sql(row[n]) for n in names],
             )
             self._db.commit()
         except sqlite3.DatabaseError as exc:
@@ -162,9 +110,9 @@ class ResultStore:
         df["dataset_loader"] = df["dataset_loader"].where(df["dataset_loader"].notna(), df["dataset"])
         if experiment_ids is not None:
             df = df[df["experiment_id"].isin(set(experiment_ids))].reset_index(drop=True)
-        for column in _BOOL_COLUMNS:
+        for column in BOOL_COLUMNS:
             df[column] = df[column].map(lambda v: None if pd.isna(v) else bool(v)).astype(object)
-        for column in _JSON_COLUMNS:
+        for column in JSON_COLUMNS:
             # NULL reads back as None or NaN, depending on the column's other values and the pandas version.
             df[column] = df[column].map(lambda v: json.loads(v) if isinstance(v, str) else None).astype(object)
         return with_variants(df)
@@ -223,14 +171,6 @@ def database_fault(path: Path, exc: sqlite3.DatabaseError) -> ArtifactError:
     return ArtifactError(f"{path}: not a bdbench results database ({text}); move it away or pick another --out")
 
 
-def _to_sql(value: Any) -> Any:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value)
-    return value
-
-
 def with_variants(df: pd.DataFrame) -> pd.DataFrame:
     """Fill `attack_variant` and `defense_variant` where a row lacks them (rows stored before they existed, or
     a frame built by hand) from the name and parameters: `badnets(patch_size=4)`, or the bare name."""
@@ -278,7 +218,7 @@ def running_pid(out: str | Path) -> str | None:
     import fcntl
 
     try:
-        handle = open(Path(out) / ".lock")
+        handle = open(Path(out) / ".lock")  # noqa: SIM115 - a missing lock file is not an error
     except OSError:
         return None
     with handle:

@@ -41,7 +41,7 @@ def trigger_rows(dataset: Dataset, attacks: Iterable[Component], target_label: i
     rows = []
     for component in attacks:
         component = without_poison_rate(component)
-        if component.name == "none":
+        if ATTACKS.is_reference(component.name):
             continue
         attack: Attack = ATTACKS.build(component.name, component.params)
         attack.prepare(dataset, target_label, workshop)

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bdbench.attacks.base import Attack, LabelMode
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode
 from bdbench.attacks.workshop import AttackWorkshop, surrogate_options
 from bdbench.data import Dataset
-from bdbench.errors import ConfigError
+from bdbench.params import OpenRate, PositiveInt
 
 
 def targeted_universal_perturbation(model: torch.nn.Module, x: torch.Tensor, target: int, eps: float,
@@ -48,6 +48,7 @@ def targeted_universal_perturbation(model: torch.nn.Module, x: torch.Tensor, tar
     return delta.detach().cpu()
 
 
+@ATTACKS.register("advdoor")
 class AdvDoor(Attack):
     """Targeted universal adversarial perturbation of a clean surrogate as the trigger (Zhang et al. 2021)."""
 
@@ -56,11 +57,9 @@ class AdvDoor(Attack):
     label_modes = ("all2one",)
     single_target_reason = "the universal perturbation is learned towards one target class"
 
-    def __init__(self, eps: float = 16 / 255, epochs: int = 5, surrogate: dict[str, Any] | None = None,
+    def __init__(self, eps: OpenRate = 16 / 255, epochs: PositiveInt = 5, surrogate: dict[str, Any] | None = None,
                  label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if not 0 < eps < 1 or epochs < 1:
-            raise ConfigError(f"advdoor needs eps in (0, 1) and epochs >= 1, not eps={eps}, epochs={epochs}")
         self.eps, self.epochs = eps, epochs
         self.surrogate = dict(surrogate or {})
         self.delta: torch.Tensor | None = None

@@ -7,18 +7,22 @@ bottom-right corner, all-to-one.
 
 from __future__ import annotations
 
+import typing
 from typing import Literal, Sequence
 
 import torch
 
-from bdbench.attacks.base import Attack, LabelMode
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
 from bdbench.errors import ConfigError
+from bdbench.params import PositiveInt
 
-_CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
+Corner = Literal["bottom-right", "bottom-left", "top-right", "top-left"]
+_CORNERS = typing.get_args(Corner)
 
 
+@ATTACKS.register("badnets")
 class BadNets(Attack):
     """Patch trigger (Gu et al. 2017): size, location, pattern and colour configurable."""
 
@@ -27,8 +31,8 @@ class BadNets(Attack):
 
     def __init__(
         self,
-        patch_size: int = 3,
-        location: str | Sequence[int] = "bottom-right",
+        patch_size: PositiveInt = 3,
+        location: Corner | Sequence[int] = "bottom-right",
         pattern: Literal["square", "checkerboard", "random"] = "square",
         color: int | Sequence[int] = 255,
         margin: int = 0,
@@ -36,12 +40,6 @@ class BadNets(Attack):
         label_mode: LabelMode = "all2one",
     ) -> None:
         super().__init__(label_mode)
-        if patch_size < 1:
-            raise ConfigError(f"badnets patch_size must be at least 1, not {patch_size}")
-        if isinstance(location, str) and location not in _CORNERS:
-            raise ConfigError(f"badnets location {location!r} is not one of {', '.join(_CORNERS)} or [row, col]")
-        if pattern not in ("square", "checkerboard", "random"):
-            raise ConfigError(f"badnets pattern {pattern!r} is not one of square, checkerboard, random")
         self.patch_size, self.location, self.pattern = patch_size, location, pattern
         self.color, self.margin, self.pattern_seed = color, margin, pattern_seed
         self.patch: torch.Tensor | None = None  # (C, s, s) values in [0, 1]

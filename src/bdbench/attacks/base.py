@@ -24,9 +24,10 @@ from typing import ClassVar, Literal
 
 import torch
 
-from bdbench.data import Dataset
 from bdbench.attacks.workshop import AttackWorkshop
+from bdbench.data import Dataset
 from bdbench.errors import ConfigError
+from bdbench.registry import Registry
 from bdbench.training import BatchHook
 
 LabelMode = Literal["all2one", "all2all"]
@@ -61,6 +62,7 @@ class Attack(ABC):
     the constructor, and implement `add_trigger` on float batches in [0, 1]."""
 
     citation: ClassVar[str] = ""
+    reference: ClassVar[bool] = False  # the no-attack entry: the clean reference and benign model
     label_modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
     single_target_reason: ClassVar[str] = ""  # why an attack without all-to-all has one target
     learns_with_victim: ClassVar[bool] = False
@@ -69,8 +71,6 @@ class Attack(ABC):
     seeded_trigger: bool = True
 
     def __init__(self, label_mode: LabelMode = "all2one") -> None:
-        if label_mode not in ("all2one", "all2all"):
-            raise ConfigError(f"label_mode must be 'all2one' or 'all2all', not {label_mode!r}")
         if label_mode not in self.label_modes:
             raise ConfigError(f"{type(self).__name__} supports label_mode {' or '.join(self.label_modes)} only, "
                               f"not {label_mode!r}: {self.single_target_reason}")
@@ -146,6 +146,10 @@ class Attack(ABC):
         """The poisoned training set as a defender inspecting it finds it once the victim is trained:
         the same, except for attacks whose trigger was still being learned when `poison` ran."""
         return poisoned
+
+
+# Every attack registers itself with `@ATTACKS.register("name")` on its class; `bdbench.attacks` imports them all.
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
 class CleanLabelAttack(Attack):

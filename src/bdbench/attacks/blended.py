@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import torch
 
-from bdbench.attacks.base import Attack, LabelMode
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
-from bdbench.errors import ConfigError
+from bdbench.params import UpToOne
 
 
+@ATTACKS.register("blended")
 class Blended(Attack):
     """Blend a fixed-seed uniform noise pattern into the whole image at ratio alpha (Chen et al. 2017)."""
 
     seeded_trigger = False  # pattern_seed, not the experiment's seed, draws the pattern
     citation = "Chen, Liu, Li, Lu, Song. Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning. arXiv:1712.05526, 2017."
 
-    def __init__(self, alpha: float = 0.2, pattern_seed: int = 0, label_mode: LabelMode = "all2one") -> None:
+    def __init__(self, alpha: UpToOne = 0.2, pattern_seed: int = 0, label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if not 0 < alpha <= 1:
-            raise ConfigError(f"blended alpha must be in (0, 1], not {alpha}")
         self.alpha, self.pattern_seed = alpha, pattern_seed
         self.pattern: torch.Tensor | None = None
 

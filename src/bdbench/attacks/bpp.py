@@ -30,12 +30,15 @@ mnist5k. The authors' code trains for 1,000 epochs.
 
 from __future__ import annotations
 
-import torch
+from typing import Annotated
 
-from bdbench.attacks.base import Attack, LabelMode, PoisonedRows, clean_rows
+import torch
+from pydantic import Field
+
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode, PoisonedRows, clean_rows
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
-from bdbench.errors import ConfigError
+from bdbench.params import BelowOne, PositiveInt
 from bdbench.training import BatchHook
 
 # Floyd-Steinberg error diffusion: (row offset, column offset, weight).
@@ -46,7 +49,7 @@ def dither_squeeze(x: torch.Tensor, levels: int) -> torch.Tensor:
     """Quantise float images (N, C, H, W) in [0, 1] to `levels` values per channel with
     Floyd-Steinberg dithering, pixel by pixel in raster order, all images at once."""
     image = x.mul(255.0).double()  # the error diffusion works on the 0..255 scale, like the paper's
-    n, c, h, w = image.shape
+    h, w = image.shape[2:]
     step = 255.0 / (levels - 1)
     for row in range(h):
         for col in range(w):
@@ -61,6 +64,7 @@ def dither_squeeze(x: torch.Tensor, levels: int) -> torch.Tensor:
     return image.div(255.0).to(x.dtype)
 
 
+@ATTACKS.register("bpp")
 class Bpp(Attack):
     """Bit-depth squeezing with dithering, negative samples during training (Wang et al., CVPR 2022)."""
 
@@ -68,15 +72,10 @@ class Bpp(Attack):
     citation = ("Wang, Zhai, Ma. BppAttack: Stealthy and Efficient Trojan Attacks against Deep Neural Networks "
                 "via Image Quantization and Contrastive Adversarial Learning. CVPR 2022.")
 
-    def __init__(self, squeeze_num: int = 8, dithering: bool = True, neg_ratio: float = 0.2,
-                 residual_pool: int = 1024, label_mode: LabelMode = "all2one") -> None:
+    def __init__(self, squeeze_num: Annotated[int, Field(ge=2, le=255)] = 8, dithering: bool = True,
+                 neg_ratio: BelowOne = 0.2, residual_pool: PositiveInt = 1024,
+                 label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if not 2 <= squeeze_num <= 255:
-            raise ConfigError(f"bpp squeeze_num (colour levels per channel) must be in 2..255, not {squeeze_num}")
-        if not 0 <= neg_ratio < 1:
-            raise ConfigError(f"bpp neg_ratio must be in [0, 1), not {neg_ratio}")
-        if residual_pool < 1:
-            raise ConfigError(f"bpp residual_pool must be at least 1, not {residual_pool}")
         self.squeeze_num, self.dithering, self.neg_ratio = squeeze_num, dithering, neg_ratio
         self.residual_pool = residual_pool
         self.residuals: torch.Tensor | None = None  # (P, C, H, W) trigger residuals of training images

@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.attacks.base import CleanLabelAttack, LabelMode, to_uint8
+from bdbench.attacks.base import ATTACKS, CleanLabelAttack, LabelMode, to_uint8
 from bdbench.attacks.public_data import public_images, require_public_task_classes
 from bdbench.attacks.workshop import AttackWorkshop, surrogate_options
 from bdbench.data import Dataset
 from bdbench.data.dataset import channel_stats
-from bdbench.errors import ConfigError
 from bdbench.models import create_model, with_normalization
+from bdbench.params import PositiveFloat, PositiveInt, UpToOne
 from bdbench.seeding import derive_seed
 from bdbench.training import augment_batch, train
 
@@ -72,20 +72,18 @@ class ResidualEncoder(nn.Module):
         return self.net(x - 0.5)
 
 
+@ATTACKS.register("dfb")
 class DFB(CleanLabelAttack):
     """Data-free clean-label: a residual that erases the target class on a public-data surrogate (Ma et al. 2023)."""
 
     citation = ("Ma, Wang, Wang, Meng. DFB: A Data-Free, Low-Budget, and High-Efficacy Clean-Label Backdoor "
                 "Attack. arXiv:2308.09487, 2023.")
 
-    def __init__(self, eps: float = 8 / 255, train_multiplier: float = 2.0, test_multiplier: float = 6.0,
-                 surrogate: dict[str, Any] | None = None, encoder_width: int = 32, encoder_epochs: int = 400,
-                 encoder_lr: float = 1e-4, label_mode: LabelMode = "all2one") -> None:
+    def __init__(self, eps: UpToOne = 8 / 255, train_multiplier: PositiveFloat = 2.0,
+                 test_multiplier: PositiveFloat = 6.0, surrogate: dict[str, Any] | None = None,
+                 encoder_width: PositiveInt = 32, encoder_epochs: PositiveInt = 400, encoder_lr: PositiveFloat = 1e-4,
+                 label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if not 0 < eps <= 1 or train_multiplier <= 0 or test_multiplier <= 0:
-            raise ConfigError("dfb eps must be in (0, 1], train_multiplier and test_multiplier positive")
-        if encoder_width < 1 or encoder_epochs < 1 or encoder_lr <= 0:
-            raise ConfigError("dfb encoder_width and encoder_epochs must be at least 1, encoder_lr positive")
         self.eps, self.train_multiplier, self.test_multiplier = eps, train_multiplier, test_multiplier
         self.surrogate = dict(surrogate or {"epochs": 20})
         self.encoder_width, self.encoder_epochs, self.encoder_lr = encoder_width, encoder_epochs, encoder_lr

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.attacks.base import Attack, LabelMode, PoisonedRows, PoisonedTrainingSet, clean_rows
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode, PoisonedRows, PoisonedTrainingSet, clean_rows
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
-from bdbench.errors import ConfigError
+from bdbench.params import BelowOne, NonNegativeFloat, OpenRate, PositiveFloat, PositiveInt
 from bdbench.seeding import derive_seed
 from bdbench.training import BatchHook
 
@@ -77,23 +77,18 @@ def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2:
     return (images / (outputs + _EPS)).mean()
 
 
+@ATTACKS.register("inputaware")
 class InputAware(Attack):
     """Input-aware dynamic trigger generator trained with the victim (Nguyen and Tran, NeurIPS 2020)."""
 
     citation = "Nguyen, Tran. Input-Aware Dynamic Backdoor Attack. NeurIPS 2020."
     learns_with_victim = True
 
-    def __init__(self, cross_ratio: float = 0.1, lambda_div: float = 1.0, lambda_norm: float = 100.0,
-                 mask_density: float = 0.032, lr: float = 0.01, mask_epochs: int = 10, width: int = 16,
+    def __init__(self, cross_ratio: BelowOne = 0.1, lambda_div: NonNegativeFloat = 1.0,
+                 lambda_norm: NonNegativeFloat = 100.0, mask_density: OpenRate = 0.032, lr: PositiveFloat = 0.01,
+                 mask_epochs: PositiveInt = 10, width: PositiveInt = 16,
                  label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if not 0 <= cross_ratio < 1:
-            raise ConfigError(f"inputaware cross_ratio must be in [0, 1), not {cross_ratio}")
-        if not 0 < mask_density < 1:
-            raise ConfigError(f"inputaware mask_density must be in (0, 1), not {mask_density}")
-        if lambda_div < 0 or lambda_norm < 0 or lr <= 0 or mask_epochs < 1 or width < 1:
-            raise ConfigError("inputaware lambda_div and lambda_norm must be non-negative; lr, mask_epochs "
-                              "and width positive")
         self.cross_ratio, self.lambda_div, self.lambda_norm = cross_ratio, lambda_div, lambda_norm
         self.mask_density, self.lr, self.mask_epochs, self.width = mask_density, lr, mask_epochs, width
         self.pattern_net: nn.Module | None = None  # G

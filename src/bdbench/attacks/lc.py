@@ -14,15 +14,17 @@ The paper's alternative (GAN interpolation) is not implemented.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from bdbench.attacks.base import CleanLabelAttack, LabelMode
+from bdbench.attacks.base import ATTACKS, CleanLabelAttack, LabelMode
 from bdbench.attacks.workshop import AttackWorkshop, surrogate_options
 from bdbench.data import Dataset
 from bdbench.errors import ConfigError
+from bdbench.params import BelowOne, PositiveInt
 
 _PATTERN = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 
@@ -47,22 +49,18 @@ def pgd_untargeted(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     return torch.cat(out)
 
 
+@ATTACKS.register("lc")
 class LabelConsistent(CleanLabelAttack):
     """Clean-label: PGD-perturbed target-class images from a clean surrogate plus a corner trigger (Turner et al. 2019)."""
 
     seeded_trigger = False  # the seed shapes only the training images' PGD perturbation
     citation = "Turner, Tsipras, Madry. Label-Consistent Backdoor Attacks. arXiv:1912.02771, 2019."
 
-    def __init__(self, eps: float = 16 / 255, steps: int = 100, amplitude: float = 255.0,
+    def __init__(self, eps: BelowOne = 16 / 255, steps: PositiveInt = 100,
+                 amplitude: Annotated[float, Field(gt=0, le=255)] = 255.0,
                  corners: Literal["four", "one"] = "four", surrogate: dict[str, Any] | None = None,
                  label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if not 0 <= eps < 1 or steps < 1:
-            raise ConfigError(f"lc needs eps in [0, 1) and steps >= 1, not eps={eps}, steps={steps}")
-        if not 0 < amplitude <= 255:
-            raise ConfigError(f"lc amplitude must be in (0, 255], not {amplitude}")
-        if corners not in ("four", "one"):
-            raise ConfigError(f"lc corners {corners!r} is not one of four, one")
         self.eps, self.steps, self.amplitude, self.corners = eps, steps, amplitude, corners
         self.surrogate = dict(surrogate or {})
         self.mask: torch.Tensor | None = None  # (H, W) 1 inside the trigger patches

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bdbench.attacks.base import Attack, LabelMode
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
-from bdbench.errors import ConfigError
+from bdbench.params import PositiveFloat, PositiveInt, UpToOne
 from bdbench.training import TrainConfig
 
 
@@ -37,22 +37,17 @@ def low_pass(v: torch.Tensor, cutoff: float) -> torch.Tensor:
     return torch.fft.ifft2(torch.fft.fft2(v) * window).real
 
 
+@ATTACKS.register("lf")
 class LowFrequency(Attack):
     """Low-pass-filtered universal adversarial perturbation of a clean surrogate (Zeng et al., ICCV 2021)."""
 
     citation = ("Zeng, Park, Mao, Jia. Rethinking the Backdoor Attacks' Triggers: A Frequency Perspective. "
                 "ICCV 2021.")
 
-    def __init__(self, eps: float = 0.1, cutoff: float = 0.25, epochs: int = 5, step: float = 0.01,
-                 surrogate: str = "cnn-small", surrogate_epochs: int = 10,
+    def __init__(self, eps: UpToOne = 0.1, cutoff: UpToOne = 0.25, epochs: PositiveInt = 5, step: PositiveFloat = 0.01,
+                 surrogate: str = "cnn-small", surrogate_epochs: PositiveInt = 10,
                  label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if not 0 < eps <= 1:
-            raise ConfigError(f"lf eps must be in (0, 1], not {eps}")
-        if not 0 < cutoff <= 1:
-            raise ConfigError(f"lf cutoff (share of the Nyquist frequency kept) must be in (0, 1], not {cutoff}")
-        if epochs < 1 or step <= 0 or surrogate_epochs < 1:
-            raise ConfigError("lf epochs, step and surrogate_epochs must be positive")
         self.eps, self.cutoff, self.epochs, self.step = eps, cutoff, epochs, step
         self.surrogate, self.surrogate_epochs = surrogate, surrogate_epochs
         self.perturbation: torch.Tensor | None = None  # (C, H, W)

@@ -30,13 +30,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bdbench.attacks.base import Attack, PoisonedTrainingSet, TriggeredTestSet
+from bdbench.attacks.base import ATTACKS, Attack, PoisonedTrainingSet, TriggeredTestSet
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
 from bdbench.errors import ConfigError
+from bdbench.params import BelowOne
 from bdbench.training import BatchHook
 
 
+@ATTACKS.register("lsp")
 class LabelSmoothingPoisoning(Attack):
     """Wraps any trigger attack: its poisoned samples train on smoothed soft labels, defeating trigger reverse-engineering (Li et al. 2024)."""
 
@@ -44,13 +46,9 @@ class LabelSmoothingPoisoning(Attack):
                 "Engineering via Label Smoothing Poisoning. arXiv:2404.12852, 2024.")
 
     def __init__(self, attack: str = "badnets", attack_params: dict[str, Any] | None = None,
-                 smoothing: float = 0.5) -> None:
-        from bdbench.attacks import ATTACKS  # the registry imports this module
-
-        if attack in ("lsp", "none"):
+                 smoothing: BelowOne = 0.5) -> None:
+        if attack == "lsp" or ATTACKS.is_reference(attack):
             raise ConfigError(f"lsp wraps a trigger attack; {attack!r} is not one (try badnets or blended)")
-        if not 0 <= smoothing < 1:
-            raise ConfigError(f"lsp smoothing must be in [0, 1), not {smoothing}")
         self.inner: Attack = ATTACKS.build(attack, attack_params or {})
         super().__init__(self.inner.label_mode)
         self.smoothing = smoothing

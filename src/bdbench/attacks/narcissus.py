@@ -31,33 +31,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bdbench.attacks.base import Attack, LabelMode, TriggeredTestSet
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode, TriggeredTestSet
 from bdbench.attacks.public_data import public_images
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
 from bdbench.data.dataset import channel_stats
-from bdbench.errors import ConfigError
 from bdbench.models import create_model, with_normalization
+from bdbench.params import PositiveFloat, PositiveInt, UpToOne
 from bdbench.seeding import derive_seed
 from bdbench.training import TrainConfig, augment_batch, train
 
 
+@ATTACKS.register("narcissus")
 class Narcissus(Attack):
     """Clean-label trigger optimised from target-class data and a POOD surrogate (Zeng et al., CCS 2023)."""
 
     citation = ("Zeng, Pan, Just, Lyu, Jia. Narcissus: A Practical Clean-Label Backdoor Attack with Limited "
                 "Information. CCS 2023.")
+    label_modes = ("all2one",)
+    single_target_reason = "a clean-label attack on one target class"
 
-    def __init__(self, eps: float = 16 / 255, test_multiplier: float = 3.0, surrogate: str = "cnn-small",
-                 pood_epochs: int = 10, finetune_epochs: int = 5, trigger_epochs: int = 100, lr: float = 0.01,
+    def __init__(self, eps: UpToOne = 16 / 255, test_multiplier: PositiveFloat = 3.0, surrogate: str = "cnn-small",
+                 pood_epochs: PositiveInt = 10, finetune_epochs: PositiveInt = 5, trigger_epochs: PositiveInt = 100,
+                 lr: PositiveFloat = 0.01,
                  label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if label_mode != "all2one":
-            raise ConfigError("narcissus is a clean-label attack on one target class: label_mode must be all2one")
-        if not 0 < eps <= 1 or test_multiplier <= 0 or lr <= 0:
-            raise ConfigError("narcissus eps must be in (0, 1], test_multiplier and lr positive")
-        if min(pood_epochs, finetune_epochs, trigger_epochs) < 1:
-            raise ConfigError("narcissus pood_epochs, finetune_epochs and trigger_epochs must be at least 1")
         self.eps, self.test_multiplier, self.surrogate, self.lr = eps, test_multiplier, surrogate, lr
         self.pood_epochs, self.finetune_epochs, self.trigger_epochs = pood_epochs, finetune_epochs, trigger_epochs
         self.delta: torch.Tensor | None = None  # (C, H, W) in [-eps, eps]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from bdbench.attacks.base import Attack, PoisonedTrainingSet
+from bdbench.attacks.base import ATTACKS, Attack, PoisonedTrainingSet
 from bdbench.data import Dataset
 
 
+@ATTACKS.register("none")
 class NoAttack(Attack):
     """No poisoning: trains the clean reference model (benign false positives, CA baseline)."""
 
     citation = ""
+    reference = True
 
     def __init__(self) -> None:
         super().__init__("all2one")

@@ -17,16 +17,19 @@ defaults to `delta`, the same signal at training and test time).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
-from bdbench.attacks.base import CleanLabelAttack, LabelMode, to_uint8
+from bdbench.attacks.base import ATTACKS, CleanLabelAttack, LabelMode, to_uint8
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
-from bdbench.errors import ConfigError
+
+PixelAmplitude = Annotated[float, Field(gt=0, le=255)]  # units of 8-bit pixel values
 
 
+@ATTACKS.register("sig")
 class SIG(CleanLabelAttack):
     """Clean-label sinusoidal (or ramp) signal on target-class training images (Barni et al. 2019)."""
 
@@ -34,13 +37,9 @@ class SIG(CleanLabelAttack):
     citation = ("Barni, Kallas, Tondi. A New Backdoor Attack in CNNs by Training Set Corruption without Label "
                 "Poisoning. ICIP 2019 (arXiv:1902.11237).")
 
-    def __init__(self, delta: float = 20.0, frequency: float = 6.0, signal: Literal["sine", "ramp"] = "sine",
-                 delta_test: float | None = None, label_mode: LabelMode = "all2one") -> None:
+    def __init__(self, delta: PixelAmplitude = 20.0, frequency: float = 6.0, signal: Literal["sine", "ramp"] = "sine",
+                 delta_test: PixelAmplitude | None = None, label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if signal not in ("sine", "ramp"):
-            raise ConfigError(f"sig signal {signal!r} is not one of sine, ramp")
-        if not 0 < delta <= 255 or (delta_test is not None and not 0 < delta_test <= 255):
-            raise ConfigError(f"sig delta and delta_test must be in (0, 255] (units of 8-bit pixel values), not {delta}, {delta_test}")
         self.delta, self.frequency, self.signal = delta, frequency, signal
         self.delta_test = delta if delta_test is None else delta_test
         self.pattern: torch.Tensor | None = None  # (W,) unit-amplitude signal along the columns

@@ -33,15 +33,17 @@ sources go to one target); source and cover classes must not include the target.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from bdbench.attacks.base import Attack, LabelMode, PoisonedTrainingSet, TriggeredTestSet, to_uint8
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode, PoisonedTrainingSet, TriggeredTestSet, to_uint8
 from bdbench.attacks.workshop import AttackWorkshop, surrogate_options
 from bdbench.data import Dataset
 from bdbench.errors import ConfigError
+from bdbench.params import NonNegativeFloat, PositiveInt, UpToOne
 
 Variant = Literal["tact", "trans", "cont", "trans_cont"]
 
@@ -59,6 +61,7 @@ def salient_target_patch(model: torch.nn.Module, x: torch.Tensor, target: int, s
     return mean_image[:, row:row + size, col:col + size].cpu()
 
 
+@ATTACKS.register("source_specific")
 class SourceSpecific(Attack):
     """Trigger flips only chosen source classes; covers keep true labels (TaCT; CASSOCK trans/cont variants)."""
 
@@ -69,22 +72,15 @@ class SourceSpecific(Attack):
     label_modes = ("all2one",)
     single_target_reason = "the source classes are flipped to one target"
 
-    def __init__(self, source_classes: Sequence[int] = (1,), cover_classes: Sequence[int] | None = None,
-                 cover_ratio: float = 1.0, variant: Variant = "tact", patch_size: int = 3,
-                 poison_opacity: float | None = None, cover_opacity: float | None = None,
+    def __init__(self, source_classes: Annotated[Sequence[int], Field(min_length=1)] = (1,),
+                 cover_classes: Sequence[int] | None = None, cover_ratio: NonNegativeFloat = 1.0,
+                 variant: Variant = "tact", patch_size: PositiveInt = 3,
+                 poison_opacity: UpToOne | None = None, cover_opacity: UpToOne | None = None,
                  surrogate: dict[str, Any] | None = None, label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if variant not in ("tact", "trans", "cont", "trans_cont"):
-            raise ConfigError(f"source_specific variant {variant!r} is not one of tact, trans, cont, trans_cont")
-        if not source_classes:
-            raise ConfigError("source_specific needs at least one source class")
-        if cover_ratio < 0 or patch_size < 1:
-            raise ConfigError(f"source_specific needs cover_ratio >= 0 and patch_size >= 1, not {cover_ratio}, {patch_size}")
         transparent = variant in ("trans", "trans_cont")
         self.poison_opacity = 1.0 if poison_opacity is None else poison_opacity
         self.cover_opacity = (0.5 if transparent else 1.0) if cover_opacity is None else cover_opacity
-        if not (0 < self.poison_opacity <= 1 and 0 < self.cover_opacity <= 1):
-            raise ConfigError("source_specific opacities must be in (0, 1]")
         self.source_classes = sorted(int(c) for c in source_classes)
         self.cover_classes = None if cover_classes is None else sorted(int(c) for c in cover_classes)
         self.cover_ratio, self.variant, self.patch_size = cover_ratio, variant, patch_size

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.attacks.base import Attack, LabelMode
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
-from bdbench.errors import ConfigError
+from bdbench.params import NonNegativeFloat, PositiveFloat, PositiveInt, UpToOne
 from bdbench.seeding import derive_seed
 
 
@@ -84,20 +84,16 @@ def stored_as_uint8(images: torch.Tensor) -> torch.Tensor:
     return images + (images.mul(255).round().div(255) - images).detach()
 
 
+@ATTACKS.register("ssba")
 class SSBA(Attack):
     """Sample-specific invisible trigger from a StegaStamp-like encoder (Li et al., ICCV 2021)."""
 
     citation = "Li, Li, Wu, Li, He, Lyu. Invisible Backdoor Attack with Sample-Specific Triggers. ICCV 2021."
 
-    def __init__(self, bits: int = 32, residual_weight: float = 1.0, max_residual: float = 0.05,
-                 steps: int = 3000, lr: float = 1e-3, width: int = 32, label_mode: LabelMode = "all2one") -> None:
+    def __init__(self, bits: PositiveInt = 32, residual_weight: NonNegativeFloat = 1.0, max_residual: UpToOne = 0.05,
+                 steps: PositiveInt = 3000, lr: PositiveFloat = 1e-3, width: PositiveInt = 32,
+                 label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if bits < 1 or steps < 1 or width < 1 or lr <= 0:
-            raise ConfigError("ssba bits, steps, width and lr must be positive")
-        if residual_weight < 0:
-            raise ConfigError(f"ssba residual_weight must be non-negative, not {residual_weight}")
-        if not 0 < max_residual <= 1:
-            raise ConfigError(f"ssba max_residual must be in (0, 1], not {max_residual}")
         self.max_residual = max_residual
         self.bits, self.residual_weight, self.steps, self.lr, self.width = bits, residual_weight, steps, lr, width
         self.encoder: StegaEncoder | None = None

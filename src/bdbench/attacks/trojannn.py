@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bdbench.attacks.base import Attack, LabelMode
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode
 from bdbench.attacks.workshop import AttackWorkshop, surrogate_options
 from bdbench.data import Dataset
 from bdbench.errors import ConfigError
+from bdbench.params import PositiveInt, UpToOne
 
 
 def feature_layer(model: nn.Module) -> tuple[nn.Linear, torch.Tensor]:
@@ -49,18 +50,17 @@ def feature_layer(model: nn.Module) -> tuple[nn.Linear, torch.Tensor]:
     return last, strength
 
 
+@ATTACKS.register("trojannn")
 class TrojanNN(Attack):
     """Trigger inside a fixed mask optimised to excite chosen feature neurons of a clean model (Liu et al. 2018)."""
 
     citation = "Liu, Ma, Aafer, Lee, Zhai, Wang, Zhang. Trojaning Attack on Neural Networks. NDSS 2018."
 
-    def __init__(self, area: float = 0.07, num_neurons: int = 2, target_value: float = 100.0,
-                 steps: int = 500, lr: float = 0.1, restarts: int = 8, surrogate: dict[str, Any] | None = None,
+    def __init__(self, area: UpToOne = 0.07, num_neurons: PositiveInt = 2, target_value: float = 100.0,
+                 steps: PositiveInt = 500, lr: float = 0.1, restarts: PositiveInt = 8,
+                 surrogate: dict[str, Any] | None = None,
                  label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if not 0 < area <= 1 or num_neurons < 1 or steps < 1 or restarts < 1:
-            raise ConfigError(f"trojannn needs area in (0, 1], num_neurons, steps, restarts >= 1; "
-                              f"got {area}, {num_neurons}, {steps}, {restarts}")
         self.area, self.num_neurons, self.target_value = area, num_neurons, target_value
         self.steps, self.lr, self.restarts = steps, lr, restarts
         self.surrogate = dict(surrogate or {})

@@ -22,30 +22,29 @@ the mask (they change every batch and keep their labels).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from bdbench.attacks.base import Attack, LabelMode, PoisonedRows, clean_rows
+from bdbench.attacks.base import ATTACKS, Attack, LabelMode, PoisonedRows, clean_rows
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
-from bdbench.errors import ConfigError
+from bdbench.params import NonNegativeFloat, PositiveFloat
 from bdbench.training import BatchHook
 
 
+@ATTACKS.register("wanet")
 class WaNet(Attack):
     """Warping-field trigger with noise mode during training (Nguyen and Tran, ICLR 2021)."""
 
     citation = "Nguyen, Tran. WaNet - Imperceptible Warping-based Backdoor Attack. ICLR 2021."
 
-    def __init__(self, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0, cross_ratio: float = 2.0,
+    def __init__(self, k: Annotated[int, Field(ge=2)] = 4, s: PositiveFloat = 0.5, grid_rescale: PositiveFloat = 1.0,
+                 cross_ratio: NonNegativeFloat = 2.0,
                  label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
-        if k < 2:
-            raise ConfigError(f"wanet k (control grid size) must be at least 2, not {k}")
-        if s <= 0 or grid_rescale <= 0:
-            raise ConfigError(f"wanet s and grid_rescale must be positive, not {s} and {grid_rescale}")
-        if cross_ratio < 0:
-            raise ConfigError(f"wanet cross_ratio must be non-negative, not {cross_ratio}")
         self.k, self.s, self.grid_rescale, self.cross_ratio = k, s, grid_rescale, cross_ratio
         self.grid: torch.Tensor | None = None  # (1, H, W, 2) sampling grid in [-1, 1]
 

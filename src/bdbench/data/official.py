@@ -32,7 +32,7 @@ import tarfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -150,7 +150,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: a CIFAR batch is a pickle, and a general
     unpickler would run whatever code a tampered file names."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[dict[tuple[str, str], Callable[..., object]]] = {
         ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
         ("numpy", "ndarray"): np.ndarray,

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.scoring import check_rate
-from bdbench.errors import ConfigError
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.params import NonNegativeInt, OpenRate, PositiveInt
 from bdbench.training import predict_logits
 
 
@@ -42,6 +41,7 @@ def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return F.cross_entropy(predict_logits(model, x), y, reduction="none")
 
 
+@DEFENSES.register("abl")
 class AntiBackdoorLearning(Defense):
     """Anti-Backdoor Learning (Li et al. 2021): isolate the fastest-learned 1% by loss flooding, then unlearn them."""
 
@@ -49,13 +49,12 @@ class AntiBackdoorLearning(Defense):
     needs_internals = False  # trains its own model from scratch
     citation = "Li, Lyu, Koren, Lyu, Li, Ma. Anti-Backdoor Learning: Training Clean Models on Poisoned Data. NeurIPS 2021."
 
-    def __init__(self, isolation_epochs: int = 20, tuning_epochs: int = 60, unlearning_epochs: int = 20,
-                 isolation_rate: float = 0.01, gamma: float = 0.5, lr: float = 0.1,
+    def __init__(self, isolation_epochs: PositiveInt = 20, tuning_epochs: NonNegativeInt = 60,
+                 unlearning_epochs: PositiveInt = 20, isolation_rate: OpenRate = 0.01, gamma: float = 0.5,
+                 lr: float = 0.1,
                  unlearning_lr: float = 5e-4) -> None:
-        if min(isolation_epochs, unlearning_epochs) < 1 or tuning_epochs < 0:
-            raise ConfigError("abl needs isolation_epochs >= 1, tuning_epochs >= 0 and unlearning_epochs >= 1")
         self.isolation_epochs, self.tuning_epochs, self.unlearning_epochs = isolation_epochs, tuning_epochs, unlearning_epochs
-        self.isolation_rate = check_rate("abl isolation_rate", isolation_rate)
+        self.isolation_rate = float(isolation_rate)
         self.gamma, self.lr, self.unlearning_lr = gamma, lr, unlearning_lr
 
     def isolate(self, context: DefenseContext) -> tuple[nn.Module, torch.Tensor]:

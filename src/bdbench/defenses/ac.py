@@ -16,13 +16,15 @@ suspicious), so flagged <=> score > 1 - size_threshold, the reported threshold.
 from __future__ import annotations
 
 import warnings
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import read_activations
-from bdbench.defenses.scoring import check_rate
+from bdbench.params import PositiveInt
 
 
 def two_means_clusters(features: np.ndarray, components: int, seed: int) -> np.ndarray:
@@ -39,6 +41,7 @@ def two_means_clusters(features: np.ndarray, components: int, seed: int) -> np.n
     return KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
 
 
+@DEFENSES.register("ac")
 class ActivationClustering(Defense):
     """Activation Clustering (Chen et al. 2019): per class ICA to 10 dims, 2-means, flag a small cluster."""
 
@@ -46,9 +49,10 @@ class ActivationClustering(Defense):
     citation = ("Chen et al. Detecting Backdoor Attacks on Deep Neural Networks by Activation Clustering. "
                 "SafeAI@AAAI 2019.")
 
-    def __init__(self, components: int = 10, size_threshold: float = 0.35) -> None:
+    def __init__(self, components: PositiveInt = 10,
+                 size_threshold: Annotated[float, Field(gt=0, le=0.5)] = 0.35) -> None:
         self.components = components
-        self.size_threshold = check_rate("ac size_threshold", size_threshold, 0.0, 0.5 + 1e-9)
+        self.size_threshold = float(size_threshold)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         features = read_activations(context.model, context.train_x, "penultimate").double().numpy()

@@ -37,10 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import norm_layers
-from bdbench.defenses.scoring import check_rate
-from bdbench.errors import ConfigError
+from bdbench.params import BatchSize, NonNegativeFloat, OpenRate, PositiveFloat, PositiveInt, UnitInterval, UpToOne
 from bdbench.progress import steps
 from bdbench.training import augment_batch
 
@@ -88,6 +87,7 @@ class NeuronPerturbation:
         return pruned.requires_grad_(True)
 
 
+@DEFENSES.register("anp")
 class AdversarialNeuronPruning(Defense):
     """ANP (Wu and Wang 2021): prune the norm-layer neurons most sensitive to adversarial perturbation."""
 
@@ -95,22 +95,16 @@ class AdversarialNeuronPruning(Defense):
     citation = ("Wu, Wang. Adversarial Neuron Pruning Purifies Backdoored Deep Models. "
                 "NeurIPS 2021.")
 
-    def __init__(self, eps: float = 0.4, alpha: float = 0.2, pgd_steps: int = 1, mask_lr: float = 0.2,
-                 iterations: int = 500, batch_size: int = 128, threshold: float = 0.2,
-                 max_accuracy_drop: float = 0.05, selection_steps: int = 20, fraction: float | None = None,
+    def __init__(self, eps: NonNegativeFloat = 0.4, alpha: UnitInterval = 0.2, pgd_steps: PositiveInt = 1,
+                 mask_lr: PositiveFloat = 0.2, iterations: PositiveInt = 500, batch_size: BatchSize = 128,
+                 threshold: UpToOne = 0.2, max_accuracy_drop: UnitInterval = 0.05, selection_steps: PositiveInt = 20,
+                 fraction: OpenRate | None = None,
                  batch_statistics: bool = True) -> None:
-        if eps < 0 or min(pgd_steps, iterations, selection_steps) < 1 or batch_size < 2 or mask_lr <= 0:
-            raise ConfigError("anp needs eps >= 0, pgd_steps, iterations and selection_steps >= 1, batch_size >= 2 "
-                              f"and mask_lr > 0, got eps={eps}, pgd_steps={pgd_steps}, iterations={iterations}, "
-                              f"selection_steps={selection_steps}, batch_size={batch_size}, mask_lr={mask_lr}")
-        if not 0 <= alpha <= 1 or not 0 < threshold <= 1 or not 0 <= max_accuracy_drop <= 1:
-            raise ConfigError(f"anp needs alpha in [0, 1], threshold in (0, 1] and max_accuracy_drop in [0, 1], got "
-                              f"alpha={alpha}, threshold={threshold}, max_accuracy_drop={max_accuracy_drop}")
         self.eps, self.alpha, self.pgd_steps, self.mask_lr = eps, alpha, pgd_steps, mask_lr
         self.iterations, self.batch_size, self.threshold = iterations, batch_size, threshold
         self.max_accuracy_drop, self.selection_steps = max_accuracy_drop, selection_steps
         self.batch_statistics = batch_statistics
-        self.fraction = None if fraction is None else check_rate("anp fraction", fraction)
+        self.fraction = None if fraction is None else float(fraction)
 
     def optimise_masks(self, context: DefenseContext) -> NeuronPerturbation:
         model = copy.deepcopy(context.model).to(context.device).eval().requires_grad_(False)

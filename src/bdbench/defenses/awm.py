@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.errors import ConfigError
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.params import NonNegativeFloat, PositiveFloat, PositiveInt, UnitInterval, UpToOne
 
 CIFAR_INPUT_VALUES = 3 * 32 * 32  # the paper's tau = 1000 is an L1 norm over this many values
 
@@ -81,22 +81,18 @@ def l1_ball(delta: torch.Tensor, radius: float) -> torch.Tensor:
     return delta * min(1.0, radius / max(float(delta.abs().sum()), 1e-12))
 
 
+@DEFENSES.register("awm")
 class AdversarialWeightMasking(Defense):
     """AWM (Chai and Chen 2022): learn soft weight masks against an adversarially recovered universal trigger."""
 
     kind = DefenseKind.MODEL_REPAIR
     citation = "Chai, Chen. One-shot Neural Backdoor Erasing via Adversarial Weight Masking. NeurIPS 2022."
 
-    def __init__(self, rounds: int = 20, inner: int = 5, batch_size: int = 128, mask_lr: float = 0.01,
-                 lr_decay: float = 0.9, perturbation_lr: float = 10.0, alpha: float = 0.9, gamma: float = 1e-8,
-                 trigger_norm: float = 1000.0 / CIFAR_INPUT_VALUES, layers: Literal["conv", "all"] = "conv") -> None:
-        if min(rounds, inner, batch_size) < 1 or min(mask_lr, perturbation_lr, trigger_norm) <= 0:
-            raise ConfigError("awm needs rounds, inner and batch_size >= 1 and mask_lr, perturbation_lr and "
-                              f"trigger_norm > 0, got rounds={rounds}, inner={inner}, batch_size={batch_size}, "
-                              f"mask_lr={mask_lr}, perturbation_lr={perturbation_lr}, trigger_norm={trigger_norm}")
-        if not 0 <= alpha <= 1 or gamma < 0 or not 0 < lr_decay <= 1 or layers not in ("conv", "all"):
-            raise ConfigError(f"awm needs alpha in [0, 1], gamma >= 0, lr_decay in (0, 1] and layers 'conv' or "
-                              f"'all', got alpha={alpha}, gamma={gamma}, lr_decay={lr_decay}, layers={layers!r}")
+    def __init__(self, rounds: PositiveInt = 20, inner: PositiveInt = 5, batch_size: PositiveInt = 128,
+                 mask_lr: PositiveFloat = 0.01, lr_decay: UpToOne = 0.9, perturbation_lr: PositiveFloat = 10.0,
+                 alpha: UnitInterval = 0.9, gamma: NonNegativeFloat = 1e-8,
+                 trigger_norm: PositiveFloat = 1000.0 / CIFAR_INPUT_VALUES,
+                 layers: Literal["conv", "all"] = "conv") -> None:
         self.rounds, self.inner, self.batch_size = rounds, inner, batch_size
         self.mask_lr, self.lr_decay, self.perturbation_lr = mask_lr, lr_decay, perturbation_lr
         self.alpha, self.gamma = alpha, gamma

@@ -15,6 +15,7 @@ from typing import Callable, ClassVar, Protocol
 import torch
 from torch import nn
 
+from bdbench.registry import Registry
 from bdbench.seeding import derive_seed
 from bdbench.training import LossFn, TrainConfig, cross_entropy, predict, train
 
@@ -128,6 +129,7 @@ class Defense(ABC):
 
     kind: ClassVar[DefenseKind]
     citation: ClassVar[str] = ""
+    reference: ClassVar[bool] = False  # the no-defense entry: the undefended row DER compares against
     # True where the defense differentiates through the model, trains it or reads its layers; the
     # runner then checks that the deployed model passes input gradients and, where it does not
     # (int8 kernels), hands over its straight-through twin. False: only queries predictions.
@@ -141,3 +143,6 @@ class Defense(ABC):
         """The model-level verdict alone, for an audit (`bdbench scan`): a detector that also repairs skips the
         repair here. Defaults to `run`."""
         return self.run(context)
+
+# Every defense registers itself with `@DEFENSES.register("name")` on its class; `bdbench.defenses` imports them all.
+DEFENSES: Registry[type[Defense]] = Registry("defense")

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import read_activations
-from bdbench.defenses.scoring import check_rate, clean_threshold, median, scaled_mad
+from bdbench.defenses.scoring import clean_threshold, median, scaled_mad
+from bdbench.params import OpenRate, PositiveInt
 from bdbench.training import predict
 
 
 def gram_features(feature_maps: torch.Tensor, orders: int) -> torch.Tensor:
     """(N, orders x C(C+1)/2) Gram-matrix entries of feature maps (N, C, H, W) for p = 1..orders."""
-    n, c = feature_maps.shape[:2]
+    c = feature_maps.shape[1]
     flat = feature_maps.double().flatten(2)
     upper = torch.triu_indices(c, c)
     out = []
@@ -57,15 +58,16 @@ class GramBounds:
         return (outside.nan_to_num(0.0, posinf=0.0) / self.scale).sum(1)
 
 
+@DEFENSES.register("beatrix")
 class Beatrix(Defense):
     """Beatrix (Ma et al. 2023): flag samples whose Gram-matrix feature correlations leave their class's clean range."""
 
     kind = DefenseKind.DATA_DETECTION
     citation = ("Ma et al. Beatrix the Robust Backdoor Detector: Gram Matrices Reveal Backdoor Inputs. NDSS 2023.")
 
-    def __init__(self, orders: int = 8, mad_scale: float = 3.0, false_rejection: float = 0.05) -> None:
+    def __init__(self, orders: PositiveInt = 8, mad_scale: float = 3.0, false_rejection: OpenRate = 0.05) -> None:
         self.orders, self.mad_scale = orders, mad_scale
-        self.false_rejection = check_rate("beatrix false_rejection", false_rejection)
+        self.false_rejection = float(false_rejection)
 
     def _features(self, context: DefenseContext, x: torch.Tensor) -> torch.Tensor:
         return gram_features(read_activations(context.model, x, "feature_map"), self.orders)

@@ -39,10 +39,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.clp import outlier_channels
 from bdbench.defenses.layers import capture, norm_layers
-from bdbench.errors import ConfigError, NotApplicable
+from bdbench.errors import NotApplicable
+from bdbench.params import NonNegativeFloat
 from bdbench.training import augment_batch
 
 _BATCH = 256  # images per forward pass while the moments are gathered (memory only; the sums are exact)
@@ -104,15 +105,14 @@ def preactivation_divergences(model: nn.Module, x: torch.Tensor, crop_padding: i
     return divergences
 
 
+@DEFENSES.register("bnp")
 class PreActivationPruning(Defense):
     """BNP (Zheng et al. 2022): prune neurons whose benign pre-activations diverge from their BatchNorm statistics."""
 
     kind = DefenseKind.MODEL_REPAIR
     citation = "Zheng, Tang, Li, Liu. Pre-activation Distributions Expose Backdoor Neurons. NeurIPS 2022."
 
-    def __init__(self, u: float = 3.0) -> None:
-        if u < 0:
-            raise ConfigError(f"bnp u must be >= 0, not {u}")
+    def __init__(self, u: NonNegativeFloat = 3.0) -> None:
         self.u = u
 
     def run(self, context: DefenseContext) -> DefenseOutcome:

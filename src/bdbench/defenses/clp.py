@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import conv_norm_pairs
-from bdbench.errors import ConfigError
+from bdbench.params import NonNegativeFloat
 
 
 def channel_lipschitz_bounds(conv: nn.Conv2d, norm: nn.Module | None) -> torch.Tensor:
@@ -50,6 +50,7 @@ def outlier_channels(bounds: torch.Tensor, u: float) -> torch.Tensor:
     return bounds > bounds.mean() + u * bounds.std()
 
 
+@DEFENSES.register("clp")
 class ChannelLipschitzPruning(Defense):
     """CLP (Zheng et al. 2022): data-free pruning of channels with an outlying Lipschitz upper bound."""
 
@@ -57,11 +58,7 @@ class ChannelLipschitzPruning(Defense):
     citation = ("Zheng, Zhang, Wang, Liang, Zhang. Data-free Backdoor Removal based on Channel Lipschitzness. "
                 "ECCV 2022.")
 
-    def __init__(self, u: float = 3.0, unpaired: Literal["conv", "skip"] = "conv") -> None:
-        if u < 0:
-            raise ConfigError(f"clp u must be >= 0, not {u}")
-        if unpaired not in ("conv", "skip"):
-            raise ConfigError(f"clp unpaired must be 'conv' or 'skip', not {unpaired!r}")
+    def __init__(self, u: NonNegativeFloat = 3.0, unpaired: Literal["conv", "skip"] = "conv") -> None:
         self.u, self.unpaired = u, unpaired
 
     def run(self, context: DefenseContext) -> DefenseOutcome:

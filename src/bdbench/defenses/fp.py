@@ -33,11 +33,10 @@ import math
 import torch
 from torch import nn
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.ft import check_fine_tuning, fine_tune
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.ft import fine_tune
 from bdbench.defenses.layers import feature_map_layer, mask_channels, read_activations
-from bdbench.defenses.scoring import check_rate
-from bdbench.errors import ConfigError
+from bdbench.params import NonNegativeInt, OpenRate, PositiveFloat, PositiveInt, UpToOne
 from bdbench.training import predict
 
 
@@ -72,24 +71,19 @@ def prune_dormant_channels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m
     return keep
 
 
+@DEFENSES.register("fp")
 class FinePruning(Defense):
     """Fine-Pruning (Liu et al. 2018): prune the last convolutional layer's dormant channels, then fine-tune."""
 
     kind = DefenseKind.MODEL_REPAIR
     citation = "Liu, Dolan-Gavitt, Garg. Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks. RAID 2018."
 
-    def __init__(self, max_accuracy_drop: float = 0.10, max_pruned_ratio: float = 0.8, epochs: int = 10,
-                 lr: float = 0.01, batch_size: int = 32, max_evaluations: int = 64) -> None:
-        self.max_accuracy_drop = check_rate("fp max_accuracy_drop", max_accuracy_drop)
-        if not 0 < max_pruned_ratio <= 1:
-            raise ConfigError(f"fp max_pruned_ratio must be in (0, 1], not {max_pruned_ratio}")
+    def __init__(self, max_accuracy_drop: OpenRate = 0.10, max_pruned_ratio: UpToOne = 0.8,
+                 epochs: NonNegativeInt = 10, lr: PositiveFloat = 0.01, batch_size: PositiveInt = 32,
+                 max_evaluations: PositiveInt = 64) -> None:
+        # epochs 0 prunes without fine-tuning
+        self.max_accuracy_drop = float(max_accuracy_drop)
         self.max_pruned_ratio = float(max_pruned_ratio)
-        if epochs < 0:
-            raise ConfigError(f"fp epochs must be >= 0 (0 prunes without fine-tuning), not {epochs}")
-        if epochs:
-            check_fine_tuning("fp", epochs, lr)
-        if max_evaluations < 1:
-            raise ConfigError(f"fp max_evaluations must be at least 1, not {max_evaluations}")
         self.epochs, self.lr, self.batch_size, self.max_evaluations = epochs, lr, batch_size, max_evaluations
 
     def run(self, context: DefenseContext) -> DefenseOutcome:

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.ft import check_fine_tuning, fine_tune
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.ft import fine_tune
 from bdbench.defenses.layers import classifier_layer
-from bdbench.errors import ConfigError
+from bdbench.params import BatchSize, NonNegativeFloat, PositiveFloat, PositiveInt
 
 
 def reinitialise_head(head: nn.Linear, generator: torch.Generator) -> None:
@@ -80,6 +80,7 @@ class FeatureShiftObjective:
         return F.cross_entropy(model(x), y) + self.alpha * self.penalty()
 
 
+@DEFENSES.register("fst")
 class FeatureShiftTuning(Defense):
     """FST (Min et al. 2023): re-initialise the head and fine-tune with the head pushed away from the original."""
 
@@ -87,12 +88,8 @@ class FeatureShiftTuning(Defense):
     citation = ("Min, Qin, Shen, Cheng. Towards Stable Backdoor Purification through Feature Shift Tuning. "
                 "NeurIPS 2023.")
 
-    def __init__(self, alpha: float = 0.2, epochs: int = 10, lr: float = 0.01, batch_size: int = 32,
-                 weight_decay: float = 0.0) -> None:
-        check_fine_tuning("fst", epochs, lr)
-        if alpha < 0 or batch_size < 2 or weight_decay < 0:
-            raise ConfigError(f"fst needs alpha >= 0, batch_size >= 2 and weight_decay >= 0, got alpha={alpha}, "
-                              f"batch_size={batch_size}, weight_decay={weight_decay}")
+    def __init__(self, alpha: NonNegativeFloat = 0.2, epochs: PositiveInt = 10, lr: PositiveFloat = 0.01,
+                 batch_size: BatchSize = 32, weight_decay: NonNegativeFloat = 0.0) -> None:
         self.alpha, self.epochs, self.lr = alpha, epochs, lr
         self.batch_size, self.weight_decay = batch_size, weight_decay
 

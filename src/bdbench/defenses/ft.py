@@ -14,15 +14,9 @@ import copy
 import torch
 from torch import nn
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.errors import ConfigError
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.params import PositiveFloat, PositiveInt
 from bdbench.training import LossFn, cross_entropy
-
-
-def check_fine_tuning(name: str, epochs: int, lr: float) -> None:
-    """A one-line error for fine-tuning settings that cannot train."""
-    if epochs < 1 or lr <= 0:
-        raise ConfigError(f"{name} needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
 
 
 def fine_tune(context: DefenseContext, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
@@ -38,14 +32,15 @@ def fine_tune(context: DefenseContext, model: nn.Module, x: torch.Tensor, y: tor
     return context.fit(model, x, y, config, purpose, loss_fn=loss_fn)
 
 
+@DEFENSES.register("ft")
 class FineTuning(Defense):
     """Fine-tune the whole deployed model on the clean budget (the standard repair baseline)."""
 
     kind = DefenseKind.MODEL_REPAIR
-    citation = "Liu, Dolan-Gavitt, Garg. Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks. RAID 2018 (fine-tuning baseline)."
+    citation = ("Liu, Dolan-Gavitt, Garg. Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks. "
+                "RAID 2018 (fine-tuning baseline).")
 
-    def __init__(self, epochs: int = 10, lr: float = 0.01, batch_size: int = 32) -> None:
-        check_fine_tuning("ft", epochs, lr)
+    def __init__(self, epochs: PositiveInt = 10, lr: PositiveFloat = 0.01, batch_size: PositiveInt = 32) -> None:
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
 
     def run(self, context: DefenseContext) -> DefenseOutcome:

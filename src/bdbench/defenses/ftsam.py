@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.ft import check_fine_tuning, fine_tune
-from bdbench.errors import ConfigError
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.ft import fine_tune
+from bdbench.params import BatchSize, BelowOne, NonNegativeFloat, PositiveFloat, PositiveInt
 from bdbench.training import LossFn
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,6 +78,7 @@ def sharpness_aware_loss(rho: float, adaptive: bool, criterion: Criterion) -> Lo
     return loss_fn
 
 
+@DEFENSES.register("ftsam")
 class SharpnessAwareFineTuning(Defense):
     """FT-SAM (Zhu et al. 2023): fine-tune on the clean budget with adaptive sharpness-aware minimisation."""
 
@@ -85,13 +86,9 @@ class SharpnessAwareFineTuning(Defense):
     citation = ("Zhu, Wei, Shen, Fan, Wu. Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware "
                 "Minimization. ICCV 2023.")
 
-    def __init__(self, rho: float = 2.0, adaptive: bool = True, label_smoothing: float = 0.1, epochs: int = 20,
-                 lr: float = 0.01, batch_size: int = 32, weight_decay: float = 5e-4) -> None:
-        check_fine_tuning("ftsam", epochs, lr)
-        if rho < 0 or not 0 <= label_smoothing < 1 or batch_size < 2 or weight_decay < 0:
-            raise ConfigError(f"ftsam needs rho >= 0, label_smoothing in [0, 1), batch_size >= 2 and weight_decay "
-                              f">= 0, got rho={rho}, label_smoothing={label_smoothing}, batch_size={batch_size}, "
-                              f"weight_decay={weight_decay}")
+    def __init__(self, rho: NonNegativeFloat = 2.0, adaptive: bool = True, label_smoothing: BelowOne = 0.1,
+                 epochs: PositiveInt = 20, lr: PositiveFloat = 0.01, batch_size: BatchSize = 32,
+                 weight_decay: NonNegativeFloat = 5e-4) -> None:
         self.rho, self.adaptive, self.label_smoothing = rho, adaptive, label_smoothing
         self.epochs, self.lr, self.batch_size, self.weight_decay = epochs, lr, batch_size, weight_decay
 

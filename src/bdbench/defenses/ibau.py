@@ -41,10 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import twice_differentiable
-from bdbench.defenses.scoring import check_rate
-from bdbench.errors import ConfigError
+from bdbench.params import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval, UpToOne
 from bdbench.progress import steps
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,7 @@ def fixed_point_hypergradient(outer_loss: Callable[[torch.Tensor], torch.Tensor]
             for p, g, c in zip(params, outer_params, cross)]
 
 
+@DEFENSES.register("ibau")
 class ImplicitBackdoorAdversarialUnlearning(Defense):
     """I-BAU (Zeng et al. 2022): minimax unlearning of a universal perturbation with implicit hypergradients."""
 
@@ -87,24 +87,15 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
     citation = ("Zeng, Chen, Park, Mao, Jin, Jia. Adversarial Unlearning of Backdoors via Implicit Hypergradient. "
                 "ICLR 2022.")
 
-    def __init__(self, rounds: int = 5, fixed_point_iterations: int = 5, lr: float = 0.001, batch_size: int = 100,
-                 perturbation_lr: float = 10.0, inner_lr: float = 0.1, regularisation: float = 0.001,
-                 radius: float = 10.0, perturbed_fraction: float = 1.0, max_accuracy_drop: float = 0.1,
-                 backoffs: int = 4) -> None:
-        if min(rounds, fixed_point_iterations, batch_size) < 1 or min(lr, perturbation_lr, inner_lr, radius) <= 0:
-            raise ConfigError("ibau needs rounds, fixed_point_iterations and batch_size >= 1 and lr, perturbation_lr, "
-                              f"inner_lr and radius > 0, got rounds={rounds}, "
-                              f"fixed_point_iterations={fixed_point_iterations}, batch_size={batch_size}, lr={lr}, "
-                              f"perturbation_lr={perturbation_lr}, inner_lr={inner_lr}, radius={radius}")
-        if regularisation < 0 or not 0 <= max_accuracy_drop <= 1 or backoffs < 0:
-            raise ConfigError("ibau needs regularisation >= 0, max_accuracy_drop in [0, 1] and backoffs >= 0, got "
-                              f"regularisation={regularisation}, max_accuracy_drop={max_accuracy_drop}, "
-                              f"backoffs={backoffs}")
+    def __init__(self, rounds: PositiveInt = 5, fixed_point_iterations: PositiveInt = 5, lr: PositiveFloat = 0.001,
+                 batch_size: PositiveInt = 100, perturbation_lr: PositiveFloat = 10.0, inner_lr: PositiveFloat = 0.1,
+                 regularisation: NonNegativeFloat = 0.001, radius: PositiveFloat = 10.0,
+                 perturbed_fraction: UpToOne = 1.0, max_accuracy_drop: UnitInterval = 0.1,
+                 backoffs: NonNegativeInt = 4) -> None:
         self.max_accuracy_drop, self.backoffs = max_accuracy_drop, backoffs
         self.rounds, self.fixed_point_iterations, self.lr, self.batch_size = rounds, fixed_point_iterations, lr, batch_size
         self.perturbation_lr, self.inner_lr, self.regularisation, self.radius = perturbation_lr, inner_lr, regularisation, radius
-        self.perturbed_fraction = 1.0 if perturbed_fraction == 1.0 else check_rate("ibau perturbed_fraction",
-                                                                                  perturbed_fraction)
+        self.perturbed_fraction = float(perturbed_fraction)
 
     def _inner_loss(self, model: nn.Module, delta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """What the perturbation maximises, written as a loss to minimise: -CE plus the L2 penalty."""

@@ -31,9 +31,9 @@ from scipy import stats
 from torch import nn
 
 from bdbench import progress
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.scoring import check_rate
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.errors import ConfigError
+from bdbench.params import BelowOne, OpenRate, PositiveFloat, PositiveInt
 
 
 def _margins(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -95,6 +95,7 @@ def max_statistic_p_value(statistics: np.ndarray) -> float:
         float(np.exp(np.log(len(statistics)) + log_sf))
 
 
+@DEFENSES.register("mmbd")
 class MaxMarginDetection(Defense):
     """MM-BD (Wang et al. 2024): flag a class whose reachable classification margin is an outlier."""
 
@@ -102,13 +103,10 @@ class MaxMarginDetection(Defense):
     citation = ("Wang, Xiang, Miller, Kesidis. MM-BD: Post-Training Detection of Backdoor Attacks with Arbitrary "
                 "Backdoor Pattern Types Using a Maximum Margin Statistic. IEEE S&P 2024.")
 
-    def __init__(self, restarts: int = 30, steps: int = 300, lr: float = 0.01, momentum: float = 0.2,
-                 significance: float = 0.05) -> None:
-        if restarts < 1 or steps < 1 or lr <= 0 or not 0 <= momentum < 1:
-            raise ConfigError(f"mmbd needs restarts >= 1, steps >= 1, lr > 0 and momentum in [0, 1), got "
-                              f"restarts={restarts}, steps={steps}, lr={lr}, momentum={momentum}")
+    def __init__(self, restarts: PositiveInt = 30, steps: PositiveInt = 300, lr: PositiveFloat = 0.01,
+                 momentum: BelowOne = 0.2, significance: OpenRate = 0.05) -> None:
         self.restarts, self.steps, self.lr, self.momentum = restarts, steps, lr, momentum
-        self.significance = check_rate("mmbd significance", significance)
+        self.significance = float(significance)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         if context.num_classes < 3:

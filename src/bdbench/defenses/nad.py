@@ -37,14 +37,16 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import capture_outputs, stage_outputs
 from bdbench.errors import ConfigError
+from bdbench.params import BatchSize, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval
 from bdbench.training import LossFn
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ def distillation_loss(teacher: nn.Module, layers: list[str], betas: list[float],
     return loss_fn
 
 
+@DEFENSES.register("nad")
 class NeuralAttentionDistillation(Defense):
     """NAD (Li et al. 2021): distil a fine-tuned teacher's attention maps into the backdoored model."""
 
@@ -83,20 +86,15 @@ class NeuralAttentionDistillation(Defense):
     citation = ("Li, Lyu, Koren, Lyu, Li, Ma. Neural Attention Distillation: Erasing Backdoor Triggers "
                 "from Deep Neural Networks. ICLR 2021.")
 
-    def __init__(self, teacher_epochs: int = 10, epochs: int = 20, lr: float = 0.01, batch_size: int = 64,
-                 weight_decay: float = 1e-4, beta: float | list[float] = (0.0, 0.0, 5000.0), power: float = 2.0,
-                 layers: int = 3, max_accuracy_drop: float = 0.1, backoffs: int = 4) -> None:
-        if min(teacher_epochs, epochs, layers) < 1 or lr <= 0 or batch_size < 2:
-            raise ConfigError("nad needs teacher_epochs, epochs and layers >= 1, lr > 0 and batch_size >= 2, got "
-                              f"teacher_epochs={teacher_epochs}, epochs={epochs}, layers={layers}, lr={lr}, "
-                              f"batch_size={batch_size}")
+    def __init__(self, teacher_epochs: PositiveInt = 10, epochs: PositiveInt = 20, lr: PositiveFloat = 0.01,
+                 batch_size: BatchSize = 64, weight_decay: float = 1e-4,
+                 beta: NonNegativeFloat | Sequence[NonNegativeFloat] = (0.0, 0.0, 5000.0),
+                 power: PositiveFloat = 2.0, layers: PositiveInt = 3, max_accuracy_drop: UnitInterval = 0.1,
+                 backoffs: NonNegativeInt = 4) -> None:
         betas = [float(b) for b in beta] if isinstance(beta, (list, tuple)) else [float(beta)] * layers
-        if len(betas) != layers or min(betas) < 0 or power <= 0:
-            raise ConfigError(f"nad needs beta >= 0 (one value, or one per layer: {layers}) and power > 0, got "
-                              f"beta={beta}, power={power}")
-        if not 0 <= max_accuracy_drop <= 1 or backoffs < 0:
-            raise ConfigError(f"nad needs max_accuracy_drop in [0, 1] and backoffs >= 0, got "
-                              f"max_accuracy_drop={max_accuracy_drop}, backoffs={backoffs}")
+        if len(betas) != layers:  # the one check that relates two parameters
+            raise ConfigError(f"defense 'nad' parameter 'beta' is {beta!r}: give one value, or one per layer "
+                              f"({layers})")
         self.max_accuracy_drop, self.backoffs = max_accuracy_drop, backoffs
         self.teacher_epochs, self.epochs, self.lr, self.batch_size = teacher_epochs, epochs, lr, batch_size
         self.weight_decay, self.betas, self.power, self.layers = weight_decay, betas, power, layers

@@ -37,15 +37,17 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.ft import check_fine_tuning, fine_tune
-from bdbench.defenses.scoring import anomaly_index, check_rate, median
-from bdbench.errors import ConfigError
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.ft import fine_tune
+from bdbench.defenses.scoring import anomaly_index, median
+from bdbench.params import OpenRate, PositiveFloat, PositiveInt
 from bdbench.progress import steps
 
 
@@ -198,6 +200,7 @@ def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
     return anomaly_index(norms).abs()
 
 
+@DEFENSES.register("nc")
 class NeuralCleanse(Defense):
     """Neural Cleanse (Wang et al. 2019): reverse-engineer a minimal trigger per label, flag small outliers, unlearn them."""
 
@@ -205,18 +208,14 @@ class NeuralCleanse(Defense):
     citation = ("Wang, Yao, Shan, Li, Viswanath, Zheng, Zhao. Neural Cleanse: Identifying and Mitigating Backdoor "
                 "Attacks in Neural Networks. IEEE S&P 2019.")
 
-    def __init__(self, epochs: int = 40, batch_size: int = 32, lr: float = 0.1, init_cost: float = 1e-3,
-                 success_threshold: float = 0.99, patience: int = 5, cost_multiplier: float = 2.0,
-                 early_stop_patience: int = 25, anomaly_threshold: float = 2.0, unlearning_fraction: float = 0.2,
-                 unlearning_epochs: int = 10, unlearning_lr: float = 0.01, unlearning_batch_size: int = 32) -> None:
-        if epochs < 1 or batch_size < 1 or patience < 1 or early_stop_patience < 1:
-            raise ConfigError("nc needs epochs, batch_size, patience and early_stop_patience of at least 1")
-        if lr <= 0 or init_cost <= 0 or cost_multiplier <= 1:
-            raise ConfigError(f"nc needs lr > 0, init_cost > 0 and cost_multiplier > 1, got lr={lr}, "
-                              f"init_cost={init_cost}, cost_multiplier={cost_multiplier}")
-        self.success_threshold = check_rate("nc success_threshold", success_threshold)
-        self.unlearning_fraction = check_rate("nc unlearning_fraction", unlearning_fraction)
-        check_fine_tuning("nc unlearning", unlearning_epochs, unlearning_lr)
+    def __init__(self, epochs: PositiveInt = 40, batch_size: PositiveInt = 32, lr: PositiveFloat = 0.1,
+                 init_cost: PositiveFloat = 1e-3, success_threshold: OpenRate = 0.99, patience: PositiveInt = 5,
+                 cost_multiplier: Annotated[float, Field(gt=1)] = 2.0, early_stop_patience: PositiveInt = 25,
+                 anomaly_threshold: float = 2.0, unlearning_fraction: OpenRate = 0.2,
+                 unlearning_epochs: PositiveInt = 10, unlearning_lr: PositiveFloat = 0.01,
+                 unlearning_batch_size: int = 32) -> None:
+        self.success_threshold = float(success_threshold)
+        self.unlearning_fraction = float(unlearning_fraction)
         self.epochs, self.batch_size, self.lr, self.init_cost = epochs, batch_size, lr, init_cost
         self.patience, self.cost_multiplier, self.early_stop_patience = patience, cost_multiplier, early_stop_patience
         self.anomaly_threshold = anomaly_threshold

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 
 
+@DEFENSES.register("none")
 class NoDefense(Defense):
     """No defense: measures the deployed model as it is (the reference for DER)."""
 
     kind = DefenseKind.NONE
+    reference = True
     needs_internals = False  # touches nothing
 
     def run(self, context: DefenseContext) -> DefenseOutcome:

@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.defenses.adversarial import linf_pgd, log_one_minus_softmax
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.ft import fine_tune
 from bdbench.defenses.layers import capture_outputs, stage_outputs
-from bdbench.errors import ConfigError
+from bdbench.params import BatchSize, NonNegativeFloat, PositiveFloat, PositiveInt, UpToOne
 from bdbench.training import LossFn
 
 
@@ -105,6 +105,7 @@ def strongest_other_class(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return logits.scatter(1, labels.view(-1, 1), float("-inf")).argmax(1)
 
 
+@DEFENSES.register("npd")
 class NeuralPolarizer(Defense):
     """NPD (Zhu et al. 2023): train one inserted linear layer to filter trigger features out, the model frozen."""
 
@@ -112,18 +113,10 @@ class NeuralPolarizer(Defense):
     citation = ("Zhu, Wei, Zha, Wu. Neural Polarizer: A Lightweight and Effective Backdoor Defense via Purifying "
                 "Poisoned Features. NeurIPS 2023.")
 
-    def __init__(self, epochs: int = 50, lr: float = 0.01, batch_size: int = 128, weight_decay: float = 5e-4,
-                 eps: float = 0.2, steps: int = 10, step_fraction: float = 2.2, clean_weight: float = 1.0,
-                 bce_weight: float = 0.4, asr_weight: float = 0.4) -> None:
-        if epochs < 1 or lr <= 0 or batch_size < 2 or weight_decay < 0:
-            raise ConfigError(f"npd needs epochs >= 1, lr > 0, batch_size >= 2 and weight_decay >= 0, got "
-                              f"epochs={epochs}, lr={lr}, batch_size={batch_size}, weight_decay={weight_decay}")
-        if not 0 < eps <= 1 or steps < 1 or step_fraction <= 0:
-            raise ConfigError(f"npd needs eps in (0, 1], steps >= 1 and step_fraction > 0, got eps={eps}, "
-                              f"steps={steps}, step_fraction={step_fraction}")
-        if min(clean_weight, bce_weight, asr_weight) < 0:
-            raise ConfigError(f"npd needs loss weights >= 0, got clean_weight={clean_weight}, "
-                              f"bce_weight={bce_weight}, asr_weight={asr_weight}")
+    def __init__(self, epochs: PositiveInt = 50, lr: PositiveFloat = 0.01, batch_size: BatchSize = 128,
+                 weight_decay: NonNegativeFloat = 5e-4, eps: UpToOne = 0.2, steps: PositiveInt = 10,
+                 step_fraction: PositiveFloat = 2.2, clean_weight: NonNegativeFloat = 1.0,
+                 bce_weight: NonNegativeFloat = 0.4, asr_weight: NonNegativeFloat = 0.4) -> None:
         self.epochs, self.lr, self.batch_size, self.weight_decay = epochs, lr, batch_size, weight_decay
         self.eps, self.steps, self.step_fraction = eps, steps, step_fraction
         self.clean_weight, self.bce_weight, self.asr_weight = clean_weight, bce_weight, asr_weight

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.defenses.adversarial import linf_pgd
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.ft import fine_tune
-from bdbench.errors import ConfigError
+from bdbench.params import BatchSize, NonNegativeInt, PositiveFloat, PositiveInt, UpToOne
 from bdbench.training import LossFn
 
 
@@ -50,6 +50,7 @@ def adversarial_cross_entropy(eps: float, step_size: float, steps: int) -> LossF
     return loss_fn
 
 
+@DEFENSES.register("pbe")
 class ProgressiveBackdoorErasing(Defense):
     """PBE with a clean budget (Mu et al. 2023): fine-tune on the model's adversarial examples, then on clean data."""
 
@@ -57,15 +58,9 @@ class ProgressiveBackdoorErasing(Defense):
     citation = ("Mu, Niu, Wang, Wang, Miao, Jin, Hua. Progressive Backdoor Erasing via connecting Backdoor and "
                 "Adversarial Attacks. CVPR 2023.")
 
-    def __init__(self, rounds: int = 1, adversarial_epochs: int = 3, epochs: int = 17, lr: float = 0.001,
-                 batch_size: int = 128, eps: float = 6 / 255, steps: int = 7, step_fraction: float = 0.2) -> None:
-        if min(rounds, adversarial_epochs) < 1 or epochs < 0 or lr <= 0 or batch_size < 2:
-            raise ConfigError(f"pbe needs rounds and adversarial_epochs >= 1, epochs >= 0, lr > 0 and batch_size >= 2, "
-                              f"got rounds={rounds}, adversarial_epochs={adversarial_epochs}, epochs={epochs}, "
-                              f"lr={lr}, batch_size={batch_size}")
-        if not 0 < eps <= 1 or steps < 1 or step_fraction <= 0:
-            raise ConfigError(f"pbe needs eps in (0, 1], steps >= 1 and step_fraction > 0, got eps={eps}, "
-                              f"steps={steps}, step_fraction={step_fraction}")
+    def __init__(self, rounds: PositiveInt = 1, adversarial_epochs: PositiveInt = 3, epochs: NonNegativeInt = 17,
+                 lr: PositiveFloat = 0.001, batch_size: BatchSize = 128, eps: UpToOne = 6 / 255,
+                 steps: PositiveInt = 7, step_fraction: PositiveFloat = 0.2) -> None:
         self.rounds, self.adversarial_epochs, self.epochs, self.lr = rounds, adversarial_epochs, epochs, lr
         self.batch_size, self.eps, self.steps, self.step_fraction = batch_size, eps, steps, step_fraction
 

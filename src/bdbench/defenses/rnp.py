@@ -50,9 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.defenses.anp import NeuronPerturbation, prune_by_mask
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.scoring import check_rate
-from bdbench.errors import ConfigError
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.params import BatchSize, NonNegativeFloat, OpenRate, PositiveFloat, PositiveInt, UnitInterval, UpToOne
 from bdbench.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -74,6 +73,7 @@ class _MaskedNetwork(nn.Module):
         return self.neurons(x, perturbed=False)
 
 
+@DEFENSES.register("rnp")
 class ReconstructiveNeuronPruning(Defense):
     """RNP (Li et al. 2023): unlearn on clean data, learn neuron masks that recover it, prune the unrecovered."""
 
@@ -81,24 +81,13 @@ class ReconstructiveNeuronPruning(Defense):
     citation = ("Li, Lyu, Ma, Koren, Lyu, Li, Jiang. Reconstructive Neuron Pruning for Backdoor Defense. "
                 "ICML 2023.")
 
-    def __init__(self, unlearning_lr: float = 0.01, unlearning_epochs: int = 20, clean_threshold: float = 0.2,
-                 recovering_lr: float = 0.2, recovering_epochs: int = 20, alpha: float = 0.2, batch_size: int = 128,
-                 weight_decay: float = 5e-4, threshold: float = 0.2, max_accuracy_drop: float = 0.05,
-                 selection_steps: int = 20, fraction: float | None = None) -> None:
-        if min(unlearning_lr, recovering_lr, alpha) <= 0 or min(unlearning_epochs, recovering_epochs) < 1:
-            raise ConfigError("rnp needs unlearning_lr, recovering_lr and alpha > 0 and unlearning_epochs, "
-                              f"recovering_epochs >= 1, got unlearning_lr={unlearning_lr}, "
-                              f"recovering_lr={recovering_lr}, alpha={alpha}, unlearning_epochs={unlearning_epochs}, "
-                              f"recovering_epochs={recovering_epochs}")
-        if not 0 <= clean_threshold <= 1 or batch_size < 2 or weight_decay < 0:
-            raise ConfigError(f"rnp needs clean_threshold in [0, 1], batch_size >= 2 and weight_decay >= 0, got "
-                              f"clean_threshold={clean_threshold}, batch_size={batch_size}, "
-                              f"weight_decay={weight_decay}")
-        if not 0 < threshold <= 1 or not 0 <= max_accuracy_drop <= 1 or selection_steps < 1:
-            raise ConfigError(f"rnp needs threshold in (0, 1], max_accuracy_drop in [0, 1] and selection_steps >= 1, "
-                              f"got threshold={threshold}, max_accuracy_drop={max_accuracy_drop}, "
-                              f"selection_steps={selection_steps}")
-        self.fraction = None if fraction is None else check_rate("rnp fraction", fraction)
+    def __init__(self, unlearning_lr: PositiveFloat = 0.01, unlearning_epochs: PositiveInt = 20,
+                 clean_threshold: UnitInterval = 0.2, recovering_lr: PositiveFloat = 0.2,
+                 recovering_epochs: PositiveInt = 20, alpha: PositiveFloat = 0.2, batch_size: BatchSize = 128,
+                 weight_decay: NonNegativeFloat = 5e-4, threshold: UpToOne = 0.2,
+                 max_accuracy_drop: UnitInterval = 0.05,
+                 selection_steps: PositiveInt = 20, fraction: OpenRate | None = None) -> None:
+        self.fraction = None if fraction is None else float(fraction)
         self.batch_size, self.threshold = batch_size, threshold
         self.max_accuracy_drop, self.selection_steps = max_accuracy_drop, selection_steps
         self.unlearning_lr, self.unlearning_epochs = unlearning_lr, unlearning_epochs
@@ -123,7 +112,7 @@ class ReconstructiveNeuronPruning(Defense):
 
             def ascent(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 logits = net(x)
-                hits.append((logits.detach().argmax(1) == y).float())
+                hits.append((logits.detach().argmax(1) == y).float())  # noqa: B023 - called within this epoch only
                 return -F.cross_entropy(logits, y)
 
             lr = self.unlearning_lr * (0.1 if epoch >= _LR_DROP_EPOCH else 1.0)

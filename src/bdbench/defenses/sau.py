@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.defenses.adversarial import linf_pgd, log_one_minus_softmax
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.errors import ConfigError
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.params import NonNegativeFloat, PositiveFloat, PositiveInt
 
 
 def jensen_shannon(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,7 @@ def unlearning_loss(model: nn.Module, reference: nn.Module, x: torch.Tensor, per
             + unlearn_weight * unlearn)
 
 
+@DEFENSES.register("sau")
 class SharedAdversarialUnlearning(Defense):
     """SAU (Wei et al. 2023): unlearn the adversarial examples the repaired model shares with the deployed one."""
 
@@ -100,17 +101,11 @@ class SharedAdversarialUnlearning(Defense):
     citation = ("Wei, Zhang, Zha, Wu. Shared Adversarial Unlearning: Backdoor Mitigation by Unlearning "
                 "Shared Adversarial Examples. NeurIPS 2023.")
 
-    def __init__(self, epochs: int = 100, lr: float = 1e-4, batch_size: int = 256, eps: float = 0.2,
-                 step_size: float = 0.2, pgd_steps: int = 5, beta_adversarial: float = 0.01, beta_share: float = 1.0,
-                 clean_weight: float = 1.0, adversarial_weight: float = 0.0, unlearn_weight: float = 1.0) -> None:
-        if min(epochs, pgd_steps, batch_size) < 1 or min(lr, eps, step_size) <= 0:
-            raise ConfigError("sau needs epochs, pgd_steps and batch_size >= 1 and lr, eps and step_size > 0, got "
-                              f"epochs={epochs}, pgd_steps={pgd_steps}, batch_size={batch_size}, lr={lr}, eps={eps}, "
-                              f"step_size={step_size}")
-        if min(beta_adversarial, beta_share, clean_weight, adversarial_weight, unlearn_weight) < 0:
-            raise ConfigError("sau needs beta_adversarial, beta_share, clean_weight, adversarial_weight and "
-                              f"unlearn_weight >= 0, got {beta_adversarial}, {beta_share}, {clean_weight}, "
-                              f"{adversarial_weight}, {unlearn_weight}")
+    def __init__(self, epochs: PositiveInt = 100, lr: PositiveFloat = 1e-4, batch_size: PositiveInt = 256,
+                 eps: PositiveFloat = 0.2, step_size: PositiveFloat = 0.2, pgd_steps: PositiveInt = 5,
+                 beta_adversarial: NonNegativeFloat = 0.01, beta_share: NonNegativeFloat = 1.0,
+                 clean_weight: NonNegativeFloat = 1.0, adversarial_weight: NonNegativeFloat = 0.0,
+                 unlearn_weight: NonNegativeFloat = 1.0) -> None:
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.eps, self.step_size, self.pgd_steps = eps, step_size, pgd_steps
         self.betas = (beta_adversarial, beta_share)

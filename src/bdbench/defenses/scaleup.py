@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.scoring import ThresholdDetector, check_rate, clean_threshold
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.scoring import ThresholdDetector, clean_threshold
+from bdbench.params import OpenRate
 from bdbench.training import predict
 
 _FACTORS = (3, 5, 7, 9, 11)
@@ -31,6 +32,7 @@ def scaled_consistency(model: torch.nn.Module, x: torch.Tensor, factors: tuple[i
     return same / len(factors), base
 
 
+@DEFENSES.register("scaleup")
 class ScaleUp(Defense):
     """SCALE-UP (Guo et al. 2023): flag inputs whose prediction survives pixel-value amplification."""
 
@@ -39,8 +41,8 @@ class ScaleUp(Defense):
     citation = ("Guo, Li, Chen, Wang, Ma, Xia. SCALE-UP: An Efficient Black-box Input-level Backdoor Detection "
                 "via Analyzing Scaled Prediction Consistency. ICLR 2023.")
 
-    def __init__(self, false_rejection: float = 0.05) -> None:
-        self.false_rejection = check_rate("scaleup false_rejection", false_rejection)
+    def __init__(self, false_rejection: OpenRate = 0.05) -> None:
+        self.false_rejection = float(false_rejection)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         model = context.model

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import read_activations
 from bdbench.defenses.scoring import anomaly_index
 
@@ -100,6 +100,7 @@ def untangling_statistic(x: torch.Tensor, groups: torch.Tensor, s_mu: torch.Tens
     return float(gain.mean())
 
 
+@DEFENSES.register("scan")
 class SCAn(Defense):
     """SCAn (Tang et al. 2021): global variation model on clean data, per-class two-identity untangling test."""
 

@@ -8,16 +8,6 @@ from typing import Callable
 
 import torch
 
-from bdbench.errors import ConfigError
-
-
-def check_rate(name: str, value: float, low: float = 0.0, high: float = 1.0) -> float:
-    """A rate parameter in (low, high), or a one-line error naming it."""
-    if not low < value < high:
-        raise ConfigError(f"{name} must be in ({low}, {high}), not {value}")
-    return float(value)
-
-
 # 1 / Phi^-1(3/4) = 1.4826: scales the median absolute deviation to estimate a normal standard deviation.
 MAD_CONSISTENCY = 1.0 / NormalDist().inv_cdf(0.75)
 

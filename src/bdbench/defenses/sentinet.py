@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import grad_cam
-from bdbench.defenses.scoring import ThresholdDetector, check_rate, clean_threshold
+from bdbench.defenses.scoring import ThresholdDetector, clean_threshold
+from bdbench.params import OpenRate, PositiveInt
 from bdbench.training import predict
 
 
@@ -45,6 +46,7 @@ def fooled_rate(model: torch.nn.Module, x: torch.Tensor, carriers: torch.Tensor,
     return torch.cat(rates)
 
 
+@DEFENSES.register("sentinet")
 class SentiNet(Defense):
     """SentiNet (Chou et al. 2020): flag inputs whose Grad-CAM region hijacks clean images it is pasted on."""
 
@@ -52,10 +54,11 @@ class SentiNet(Defense):
     citation = ("Chou, Tramer, Pellegrino. SentiNet: Detecting Localized Universal Attacks Against Deep Learning "
                 "Systems. IEEE S&P Workshops 2020.")
 
-    def __init__(self, carriers: int = 100, region_fraction: float = 0.15, false_rejection: float = 0.05) -> None:
+    def __init__(self, carriers: PositiveInt = 100, region_fraction: OpenRate = 0.15,
+                 false_rejection: OpenRate = 0.05) -> None:
         self.carriers = carriers
-        self.region_fraction = check_rate("sentinet region_fraction", region_fraction)
-        self.false_rejection = check_rate("sentinet false_rejection", false_rejection)
+        self.region_fraction = float(region_fraction)
+        self.false_rejection = float(false_rejection)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         model, budget = context.model, context.clean_x

@@ -25,9 +25,10 @@ import warnings
 import numpy as np
 import torch
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import read_activations
-from bdbench.defenses.scoring import check_rate, remove_per_class, top_k_flags
+from bdbench.defenses.scoring import remove_per_class, top_k_flags
+from bdbench.params import OpenRate
 
 _DIMENSIONS = (2, 4, 8, 16, 32)
 
@@ -74,14 +75,15 @@ def spectre_class(features: torch.Tensor, budget: int, seed: int) -> torch.Tenso
     return best_scores
 
 
+@DEFENSES.register("spectre")
 class Spectre(Defense):
     """SPECTRE (Hayase et al. 2021): robust whitening and QUE scores per class, remove the top outliers."""
 
     kind = DefenseKind.DATA_DETECTION
     citation = "Hayase, Kong, Somani, Oh. SPECTRE: Defending Against Backdoor Attacks Using Robust Statistics. ICML 2021."
 
-    def __init__(self, poison_fraction: float = 0.1) -> None:
-        self.poison_fraction = check_rate("spectre poison_fraction", poison_fraction)
+    def __init__(self, poison_fraction: OpenRate = 0.1) -> None:
+        self.poison_fraction = float(poison_fraction)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         features = read_activations(context.model, context.train_x, "penultimate")

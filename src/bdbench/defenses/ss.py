@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import read_activations
-from bdbench.defenses.scoring import check_rate, remove_per_class
+from bdbench.defenses.scoring import remove_per_class
+from bdbench.params import OpenRate
 
 
 def spectral_scores(features: torch.Tensor) -> torch.Tensor:
@@ -31,14 +32,15 @@ def spectral_scores(features: torch.Tensor) -> torch.Tensor:
     return (centred @ vh[0]).pow(2)
 
 
+@DEFENSES.register("ss")
 class SpectralSignatures(Defense):
     """Spectral Signatures (Tran et al. 2018): remove the top outliers along each class's top singular direction."""
 
     kind = DefenseKind.DATA_DETECTION
     citation = "Tran, Li, Madry. Spectral Signatures in Backdoor Attacks. NeurIPS 2018."
 
-    def __init__(self, poison_fraction: float = 0.1) -> None:
-        self.poison_fraction = check_rate("ss poison_fraction", poison_fraction)
+    def __init__(self, poison_fraction: OpenRate = 0.1) -> None:
+        self.poison_fraction = float(poison_fraction)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         features = read_activations(context.model, context.train_x, "penultimate")

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.scoring import ThresholdDetector, check_rate, clean_threshold
-from bdbench.errors import ConfigError
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.scoring import ThresholdDetector, clean_threshold
+from bdbench.params import OpenRate, PositiveInt
 from bdbench.training import predict_logits
 
 
@@ -32,6 +32,7 @@ def superimposed_entropy(model: torch.nn.Module, x: torch.Tensor, overlays: torc
     return torch.cat(entropies)
 
 
+@DEFENSES.register("strip")
 class Strip(Defense):
     """STRIP (Gao et al. 2019): flag inputs whose predictions stay confident under superimposed clean images."""
 
@@ -39,11 +40,9 @@ class Strip(Defense):
     needs_internals = False  # only queries predictions
     citation = "Gao et al. STRIP: A Defence Against Trojan Attacks on Deep Neural Networks. ACSAC 2019."
 
-    def __init__(self, overlays: int = 100, false_rejection: float = 0.01) -> None:
-        if overlays < 1:
-            raise ConfigError(f"strip overlays must be at least 1, not {overlays}")
+    def __init__(self, overlays: PositiveInt = 100, false_rejection: OpenRate = 0.01) -> None:
         self.overlays = overlays
-        self.false_rejection = check_rate("strip false_rejection", false_rejection)
+        self.false_rejection = float(false_rejection)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         model, budget = context.model, context.clean_x

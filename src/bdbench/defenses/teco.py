@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.scoring import ThresholdDetector, check_rate, clean_threshold
+from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.scoring import ThresholdDetector, clean_threshold
+from bdbench.params import OpenRate
 from bdbench.training import predict
 
 Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
@@ -81,6 +82,7 @@ def transition_deviation(model: torch.nn.Module, x: torch.Tensor, generator: tor
     return torch.stack(transitions, 1).std(1)
 
 
+@DEFENSES.register("teco")
 class TeCo(Defense):
     """TeCo (Liu et al. 2023): flag inputs whose robustness differs widely across corruption types."""
 
@@ -89,8 +91,8 @@ class TeCo(Defense):
     citation = ("Liu et al. Detecting Backdoors During the Inference Stage Based on Corruption Robustness "
                 "Consistency. CVPR 2023.")
 
-    def __init__(self, false_rejection: float = 0.05) -> None:
-        self.false_rejection = check_rate("teco false_rejection", false_rejection)
+    def __init__(self, false_rejection: OpenRate = 0.05) -> None:
+        self.false_rejection = float(false_rejection)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         model, generator = context.model, context.generator("teco")

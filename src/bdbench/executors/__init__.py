@@ -8,7 +8,7 @@ All of them run a victim's experiments after the victim is trained (`base.py`), 
 is trained once per output folder, whichever executor and however many workers.
 """
 
-from bdbench.executors.base import EXECUTORS, Executor, Resources
 from bdbench.executors import local, process, ray_cluster  # noqa: F401  (they register themselves)
+from bdbench.executors.base import EXECUTORS, Executor, Resources
 
 __all__ = ["EXECUTORS", "Executor", "Resources"]

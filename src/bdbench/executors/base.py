@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generator, Hashable, Iterable, Sequence, TypeVar
 
 from bdbench.errors import ConfigError
 from bdbench.experiment import base_row
@@ -50,7 +50,8 @@ class Resources:
         return self.threads or max(1, available_cpus() // self.workers)
 
 
-Executor = Callable[[Sequence[ExperimentSpec], Path, Resources], Iterator[dict]]
+# A generator, so that `closing()` can stop its workers at once on an interrupt.
+Executor = Callable[[Sequence[ExperimentSpec], Path, Resources], Generator[dict, None, None]]
 EXECUTORS: Registry[Executor] = Registry("executor")
 
 
@@ -67,7 +68,7 @@ H = TypeVar("H", bound=Hashable)
 
 def run_staged(specs: Sequence[ExperimentSpec], submit: Callable[[ExperimentSpec, Any], H],
                finished: Callable[[list[H]], list[H]], collect: Callable[[H], tuple[dict, Any]],
-               max_in_flight: int) -> Iterator[dict]:
+               max_in_flight: int) -> Generator[dict, None, None]:
     """Run specs through an asynchronous backend in victim stages, yielding rows as they finish.
 
     `submit(spec, shared)` starts one experiment and returns a handle; `shared` is what the
@@ -91,6 +92,6 @@ def run_staged(specs: Sequence[ExperimentSpec], submit: Callable[[ExperimentSpec
 def lost_row(spec: ExperimentSpec, message: str) -> dict[str, Any]:
     """The error row of an experiment whose worker died before it could report."""
     row = base_row(spec)
-    row.update(status="error", error=message,
-               finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    return row
+    row.status, row.error = "error", message
+    row.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return row.as_dict()

@@ -4,7 +4,7 @@ experiments adjacent, so each victim is trained once and then loaded from the ca
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Generator, Sequence
 
 import torch
 
@@ -16,7 +16,7 @@ from bdbench.store import ArtifactCache
 
 
 @EXECUTORS.register("local")
-def run_local(specs: Sequence[ExperimentSpec], out: Path, resources: Resources) -> Iterator[dict]:
+def run_local(specs: Sequence[ExperimentSpec], out: Path, resources: Resources) -> Generator[dict, None, None]:
     """In this process, one experiment after another."""
     if resources.workers != 1:
         raise ConfigError(f"the local executor runs one experiment at a time; for --workers {resources.workers} "

@@ -22,7 +22,7 @@ import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Generator, Sequence
 
 import torch
 
@@ -103,7 +103,7 @@ class _Pool:
 
 
 @EXECUTORS.register("process")
-def run_process(specs: Sequence[ExperimentSpec], out: Path, resources: Resources) -> Iterator[dict]:
+def run_process(specs: Sequence[ExperimentSpec], out: Path, resources: Resources) -> Generator[dict, None, None]:
     """N worker processes on this machine; a victim's experiments start after it is trained."""
     pool = _Pool(out, resources)
     interrupted = True

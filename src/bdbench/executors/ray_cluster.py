@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Sequence
 
 import torch
 
@@ -57,10 +57,9 @@ def stored_artifacts(cache: ArtifactCache, spec: ExperimentSpec) -> Artifacts:
             wanted.append(("attacks", key))
     found: Artifacts = {}
     for kind, key in wanted:
-        tensors = cache.load_tensors(kind, key)
-        info = cache.load_info(kind, key)
-        if tensors is not None and info is not None:
-            found[(kind, key)] = (tensors, info)
+        tensors, stored = cache.load_tensors(kind, key), cache.load_info(kind, key)
+        if tensors is not None and stored is not None:
+            found[(kind, key)] = (tensors, stored)
     return found
 
 
@@ -81,7 +80,7 @@ def _connect(ray: Any, resources: Resources) -> bool:
 
 
 @EXECUTORS.register("ray")
-def run_ray(specs: Sequence[ExperimentSpec], out: Path, resources: Resources) -> Iterator[dict]:
+def run_ray(specs: Sequence[ExperimentSpec], out: Path, resources: Resources) -> Generator[dict, None, None]:
     """Ray tasks on a cluster (or a local one); a victim's experiments start after it is trained."""
     try:
         import ray

@@ -57,7 +57,15 @@ def with_normalization(net: nn.Module, mean: tuple[float, ...], std: tuple[float
 
 # Importing the family modules registers their models.
 from bdbench.models import (  # noqa: E402,F401
-    cnn, convnext, densenet, efficientnet, mobilenet, preact_resnet, resnet, vgg, vit,
+    cnn,
+    convnext,
+    densenet,
+    efficientnet,
+    mobilenet,
+    preact_resnet,
+    resnet,
+    vgg,
+    vit,
 )
 from bdbench.models.weights import load_model  # noqa: E402
 

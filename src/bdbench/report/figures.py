@@ -9,9 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # never open a window or need a display, also on headless CI
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies; markers double the encoding.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]

@@ -14,12 +14,11 @@ import pandas as pd
 from bdbench.errors import BdbenchError
 from bdbench.report import figures, stats
 from bdbench.report.assets import CSS, ERROR_TRAP, TABLE_SCRIPT
+from bdbench.schema import REPORT_COLUMNS
 
-# Columns of the every-experiment table, in reading order; long JSON columns (spec) stay in the database.
-EXPERIMENT_COLUMNS = ["dataset", "model", "attack", "poison_rate", "target_label", "defense", "defense_kind",
-                      "precision", "seed", "status", "clean_acc", "asr", "robust_acc", "der", "clean_acc_before",
-                      "asr_before", "detected", "anomaly_index", "det_tpr", "det_fpr", "det_auroc", "defense_s",
-                      "peak_rss_mb", "wall_s", "experiment_id"]
+# Columns of the every-experiment table, in reading order (from the result schema; the long identifier last);
+# long JSON columns (spec) stay in the database.
+EXPERIMENT_COLUMNS = [c for c in REPORT_COLUMNS if c != "experiment_id"] + ["experiment_id"]
 SECTIONS = [("leaderboard", "Leaderboard"), ("heatmaps", "ASR and CA drop"), ("detection", "Detection"),
             ("precision", "Precision"), ("cost", "Cost"), ("experiments", "All experiments"),
             ("failures", "Errors and not applicable")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -23,14 +24,24 @@ def by_variant(rows: pd.DataFrame) -> pd.DataFrame:
     rows = with_variants(rows)
     rows["attack_name"], rows["defense_name"] = rows["attack"], rows["defense"]
     attack = rows["attack_variant"].where(rows["attack_variant"].notna(), rows["attack"])
-    targets = rows.loc[rows["attack_name"] != "none", "target_label"].dropna().unique() \
+    targets = rows.loc[~_is_reference(rows["attack_name"], "attack"), "target_label"].dropna().unique() \
         if "target_label" in rows else []
     if len(targets) > 1:
         suffix = rows["target_label"].map(lambda t: "" if pd.isna(t) else f" [target {int(t)}]")
-        attack = attack.where(rows["attack_name"] == "none", attack + suffix)
+        attack = attack.where(_is_reference(rows["attack_name"], "attack"), attack + suffix)
     rows["attack"] = attack
     rows["defense"] = rows["defense_variant"].where(rows["defense_variant"].notna(), rows["defense"])
     return rows
+
+
+def _is_reference(names: pd.Series, kind: str) -> pd.Series:
+    """Which rows name the reference entry of their kind (no attack, no defense), by the registry's `reference`
+    attribute, not by the name."""
+    from bdbench.attacks import ATTACKS
+    from bdbench.defenses import DEFENSES
+
+    registry = ATTACKS if kind == "attack" else DEFENSES
+    return names.map(lambda name: isinstance(name, str) and registry.is_reference(name)).astype(bool)
 
 
 def _attack_names(rows: pd.DataFrame) -> pd.Series:
@@ -46,7 +57,7 @@ def varies(rows: pd.DataFrame, column: str) -> bool:
     return column in rows and rows[column].nunique(dropna=True) > 1
 
 
-def precision_order(values: "pd.Series | list") -> list[str]:
+def precision_order(values: pd.Series | list) -> list[str]:
     """The distinct precisions in their natural order: the registry's (fp32, then fewer bits), unknown ones last."""
     from bdbench.precision import PRECISIONS
 
@@ -69,7 +80,7 @@ def changes_model(rows: pd.DataFrame) -> bool:
     did (an input detector, a detector without a repair, no defense) has DER 0.5 by construction: DER does not
     rate it, its detection numbers do."""
     kinds = rows["defense_kind"] if "defense_kind" in rows else pd.Series(dtype=object)
-    if len(rows) == 0 or (_defense_names(rows) == "none").all() or (kinds == "input_detection").all():
+    if len(rows) == 0 or _is_reference(_defense_names(rows), "defense").all() or (kinds == "input_detection").all():
         return False
     changed = pd.Series(False, index=rows.index)
     for after, before in (("clean_acc", "clean_acc_before"), ("asr", "asr_before")):
@@ -85,12 +96,12 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 def attacked(rows: pd.DataFrame) -> pd.DataFrame:
     """Backdoored cells: DER and ASR only mean something where there is a backdoor."""
-    return rows[_attack_names(rows) != "none"]
+    return rows[~_is_reference(_attack_names(rows), "attack")]
 
 
 def benign(rows: pd.DataFrame) -> pd.DataFrame:
     """Clean-model cells: any flag raised there is a false positive."""
-    return rows[_attack_names(rows) == "none"]
+    return rows[_is_reference(_attack_names(rows), "attack")]
 
 
 def numeric(values: pd.Series) -> pd.Series:
@@ -153,7 +164,7 @@ def leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
             "benign_fp": benign_flag_rate(group),
             "defense_s": _mean(group["defense_s"]),
             "ranked": changes_model(group),
-            "is_none": bool((_defense_names(group) == "none").all()),
+            "is_none": bool(_is_reference(_defense_names(group), "defense").all()),
         })
     table = pd.DataFrame(lines, columns=keys + ["n", "der_mean", "der_low", "der_high", "ca_drop", "asr_after",
                                                 "benign_fp", "defense_s", "ranked", "is_none"])
@@ -234,7 +245,7 @@ def failures(rows: pd.DataFrame) -> pd.DataFrame:
     return bad[columns].sort_values(["status", "defense", "attack"]).reset_index(drop=True)
 
 
-def finite(value: object) -> bool:
+def finite(value: object) -> TypeGuard[int | float | np.floating | np.integer]:
     """True for a real number that is not NaN (None, strings and NaN are not)."""
     return isinstance(value, (int, float, np.floating, np.integer)) and not (isinstance(value, float) and math.isnan(value)) \
         and not (isinstance(value, np.floating) and np.isnan(value))
