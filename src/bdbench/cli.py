@@ -1,4 +1,5 @@
-"""The command line: `bdbench run`, `bdbench results`, `bdbench report`, `bdbench triggers`, `bdbench list`."""
+"""The command line: `bdbench run`, `bdbench results`, `bdbench report`, `bdbench triggers`, `bdbench scan`,
+`bdbench list`."""
 
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ class _OneLineErrors(click.Group):
 def main() -> None:
     """Evaluate backdoor attacks and defenses for image classifiers."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+_PLUGIN_OPTION = click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+                              help="Import a plugin module first, as a grid's `plugins:` does (repeatable); "
+                                   "installed plugins (entry points) need no option.")
 
 
 @main.command()
@@ -155,12 +161,68 @@ def triggers(config: str | None, attacks: tuple[str, ...], output: str, dataset:
     click.echo(output)
 
 
+
+@main.command()
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--model", "model", required=True, metavar="NAME", help="The registered architecture (bdbench list models).")
+@click.option("--model-param", "model_params", multiple=True, metavar="KEY=VALUE",
+              help="An architecture parameter, e.g. --model-param width=0.25 (repeatable).")
+@click.option("--data", required=True, metavar="SPEC",
+              help="The defender's clean data: a data set name or mapping, e.g. mnist5k or "
+                   "'{name: npz, path: clean.npz}' or '{name: imagefolder, root: imgs, size: 32}'.")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
+              help="The split of --data the clean images are drawn from.")
+@click.option("--per-class", type=int, default=None,
+              help="Clean images drawn per class, stratified  [default: 20, unless --fraction]")
+@click.option("--fraction", type=float, default=None, help="Or this share of each class of the split.")
+@click.option("--detectors", default=None, metavar="LIST",
+              help="Comma-separated detectors, or a YAML list with parameters: '[nc, {name: mmbd, steps: 100}]'  "
+                   "[default: every model-detection defense]")
+@click.option("--mean", default=None, metavar="M1,M2,..", help="The model's input normalisation, where the file has none.")
+@click.option("--std", default=None, metavar="S1,S2,..", help="(with --mean)")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the clean draw and the detectors.")
+@click.option("-o", "--output", default="scan-report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="HTML page to write; the pictures go to a folder beside it (<name>-pictures/).")
+@_PLUGIN_OPTION
+def scan(weights: str, model: str, model_params: tuple[str, ...], data: str, split: str, per_class: int | None,
+         fraction: float | None, detectors: str | None, mean: str | None, std: str | None, seed: int, output: str,
+         plugins: tuple[str, ...]) -> None:
+    """Audit a model's weights for a backdoor: exit 0 nothing flagged, 1 flagged, 2 error."""
+    from bdbench.plugins import import_modules
+    from bdbench.scan import parse_channels, parse_model_params
+    from bdbench.scan import scan as run_scan
+    from bdbench.triggers import parse_component
+
+    try:
+        import_modules(plugins)
+        report = run_scan(weights, model, parse_component(data, "--data"),
+                          model_params=parse_model_params(model_params), detectors=detectors, split=split,
+                          per_class=per_class, fraction=fraction, seed=seed, mean=parse_channels(mean, "--mean"),
+                          std=parse_channels(std, "--std"), output=output)
+    except BdbenchError:
+        raise
+    except Exception as exc:  # exit 1 means "flagged": a crash must not read as a finding
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"error: {type(exc).__name__}: {first} (a bug in bdbench or a plugin; nothing was scanned)",
+                   err=True)
+        sys.exit(EXIT_USER_ERROR)
+    for line in report.lines():
+        click.echo(line)
+    click.echo(f"report: {report.page}")
+    sys.exit(report.exit_code)
+
+
 @main.command(name="list")
 @click.argument("what", type=click.Choice(["configs", "datasets", "models", "attacks", "defenses", "server-defenses",
                                            "precisions"]))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def list_(what: str, fmt: str) -> None:
-    """List built-in grids or registered datasets, models, attacks, defenses, federated server defenses, precisions."""
+@_PLUGIN_OPTION
+def list_(what: str, fmt: str, plugins: tuple[str, ...]) -> None:
+    """List built-in grids or registered datasets, models, attacks, defenses, federated server defenses,
+    precisions (with a plugin's source)."""
+    from bdbench.plugins import import_modules
+
+    import_modules(plugins)
     entries = _catalogue(what)
     if fmt == "json":
         click.echo(json.dumps(entries, indent=2))
@@ -168,7 +230,8 @@ def list_(what: str, fmt: str) -> None:
     width = max(len(e["name"]) for e in entries)
     for entry in entries:
         extra = f"[{entry['kind']}] " if "kind" in entry else ""
-        click.echo(f"{entry['name']:<{width}}  {extra}{entry['description']}")
+        source = f" (plugin: {entry['source']})" if entry.get("source", "bdbench") != "bdbench" else ""
+        click.echo(f"{entry['name']:<{width}}  {extra}{entry['description']}{source}")
 
 
 def _catalogue(what: str) -> list[dict]:
@@ -191,7 +254,8 @@ def _catalogue(what: str) -> list[dict]:
         from bdbench.precision import PRECISIONS as registry
     entries = []
     for entry in registry:
-        item: dict[str, Any] = {"name": entry.name, "description": entry.description}
+        item: dict[str, Any] = {"name": entry.name, "description": entry.description,
+                                 "source": entry.source}
         if hasattr(entry.obj, "citation"):
             item["citation"] = entry.obj.citation
         if hasattr(entry.obj, "kind"):

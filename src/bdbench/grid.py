@@ -24,6 +24,7 @@ from bdbench.defenses import DEFENSES
 from bdbench.errors import ConfigError
 from bdbench.federated import SERVER_DEFENSES, FederatedConfig
 from bdbench.models import MODELS
+from bdbench.plugins import import_modules
 from bdbench.precision import PRECISIONS
 from bdbench.training import TrainConfig
 
@@ -135,6 +136,22 @@ class GridSpec(BaseModel):
     seeds: list[int] = Field([0], min_length=1)
     clean_budget: CleanBudget = CleanBudget()
     federated: FederatedGrid | None = None
+    # Modules to import before the names are checked, in the driver and in every worker (bdbench.plugins).
+    plugins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("plugins") is not None:
+            modules = data["plugins"]
+            if isinstance(modules, str):
+                modules = [modules]
+            if not isinstance(modules, list):
+                raise ConfigError(f"grid spec plugins: {modules!r} is not a list of module names; write "
+                                  "plugins: [my_pkg.my_defense]")
+            import_modules(modules)
+            data = {**data, "plugins": modules}
+        return data
 
     @field_validator("poison_rates")
     @classmethod
@@ -189,6 +206,9 @@ class ExperimentSpec(BaseModel):
     clean_budget: CleanBudget
     precision_order: PrecisionOrder = "quantize_then_defend"
     federated: FederatedSpec | None = None
+    # The grid's plugin modules, which a worker imports before it runs the experiment; not part of any hash
+    # or dump (the component names are), so naming a plugin module reruns nothing.
+    plugins: tuple[str, ...] = Field((), exclude=True)
 
     def _fields(self, include: set[str] | None = None) -> dict[str, Any]:
         """The fields that the hashes cover. Fields added later are left out at their defaults, so
@@ -269,7 +289,7 @@ def expand(grid: GridSpec) -> list[ExperimentSpec]:
             spec = ExperimentSpec(dataset=grid.dataset, model=grid.model, training=grid.training,
                                   attack=attack, poison_rate=rate, target_label=grid.target_label,
                                   defense=defense, precision=precision, seed=seed,
-                                  clean_budget=grid.clean_budget,
+                                  clean_budget=grid.clean_budget, plugins=tuple(grid.plugins),
                                   # At fp32 both orders are the same experiment.
                                   precision_order="quantize_then_defend" if precision == "fp32"
                                   else grid.precision_order, federated=federated)

@@ -28,6 +28,7 @@ class Entry(Generic[T]):
     name: str
     obj: T
     description: str
+    source: str = "bdbench"  # where it came from: bdbench, a plugin distribution `NAME VERSION`, or `module M`
 
 
 def _first_doc_line(obj: object) -> str:
@@ -41,25 +42,43 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self._plugins_read = False
 
-    def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
+    def register(self, name: str, description: str | None = None, source: str | None = None) -> Callable[[T], T]:
         """A decorator that registers a class or factory under `name`. A class also validates its constructor's
-        parameters against their annotations on every construction."""
+        parameters against their annotations on every construction. `source` says where it comes from (default:
+        the plugin being loaded, else bdbench or `module M`); a name already held is a one-line error."""
         def decorate(obj: T) -> T:
+            from bdbench.plugins import source_of
+
+            origin = source or source_of(obj)
             if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+                held = self._entries[name]
+                if held.obj is obj:  # the same object again (a plugin module's decorator and its entry point)
+                    return obj
+                built_in = "bdbench's built-in" if held.source == "bdbench" else f"the one from {held.source}"
+                raise ConfigError(f"{self.kind} {name!r} from {origin} clashes with {built_in} {self.kind} {name!r}; "
+                                  f"register it under another name")
             if inspect.isclass(obj):
                 _validate_construction(obj, self.kind, name)
-            self._entries[name] = Entry(name, obj, description or _first_doc_line(obj))
+            self._entries[name] = Entry(name, obj, description or _first_doc_line(obj), origin)
             return obj
 
         return decorate
+
+    def discover_plugins(self) -> None:
+        """Register the installed plugins of this kind (entry points), once per process; every lookup calls it."""
+        if not self._plugins_read:
+            self._plugins_read = True
+            from bdbench.plugins import load_entry_points
+
+            load_entry_points(self)
 
     def is_reference(self, name: str) -> bool:
         """Whether `name` is a reference entry (no attack, no defense: `reference = True` on its class), which
         rows compare against rather than rate; False for a name not registered here (a plugin's rows read back
         without the plugin)."""
-        return name in self._entries and bool(getattr(self._entries[name].obj, "reference", False))
+        return name in self and bool(getattr(self._entries[name].obj, "reference", False))
 
     def unregister(self, name: str) -> None:
         """Remove an entry (plugins and tests that register temporary ones)."""
@@ -70,6 +89,7 @@ class Registry(Generic[T]):
         return self.entry(name).obj
 
     def entry(self, name: str) -> Entry[T]:
+        self.discover_plugins()
         try:
             return self._entries[name]
         except KeyError:
@@ -106,7 +126,7 @@ class Registry(Generic[T]):
     def non_default(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """The parameters of `params` that differ from the factory's defaults (all of them for a name that is
         not registered here, e.g. a plugin's rows read back without the plugin)."""
-        if name not in self._entries:
+        if name not in self:
             return dict(params)
         defaults = {p.name: p.default for p in inspect.signature(cast(Callable[..., Any], self.get(name))).parameters.values()
                     if p.default is not p.empty}
@@ -120,16 +140,20 @@ class Registry(Generic[T]):
         return variant_name(name, self.non_default(name, params or {}))
 
     def __contains__(self, name: object) -> bool:
+        self.discover_plugins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[Entry[T]]:
+        self.discover_plugins()
         return iter(sorted(self._entries.values(), key=lambda e: e.name))
 
     def names(self) -> list[str]:
+        self.discover_plugins()
         return sorted(self._entries)
 
     def registered(self) -> list[str]:
         """The names in the order they were registered (for precisions: fp32 first, then fewer bits)."""
+        self.discover_plugins()
         return list(self._entries)
 
 

@@ -107,6 +107,9 @@ class DefenseOutcome:
     - `input_detector`: a run-time filter, which the runner applies to clean and triggered test images.
     - `threshold`: the score above which a detector flags (set on the defender's own data), where it
       has one threshold; reported as `det_threshold`.
+    - `class_statistics`: the per-class statistic behind a model-level verdict (Neural Cleanse's mask norms,
+      MM-BD's maximum margins), and `pictures`: images for a person to look at (each label's reversed
+      trigger), name -> (C, H, W) in [0, 1]. Neither is scored; `bdbench scan` shows them.
     """
 
     model: nn.Module | None = None
@@ -117,6 +120,8 @@ class DefenseOutcome:
     flagged: torch.Tensor | None = None
     input_detector: InputDetector | None = None
     threshold: float | None = None
+    class_statistics: torch.Tensor | None = None
+    pictures: dict[str, torch.Tensor] | None = None
 
 
 class Defense(ABC):
@@ -134,6 +139,10 @@ class Defense(ABC):
     def run(self, context: DefenseContext) -> DefenseOutcome:
         """Defend using only what `context` holds."""
 
+    def detect(self, context: DefenseContext) -> DefenseOutcome:
+        """The model-level verdict alone, for an audit (`bdbench scan`): a detector that also repairs skips the
+        repair here. Defaults to `run`."""
+        return self.run(context)
 
 # Every defense registers itself with `@DEFENSES.register("name")` on its class; `bdbench.defenses` imports them all.
 DEFENSES: Registry[type[Defense]] = Registry("defense")

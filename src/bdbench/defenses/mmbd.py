@@ -120,4 +120,5 @@ class MaxMarginDetection(Defense):
         detected = p_value < self.significance
         return DefenseOutcome(detected=detected, anomaly_index=-math.log10(max(p_value, 1e-300)),
                               suspected_targets=(int(statistics.argmax()),) if detected else (),
-                              threshold=-math.log10(self.significance))
+                              threshold=-math.log10(self.significance),
+                              class_statistics=torch.from_numpy(statistics.copy()))

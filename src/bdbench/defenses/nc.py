@@ -223,6 +223,16 @@ class NeuralCleanse(Defense):
         self.unlearning_batch_size = unlearning_batch_size
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
+        outcome, triggers = self._inspect(context)
+        if outcome.suspected_targets:
+            outcome.model = self.unlearn(context, triggers, torch.tensor(outcome.suspected_targets))
+        return outcome
+
+    def detect(self, context: DefenseContext) -> DefenseOutcome:
+        """Reverse-engineer and flag, without the unlearning repair."""
+        return self._inspect(context)[0]
+
+    def _inspect(self, context: DefenseContext) -> tuple[DefenseOutcome, ReversedTriggers]:
         triggers = reverse_engineer_triggers(
             context.model, context.clean_x, context.num_classes, context.generator("nc_reverse"),
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, init_cost=self.init_cost,
@@ -231,12 +241,14 @@ class NeuralCleanse(Defense):
         index = anomaly_indices(triggers.norms)
         below = triggers.norms < median(triggers.norms)
         flagged = torch.nonzero(below & (index > self.anomaly_threshold)).flatten()
+        # Each label's reversed trigger as it is stamped: the pattern where the mask is, black elsewhere.
+        pictures = {f"label {label}": (triggers.masks[label] * triggers.patterns[label]).clamp(0, 1)
+                    for label in range(context.num_classes)}
         outcome = DefenseOutcome(detected=bool(len(flagged)),
                                  anomaly_index=float(index[below].max()) if below.any() else 0.0,
-                                 suspected_targets=tuple(int(t) for t in flagged), threshold=self.anomaly_threshold)
-        if len(flagged):
-            outcome.model = self.unlearn(context, triggers, flagged)
-        return outcome
+                                 suspected_targets=tuple(int(t) for t in flagged), threshold=self.anomaly_threshold,
+                                 class_statistics=triggers.norms.clone(), pictures=pictures)
+        return outcome, triggers
 
     def unlearn(self, context: DefenseContext, triggers: ReversedTriggers, flagged: torch.Tensor) -> nn.Module:
         """Fine-tune a copy of the model on the budget plus stamped copies (true labels) of part of it."""

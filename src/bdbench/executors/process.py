@@ -2,9 +2,10 @@
 
 Workers are started with `spawn`, not `fork`: a forked child of a process that has already run
 parallel torch code hangs in its first parallel region (libgomp keeps the parent's dead thread
-pool). The price is that each worker imports bdbench afresh, so attacks or defenses registered
-at run time in the driver (not by importing a module) are unknown to the workers, and a Python
-script that calls `run_grid(..., executor="process")` needs the usual `if __name__ == "__main__":`
+pool). The price is that each worker imports bdbench afresh: installed plugins (entry points) and
+the grid's `plugins:` modules are loaded there again, but attacks or defenses registered at run
+time in the driver (not by importing a module) are unknown to the workers, and a Python script
+that calls `run_grid(..., executor="process")` needs the usual `if __name__ == "__main__":`
 guard (spawned workers import the script).
 
 Each worker dies with the driver (Linux PR_SET_PDEATHSIG), so a driver killed with -9 leaves no
@@ -28,6 +29,7 @@ import torch
 from bdbench.executors.base import EXECUTORS, Resources, lost_row, run_staged
 from bdbench.experiment import run_experiment
 from bdbench.grid import ExperimentSpec
+from bdbench.plugins import import_modules
 from bdbench.store import ArtifactCache
 
 _WORKER: dict = {}
@@ -50,6 +52,8 @@ def _start_worker(parent: int, out: str, threads: int) -> None:
 
 
 def _run_in_worker(spec: ExperimentSpec) -> dict:
+    # Installed plugins register themselves on the first lookup; the grid's plugin modules are imported here.
+    import_modules(spec.plugins, where="in a process worker")
     return run_experiment(spec, _WORKER["cache"], log_dir=_WORKER["log_dir"])
 
 

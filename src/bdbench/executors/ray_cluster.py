@@ -7,7 +7,9 @@ which alone writes the results database. Workers need not see the output folder:
 stage runs through Ray's object store. A group's lead receives the artifacts the driver already
 holds for it (its victim, the attack's learned triggers), and returns what it trained; the
 driver stores that under OUT/cache and sends it on to the lead's followers. Every node needs
-bdbench installed (same version) in the Python environment Ray runs.
+bdbench installed (same version) in the Python environment Ray runs, and with it the plugins the
+grid uses: installed plugins register themselves there, and each task imports the grid's
+`plugins:` modules before it runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bdbench.errors import ConfigError
 from bdbench.executors.base import EXECUTORS, Resources, lost_row, run_staged
 from bdbench.experiment import run_experiment
 from bdbench.grid import ExperimentSpec
+from bdbench.plugins import import_modules
 from bdbench.seeding import derive_seed
 from bdbench.store import ArtifactCache, MemoryCache
 
@@ -32,6 +35,7 @@ def _ray_task(spec: ExperimentSpec, artifacts: Artifacts, threads: int) -> tuple
     """One experiment inside a Ray worker: its row, the artifacts it made, and its traceback if it failed."""
     import ray
 
+    import_modules(spec.plugins, where="in a Ray worker")
     torch.set_num_threads(threads)
     device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
     cache = MemoryCache(artifacts)
