@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _RESULT = "DEFENSE-COST-ROW "
@@ -48,13 +49,39 @@ def _worker(spec_json: str, cache_root: str, threads: int) -> None:
     """Run one experiment in this process and print its row (plus this process's peaks) as JSON."""
     import torch
 
-    from bdbench.experiment import run_experiment
+    from bdbench import experiment
     from bdbench.grid import ExperimentSpec
     from bdbench.store import ArtifactCache
 
     torch.set_num_threads(threads)
+    # CPU seconds beside the runner's wall seconds: the same blocks, timed by this process's CPU clock,
+    # which other processes sharing the core do not inflate.
+    defense_cpu: list[float] = []
+
+    class measure_cpu(experiment.measure):
+        def __enter__(self):
+            self._cpu_start = time.process_time()
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            defense_cpu.append(time.process_time() - self._cpu_start)
+
+    victim_cpu: list[float] = []
+    get_victim = experiment.get_victim
+
+    def get_victim_cpu(*args, **kwargs):
+        start = time.process_time()
+        victim = get_victim(*args, **kwargs)
+        if not victim.cached:
+            victim_cpu.append(time.process_time() - start)
+        return victim
+
+    experiment.measure, experiment.get_victim = measure_cpu, get_victim_cpu
     spec = ExperimentSpec.model_validate_json(spec_json)
-    row = run_experiment(spec, ArtifactCache(cache_root))
+    row = experiment.run_experiment(spec, ArtifactCache(cache_root))
+    row["defense_cpu_s"] = sum(defense_cpu)
+    row["victim_train_cpu_s"] = victim_cpu[0] if victim_cpu else None
     row["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -64,27 +91,28 @@ def _worker(spec_json: str, cache_root: str, threads: int) -> None:
 def _run_in_subprocess(spec, cache_root: Path, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, __file__, "--worker", spec.model_dump_json(), "--cache", str(cache_root),
-                           "--threads", str(threads)], capture_output=True, text=True, env=env)
+                           "--threads", str(threads)], capture_output=True, text=True, env=env, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith(_RESULT):
             return json.loads(line[len(_RESULT):])
     raise RuntimeError(f"worker for {spec.describe()} failed:\n{proc.stderr[-3000:]}")
 
 
-def _victim_time(none_spec, out: Path, threads: int, cached_time: bool) -> tuple[float, str]:
-    """Seconds to train the victim, measured now (or read from the cache with `cached_time`)."""
+def _victim_time(none_spec, out: Path, threads: int, cached_time: bool) -> tuple[float, float | None, str]:
+    """Wall and CPU seconds to train the victim, measured now (or read from the cache with `cached_time`:
+    wall seconds only)."""
     from bdbench.store import ArtifactCache
 
     cache = ArtifactCache(out / "cache")
     info = cache.load_info("victims", none_spec.victim_key)
     if info is None:  # not cached: train it into OUT, timed
         row = _run_in_subprocess(none_spec, out / "cache", threads)
-        return row["victim_train_s"], "trained now"
+        return row["victim_train_s"], row["victim_train_cpu_s"], "trained now"
     if cached_time:
-        return info["train_s"], "stored with the cached victim"
+        return info["train_s"], None, "stored with the cached victim"
     with tempfile.TemporaryDirectory() as scratch:
         row = _run_in_subprocess(none_spec, Path(scratch), threads)
-    return row["victim_train_s"], "trained again now (the defenses use the cached one)"
+    return row["victim_train_s"], row["victim_train_cpu_s"], "trained again now (the defenses use the cached one)"
 
 
 def _fmt(value, spec: str = ".1f") -> str:
@@ -119,43 +147,55 @@ def main() -> None:
     victim_key = specs[0].victim_key
     specs = [s for s in specs if s.victim_key == victim_key]  # the first entry of that attack: one victim
     by_name = {s.defense_variant: s for s in specs}
-    wanted = args.defenses.split(",") if args.defenses else [n for n in by_name if n != "none"]
-    missing = [n for n in wanted if n not in by_name]
-    if missing:
-        sys.exit(f"not defenses of grid {grid.name}: {missing} (it has {sorted(by_name)})")
+    if args.defenses:  # a variant as rows name it (`ft(epochs=1)`), or a plain name for its first entry
+        named = {}
+        for spec in specs:
+            named.setdefault(spec.defense.name, spec.defense_variant)
+        asked = args.defenses.split(",")
+        missing = [n for n in asked if n not in by_name and n not in named]
+        if missing:
+            sys.exit(f"not defenses of grid {grid.name}: {missing} (it has {sorted(by_name)})")
+        wanted = [n if n in by_name else named[n] for n in asked]
+    else:
+        wanted = [n for n in by_name if n != "none"]
     none_spec = specs[0].model_copy(update={"defense": type(specs[0].defense)(name="none")})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    victim_s, how = _victim_time(none_spec, out, args.threads, args.cached_victim_time)
+    victim_s, victim_cpu, how = _victim_time(none_spec, out, args.threads, args.cached_victim_time)
     print(f"grid {grid.name}, {specs[0].describe().split(' / ')[0]}, seed {args.seed}, {args.threads} thread(s): "
-          f"victim training {victim_s:.1f}s ({how})", flush=True)
+          f"victim training {victim_s:.1f}s wall, {_fmt(victim_cpu)}s CPU ({how})", flush=True)
     baseline = _run_in_subprocess(none_spec, out / "cache", args.threads)
     rows = {"none": baseline}
-    header = (f"{'defense':<10}{'method_s':>9}{'retrain_s':>10}{'scoring_s':>10}{'defense_s':>10}{'/victim':>8}"
-              f"{'peak MB':>9}{'+MB':>7}{'maxrss MB':>10}  verdict")
+    width = max(10, *(len(n) + 2 for n in wanted))
+    header = (f"{'defense':<{width}}{'method_s':>9}{'retrain_s':>10}{'scoring_s':>10}{'defense_s':>10}{'/victim':>8}"
+              f"{'cpu_s':>8}{'/victim':>8}{'peak MB':>9}{'+MB':>7}{'maxrss MB':>10}  verdict")
     print(header + "\n" + "-" * len(header), flush=True)
     for name in wanted:
         row = _run_in_subprocess(by_name[name], out / "cache", args.threads)
         rows[name] = row
         if row["status"] != "ok":
-            print(f"{name:<10}{row['status']}: {row.get('error')}", flush=True)
+            print(f"{name:<{width}}{row['status']}: {row.get('error')}", flush=True)
             continue
         verdict = f"CA {row['clean_acc']:.3f}" + (f" ASR {row['asr']:.3f}" if row.get("asr") is not None else "")
         if row.get("detected") is not None:
             verdict += f" detected={row['detected']} targets={row.get('suspected_targets')}"
         if row.get("cuda_peak_mb") is not None:
             verdict += f" cuda peak {row['cuda_peak_mb']:.0f} MB"
-        print(f"{name:<10}{_fmt(row['defense_method_s'])}".ljust(19)
-              + f"{_fmt(row['defense_retrain_s']):>10}{_fmt(row['defense_scoring_s']):>10}{row['defense_s']:>10.1f}"
-              f"{row['defense_s'] / victim_s:>8.2f}{row['peak_rss_mb']:>9.0f}"
+        cpu_ratio = None if victim_cpu is None else row["defense_cpu_s"] / victim_cpu
+        print(f"{name:<{width}}{_fmt(row['defense_method_s']):>9}{_fmt(row['defense_retrain_s']):>10}"
+              f"{_fmt(row['defense_scoring_s']):>10}{row['defense_s']:>10.1f}{row['defense_s'] / victim_s:>8.2f}"
+              f"{row['defense_cpu_s']:>8.1f}{_fmt(cpu_ratio, '.2f'):>8}{row['peak_rss_mb']:>9.0f}"
               f"{row['peak_rss_mb'] - baseline['peak_rss_mb']:>7.0f}{row['maxrss_mb']:>10.0f}  {verdict}", flush=True)
-    ratios = [rows[n]["defense_s"] / victim_s for n in wanted if rows[n]["status"] == "ok"]
-    if ratios:
-        print(f"cost / victim training: median {statistics.median(ratios):.2f}, max {max(ratios):.2f} "
-              f"({len(ratios)} defenses; goal: median <= 0.25, none above 1.0)")
+    ok = [n for n in wanted if rows[n]["status"] == "ok"]
+    for label, ratios in (("wall", [rows[n]["defense_s"] / victim_s for n in ok]),
+                          ("CPU", [rows[n]["defense_cpu_s"] / victim_cpu for n in ok] if victim_cpu else [])):
+        if ratios:
+            print(f"cost / victim training ({label} time): median {statistics.median(ratios):.2f}, "
+                  f"max {max(ratios):.2f} ({len(ratios)} defenses; goal: median <= 0.25, none above 1.0)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"victim_train_s": victim_s, "victim_time": how, "rows": rows},
+        Path(args.json).write_text(json.dumps({"victim_train_s": victim_s, "victim_train_cpu_s": victim_cpu,
+                                               "victim_time": how, "rows": rows},
                                               indent=1, default=str))
 
 

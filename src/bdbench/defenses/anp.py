@@ -42,7 +42,7 @@ from bdbench.defenses.layers import norm_layers
 from bdbench.defenses.scoring import check_rate
 from bdbench.errors import ConfigError
 from bdbench.progress import steps
-from bdbench.training import augment_batch
+from bdbench.training import augment_batch, loop_precision
 
 
 class NeuronPerturbation:
@@ -113,8 +113,10 @@ class AdversarialNeuronPruning(Defense):
         self.fraction = None if fraction is None else check_rate("anp fraction", fraction)
 
     def optimise_masks(self, context: DefenseContext) -> NeuronPerturbation:
+        precision = loop_precision(context.train_config, context.device)
         model = copy.deepcopy(context.model).to(context.device).eval().requires_grad_(False)
         neurons = NeuronPerturbation(model)
+        model.to(memory_format=precision.memory_format)  # after the copy of the original, which keeps its layout
         if self.batch_statistics:
             for _, module in neurons.layers:
                 module.train()
@@ -126,19 +128,25 @@ class AdversarialNeuronPruning(Defense):
         for _ in steps("anp iteration", self.iterations):
             pick = torch.randint(len(y_all), (self.batch_size,), generator=generator).to(context.device)
             x = augment_batch(x_all[pick].float().div_(255.0), context.crop_padding, context.allow_hflip, generator)
+            x = x.contiguous(memory_format=precision.memory_format)
             y = y_all[pick]
             if self.eps > 0:
                 with torch.no_grad():
                     for noise in neurons.noise():  # drawn on the CPU: the generator is a CPU one
                         noise.copy_(torch.rand(noise.shape, generator=generator).mul_(2 * self.eps).sub_(self.eps))
                 for _ in range(self.pgd_steps):
-                    grads = torch.autograd.grad(F.cross_entropy(neurons(x, perturbed=True), y), neurons.noise())
+                    with precision.autocast():
+                        logits = neurons(x, perturbed=True)
+                    grads = torch.autograd.grad(F.cross_entropy(logits.float(), y), neurons.noise())
                     with torch.no_grad():
                         for noise, grad in zip(neurons.noise(), grads):
                             noise.add_(grad.sign(), alpha=self.eps / self.pgd_steps).clamp_(-self.eps, self.eps)
-            loss = self.alpha * F.cross_entropy(neurons(x, perturbed=False), y)
-            if self.eps > 0:
-                loss = loss + (1 - self.alpha) * F.cross_entropy(neurons(x, perturbed=True), y)
+            with precision.autocast():
+                natural = neurons(x, perturbed=False)
+                perturbed = neurons(x, perturbed=True) if self.eps > 0 else None
+            loss = self.alpha * F.cross_entropy(natural.float(), y)
+            if perturbed is not None:
+                loss = loss + (1 - self.alpha) * F.cross_entropy(perturbed.float(), y)
             mask_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             mask_optimizer.step()

@@ -34,23 +34,38 @@ from bdbench import progress
 from bdbench.defenses.base import Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.scoring import check_rate
 from bdbench.errors import ConfigError
+from bdbench.training import LoopPrecision, loop_precision
+from bdbench.training import images_per_pass as default_images_per_pass
 
 
-def _margins(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def _margins(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+             precision: LoopPrecision | None = None) -> torch.Tensor:
     """logit_k - max_{j != k} logit_j of images (labels, restarts, C, H, W), each row for its class k."""
-    logits = model(images.flatten(0, 1)).view(len(labels), images.shape[1], num_classes)
+    if precision is None:
+        logits = model(images.flatten(0, 1))
+    else:
+        with precision.autocast():
+            logits = model(images.flatten(0, 1).contiguous(memory_format=precision.memory_format))
+    logits = logits.float().view(len(labels), images.shape[1], num_classes)
     own = torch.nn.functional.one_hot(labels, num_classes).bool()[:, None, :]
     return logits.masked_fill(~own, -math.inf).amax(2) - logits.masked_fill(own, -math.inf).amax(2)
 
 
 def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int], generator: torch.Generator, *,
                 restarts: int = 30, steps: int = 300, lr: float = 0.01, momentum: float = 0.2,
-                tolerance: float = 1e-5, images_per_pass: int = 2048) -> torch.Tensor:
+                tolerance: float = 1e-5, images_per_pass: int | None = None,
+                precision: LoopPrecision | None = None) -> torch.Tensor:
     """The largest margin logit_k - max_{j != k} logit_j reached by gradient ascent on images in
     [0, 1], per class k (K,). All classes and restarts share each step; where that is more than
-    `images_per_pass` images, classes go through the model in groups (the same step, in bounded memory)."""
+    `images_per_pass` images (default: `training.images_per_pass` of the model's device, 128 on a CPU,
+    2,048 on a GPU), classes go through the model in groups (the same step, in bounded memory).
+    `precision` runs the model's passes as the trainer would (`training.loop_precision`); the images,
+    margins and SGD stay float32."""
     device = next(model.parameters()).device
+    images_per_pass = images_per_pass or default_images_per_pass(device)
     model.eval()
+    if precision is not None:
+        model.to(memory_format=precision.memory_format)
     images = torch.rand(num_classes, restarts, *shape, generator=generator).to(device).requires_grad_()
     optimizer = torch.optim.SGD([images], lr=lr, momentum=momentum)
     best = torch.full((num_classes,), -math.inf, dtype=torch.float64)
@@ -63,7 +78,7 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
         reached, total = torch.empty(len(labels), dtype=torch.float64), torch.empty(len(labels), dtype=torch.float64)
         for first in range(0, len(labels), group):
             chunk = labels[first:first + group].to(device)
-            margin = _margins(model, images[chunk], chunk, num_classes)
+            margin = _margins(model, images[chunk], chunk, num_classes, precision)
             images.grad += torch.autograd.grad(-margin.sum(), [images])[0]
             reached[first:first + group] = margin.detach().amax(1).double().cpu()
             total[first:first + group] = margin.detach().sum(1).double().cpu()
@@ -77,6 +92,7 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
         active[labels[converged]] = False
         if not active.any():
             break
+    model.to(memory_format=torch.contiguous_format)
     return best
 
 
@@ -117,7 +133,8 @@ class MaxMarginDetection(Defense):
         shape = (context.in_channels, context.image_size, context.image_size)
         statistics = max_margins(context.model, context.num_classes, shape, context.generator("mmbd"),
                                  restarts=self.restarts, steps=self.steps, lr=self.lr,
-                                 momentum=self.momentum).numpy()
+                                 momentum=self.momentum,
+                                 precision=loop_precision(context.train_config, context.device)).numpy()
         p_value = max_statistic_p_value(statistics)
         detected = p_value < self.significance
         return DefenseOutcome(detected=detected, anomaly_index=-math.log10(max(p_value, 1e-300)),
