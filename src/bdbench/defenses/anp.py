@@ -23,8 +23,16 @@ kept is the largest before the first step that brings the clean budget's accurac
 is both the masks' training data and this check's). `fraction` instead prunes that share of all
 neurons, lowest masks first, with no check.
 
-Cost: the paper runs 2000 iterations; the default here is 500, which on two CPU cores keeps a
-small model's defense to about a minute (each iteration is three forward and two backward passes).
+Cost: the paper runs 2000 iterations; the default here is 500. Each iteration is three forward and
+two backward passes of a 128-image batch with BatchNorm in training mode: 500 x 128 x 5 = 320,000
+image passes, against the 12 x 5,000 forward and backward passes that train a `model-defenses` victim
+(PreAct-ResNet18 width 0.25 on mnist5k), so there ANP costs about three times that small victim
+(390-460 s against about 120-150 s with one thread, issue 26): the mask optimisation of the paper
+(step one, its perturbation and mask steps) demands it, and a victim trained longer on more data
+shrinks the ratio (CIFAR-10 at 30 epochs: 1.5 M image passes). The passes run as the trainer trains the
+victim (`training.loop_precision`: bfloat16 autocast and channels-last on CUDA and where the grid sets
+`cpu_bfloat16`; masks, noise, losses and SGD stay float32); in float32 they are the same computation as
+before that was added.
 """
 
 from __future__ import annotations

@@ -18,6 +18,15 @@ p = 1 - F(max) ** K. `detected` when p < `significance` (0.05); `suspected_targe
 the largest statistic when detected, none otherwise; `anomaly_index` is -log10(p) (so the
 detection threshold is -log10 0.05 = 1.30, stored as `threshold`). Data-free: the clean budget is
 not used, and there is nothing to tune. Detection only: the model is not repaired.
+
+Cost (issue 26): the ascent is all of it, K x `restarts` images forward and input-gradient per step,
+10 x 30 x 300 = 90,000 passes when no class converges early, against the 60,000 forward and backward
+passes that train a `model-defenses` victim (12 epochs of 5,000 images): in float32 it costs about as
+much as that small victim (measured 1.2-1.4x with one thread), which the paper's 30 restarts and 300
+steps per class demand. The passes run as the trainer trains the victim (`training.loop_precision`:
+bfloat16 autocast and channels-last on CUDA and where the grid sets `cpu_bfloat16`; images, margins and
+SGD stay float32), with as many images a pass as suits the device (`training.images_per_pass`); class
+groups add up their gradients before the one step, so that changes the cost, not the ascent.
 """
 
 from __future__ import annotations

@@ -30,6 +30,20 @@ Cost versus the paper: the paper runs up to 1,000 epochs over its samples; `epoc
 40 over the clean budget (the cost schedule and early stop still apply within them), so that a
 10-class 28x28 cnn-small (width 16) is inverted in one to two minutes on one CPU core. Nothing
 here is tuned on test data: every setting is the paper's or fixed in advance.
+
+Where the time goes (issue 26; torch.profiler on PreAct-ResNet18 width 0.25, mnist5k, one thread):
+the inversion is all of it, and within it convolutions forward and backward are about 70%, eval-mode
+BatchNorm backward about 12%. Its work is fixed by the procedure: every label's trigger on every
+budget image each epoch, 40 x 250 x 10 = 100,000 forward and input-gradient passes on `model-defenses`'
+clean budget, against the victim's 12 x 5,000 = 60,000 forward, input- and weight-gradient passes, so
+in float32 Neural Cleanse costs about as much as training that small victim (measured 1.2-1.5x with one
+thread); it is the per-label inversion of the paper (step 1) that demands it, and a victim trained for
+longer on more data (the fidelity grids) shrinks the ratio. The passes run as the trainer trains the
+victim (`training.loop_precision`: bfloat16 autocast and channels-last on CUDA and where the grid sets
+`cpu_bfloat16`, float32 otherwise; masks, patterns, losses and Adam stay float32), and as many images go
+through the model at once as suits the device (`training.images_per_pass`: 128 on a CPU, 2,048 on a
+GPU); label groups add up their gradients before the one step, so the pass size changes the cost,
+never the optimisation (`test_label_groups_give_the_same_optimisation_as_one_batch`).
 """
 
 from __future__ import annotations
