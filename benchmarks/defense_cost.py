@@ -21,9 +21,16 @@ it is (a second run with the same `--out`), it is trained once more in a throwaw
 its time is measured in this run too (`--cached-victim-time` skips that and uses the time stored
 with the cached victim, marked as such). The defenses always use the victim in `OUT`.
 
-Measured on this machine (one core of a 2-core Xeon with AVX-512/AMX, `--threads 1`, mnist5k,
-PreAct-ResNet18 width 0.25, BadNets 10%, seed 0; see the table in the repository's git log for this
-file for the numbers before and after the defense changes of issue 26):
+Wall seconds are what a user waits; CPU seconds (this process's clock, summed over the same blocks)
+are what a shared core cannot inflate, and their ratio is the one to compare across runs on a busy
+machine. Both are printed.
+
+Not yet measured here in full: in the session that wrote this, the one core it could use was shared with
+up to ten other processes, so that a full table (a victim and 16 defenses, about 40 CPU-minutes) did not
+fit. Rows an earlier session stored on this machine (a 2-core Xeon with AVX-512 and AMX; one thread;
+mnist5k, PreAct-ResNet18 width 0.25, clean victims of seeds 0-2; the load on the core was not recorded)
+give victims 116-126 s, Neural Cleanse 151-178 s (1.27-1.49x) and MM-BD 149-176 s (1.21-1.48x); issue 26
+gives ANP 390-460 s against about 150 s. The command for the table:
 
     python benchmarks/defense_cost.py [--grid model-defenses] [--attack badnets] [--seed 0]
         [--defenses nc,mmbd,anp] [--out DIR] [--threads 1] [--set KEY=VALUE ...] [--json FILE]

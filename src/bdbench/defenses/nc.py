@@ -36,7 +36,7 @@ the inversion is all of it, and within it convolutions forward and backward are 
 BatchNorm backward about 12%. Its work is fixed by the procedure: every label's trigger on every
 budget image each epoch, 40 x 250 x 10 = 100,000 forward and input-gradient passes on `model-defenses`'
 clean budget, against the victim's 12 x 5,000 = 60,000 forward, input- and weight-gradient passes, so
-in float32 Neural Cleanse costs about as much as training that small victim (measured 1.2-1.5x with one
+in float32 Neural Cleanse costs about as much as training that small victim (1.27-1.49x in rows measured with one
 thread); it is the per-label inversion of the paper (step 1) that demands it, and a victim trained for
 longer on more data (the fidelity grids) shrinks the ratio. The passes run as the trainer trains the
 victim (`training.loop_precision`: bfloat16 autocast and channels-last on CUDA and where the grid sets
