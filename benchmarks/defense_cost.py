@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--attack", default="badnets", help="the victim's attack (a name among the grid's attacks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--defenses", default=None, help="comma-separated subset of the grid's defenses")
-    parser.add_argument("--out", default="bdbench-cost-out", help="output folder; its victim cache is reused")
+    parser.add_argument("--out", default="bdbench-out/defense-cost", help="output folder; its victim cache is reused")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each subprocess")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="grid override KEY=VALUE")
     parser.add_argument("--cached-victim-time", action="store_true",
