@@ -1,6 +1,7 @@
 """What makes the expensive defenses cheaper (issue 26) and the benchmark that measures it: defense loops
 take the trainer's numerics and a pass size chosen by device, and find the same thing that way."""
 
+import copy
 import json
 import os
 import subprocess
@@ -8,11 +9,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
-from bdbench.defenses import DEFENSES
+from bdbench.defenses import DEFENSES, DefenseContext
 from bdbench.defenses.anp import AdversarialNeuronPruning
+from bdbench.models import MODELS, create_model, with_normalization
 from bdbench.training import TrainConfig, images_per_pass, loop_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,3 +94,25 @@ def test_the_cost_benchmark_prints_each_defense_over_its_victims_training_time(t
     assert second.returncode == 0, second.stderr[-2000:]
     assert "trained again now" in second.stdout and json.loads((tmp_path / "cost.json").read_text())[
         "rows"][ft]["victim_cached"]
+
+
+@pytest.mark.parametrize("architecture", MODELS.names())
+def test_the_bfloat16_loops_run_on_every_architecture_and_leave_the_model_as_it_was(architecture, digits):
+    width = 8 if architecture == "cnn-small" else 0.125
+    torch.manual_seed(0)
+    model = with_normalization(create_model(architecture, 10, 1, 8, width=width), digits.mean, digits.std).eval()
+    context = DefenseContext(
+        model=model, clean_x=digits.x_train[:16], clean_y=digits.y_train[:16], num_classes=10, in_channels=1,
+        image_size=8, crop_padding=1, allow_hflip=False,
+        train_config=TrainConfig(epochs=1, batch_size=8, cpu_bfloat16=True), seed=0,
+        device=torch.device("cpu"), new_model=lambda: copy.deepcopy(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cheap = {"nc": {"epochs": 1, "unlearning_epochs": 1}, "mmbd": {"restarts": 2, "steps": 2},
+             "anp": {"iterations": 2, "batch_size": 8}}
+    for name, params in cheap.items():
+        outcome = DEFENSES.build(name, params).run(context)
+        if outcome.model is not None:
+            with torch.no_grad():
+                assert torch.isfinite(outcome.model.eval()(digits.x_test[:4].float() / 255)).all(), name
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), name
+        assert all(p.is_contiguous() for p in model.parameters()), name
