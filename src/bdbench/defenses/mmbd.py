@@ -22,8 +22,8 @@ not used, and there is nothing to tune. Detection only: the model is not repaire
 Cost (issue 26): the ascent is all of it, K x `restarts` images forward and input-gradient per step,
 10 x 30 x 300 = 90,000 passes when no class converges early, against the 60,000 forward and backward
 passes that train a `model-defenses` victim (12 epochs of 5,000 images): in float32 it costs about as
-much as that small victim (1.21-1.48x in rows measured with one thread), which the paper's 30 restarts and 300
-steps per class demand. The passes run as the trainer trains the victim (`training.loop_precision`:
+much as that small victim (1.21-1.48x in rows measured with one thread), which the paper's 30 restarts
+and 300 steps per class demand. The passes run as the trainer trains the victim (`training.loop_precision`:
 bfloat16 autocast and channels-last on CUDA and where the grid sets `cpu_bfloat16`; images, margins and
 SGD stay float32), with as many images a pass as suits the device (`training.images_per_pass`); class
 groups add up their gradients before the one step, so that changes the cost, not the ascent.
