@@ -45,7 +45,7 @@ through the model at once as suits the device (`training.images_per_pass`: 128 o
 GPU); label groups add up their gradients before the one step, so the pass size changes the cost,
 never the optimisation (`test_label_groups_give_the_same_optimisation_as_one_batch`; on the clean
 `model-defenses` victim of seed 0 the 40 epochs at 128 images a pass gave the bit-identical anomaly
-index of the former 320, at 690 MB peak resident memory instead of 1,090 MB).
+index of the former 320 a pass, and the process peaked at 690 MB resident instead of 1,090 MB).
 """
 
 from __future__ import annotations
