@@ -11,8 +11,8 @@ victim's training time (`victim_train_s`, the trainer alone) measured in the sam
 Memory, per defense, two honest measures, both of its own process:
 - `peak MB`: the process's resident memory at its highest while the defense ran (sampled every
   10 ms by `bdbench.profiling.measure`, the runner's own `peak_rss_mb`); `+MB` is that minus the
-  same figure for the `none` defense on the same victim (data set, victim and torch already
-  loaded), i.e. what the defense itself adds;
+  process's resident memory when the defense started (data set, victim and torch already loaded),
+  i.e. what the defense itself adds;
 - `maxrss MB`: `ru_maxrss` of the whole subprocess (loading, the defense and evaluation).
 On CUDA the peak of `torch.cuda.max_memory_allocated` is printed too.
 
@@ -58,16 +58,19 @@ def _worker(spec_json: str, cache_root: str, threads: int) -> None:
 
     from bdbench import experiment
     from bdbench.grid import ExperimentSpec
+    from bdbench.profiling import current_rss_mb
     from bdbench.store import ArtifactCache
 
     torch.set_num_threads(threads)
     # CPU seconds beside the runner's wall seconds: the same blocks, timed by this process's CPU clock,
     # which other processes sharing the core do not inflate.
     defense_cpu: list[float] = []
+    start_rss: list[float] = []
 
     class measure_cpu(experiment.measure):
         def __enter__(self):
             self._cpu_start = time.process_time()
+            start_rss.append(current_rss_mb())
             return super().__enter__()
 
         def __exit__(self, *exc):
@@ -88,6 +91,7 @@ def _worker(spec_json: str, cache_root: str, threads: int) -> None:
     spec = ExperimentSpec.model_validate_json(spec_json)
     row = experiment.run_experiment(spec, ArtifactCache(cache_root))
     row["defense_cpu_s"] = sum(defense_cpu)
+    row["defense_start_rss_mb"] = start_rss[0] if start_rss else None
     row["victim_train_cpu_s"] = victim_cpu[0] if victim_cpu else None
     row["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
@@ -193,7 +197,7 @@ def main() -> None:
         print(f"{name:<{width}}{_fmt(row['defense_method_s']):>9}{_fmt(row['defense_retrain_s']):>10}"
               f"{_fmt(row['defense_scoring_s']):>10}{row['defense_s']:>10.1f}{row['defense_s'] / victim_s:>8.2f}"
               f"{row['defense_cpu_s']:>8.1f}{_fmt(cpu_ratio, '.2f'):>8}{row['peak_rss_mb']:>9.0f}"
-              f"{row['peak_rss_mb'] - baseline['peak_rss_mb']:>7.0f}{row['maxrss_mb']:>10.0f}  {verdict}", flush=True)
+              f"{row['peak_rss_mb'] - row['defense_start_rss_mb']:>7.0f}{row['maxrss_mb']:>10.0f}  {verdict}", flush=True)
     ok = [n for n in wanted if rows[n]["status"] == "ok"]
     for label, ratios in (("wall", [rows[n]["defense_s"] / victim_s for n in ok]),
                           ("CPU", [rows[n]["defense_cpu_s"] / victim_cpu for n in ok] if victim_cpu else [])):
