@@ -14,6 +14,7 @@ that clean accuracy and ASR are measured at full precision.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal, Protocol
 
 import torch
@@ -71,6 +72,39 @@ def trains_in_bfloat16(config: TrainConfig, device: torch.device) -> bool:
     """Whether `train` runs channels-last under bfloat16 autocast: always on CUDA, on the CPU when
     the config asks for it."""
     return device.type == "cuda" or (device.type == "cpu" and config.cpu_bfloat16)
+
+
+@dataclass(frozen=True)
+class LoopPrecision:
+    """The trainer's numerics for a defense's own loop (trigger inversion, margin ascent, mask learning):
+    bfloat16 autocast and channels-last wherever `train` would train the victim that way
+    (`trains_in_bfloat16`: always on CUDA, on the CPU with `cpu_bfloat16`), float32 and the default
+    layout otherwise. Parameters and optimiser state stay float32 either way."""
+
+    device_type: str
+    bf16: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.bf16 else torch.contiguous_format
+
+    def autocast(self) -> torch.autocast:
+        """A fresh autocast context for one forward pass (a no-op in float32)."""
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def loop_precision(config: TrainConfig, device: torch.device) -> LoopPrecision:
+    """`LoopPrecision` of a defense loop on `device` for a victim trained with `config`."""
+    return LoopPrecision(device.type, trains_in_bfloat16(config, device))
+
+
+def images_per_pass(device: torch.device) -> int:
+    """How many images one forward pass of a batched defense loop (Neural Cleanse's labels, MM-BD's
+    classes) should carry on `device`: 2,048 on a GPU, which a small pass leaves idle; 128 on a CPU,
+    where larger passes fall out of the caches and run no faster per image
+    (`benchmarks/nc_batched_vs_per_label.py`). Groups of a pass add up their gradients before one
+    step, so the pass size changes the cost, never the optimisation."""
+    return 2048 if device.type == "cuda" else 128
 
 
 def cpu_has_native_bfloat16() -> bool:

@@ -23,8 +23,16 @@ kept is the largest before the first step that brings the clean budget's accurac
 is both the masks' training data and this check's). `fraction` instead prunes that share of all
 neurons, lowest masks first, with no check.
 
-Cost: the paper runs 2000 iterations; the default here is 500, which on two CPU cores keeps a
-small model's defense to about a minute (each iteration is three forward and two backward passes).
+Cost: the paper runs 2000 iterations; the default here is 500. Each iteration is three forward and
+two backward passes of a 128-image batch with BatchNorm in training mode: 500 x 128 x 5 = 320,000
+image passes, against the 12 x 5,000 forward and backward passes that train a `model-defenses` victim
+(PreAct-ResNet18 width 0.25 on mnist5k), so there ANP costs about three times that small victim
+(390-460 s against about 120-150 s with one thread, issue 26): the mask optimisation of the paper
+(step one, its perturbation and mask steps) demands it, and a victim trained longer on more data
+shrinks the ratio (CIFAR-10 at 30 epochs: 1.5 M image passes). The passes run as the trainer trains the
+victim (`training.loop_precision`: bfloat16 autocast and channels-last on CUDA and where the grid sets
+`cpu_bfloat16`; masks, noise, losses and SGD stay float32); in float32 they are the same computation as
+before that was added.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind
 from bdbench.defenses.layers import norm_layers
 from bdbench.params import BatchSize, NonNegativeFloat, OpenRate, PositiveFloat, PositiveInt, UnitInterval, UpToOne
 from bdbench.progress import steps
-from bdbench.training import augment_batch
+from bdbench.training import augment_batch, loop_precision
 
 
 class NeuronPerturbation:
@@ -107,8 +115,10 @@ class AdversarialNeuronPruning(Defense):
         self.fraction = None if fraction is None else float(fraction)
 
     def optimise_masks(self, context: DefenseContext) -> NeuronPerturbation:
+        precision = loop_precision(context.train_config, context.device)
         model = copy.deepcopy(context.model).to(context.device).eval().requires_grad_(False)
         neurons = NeuronPerturbation(model)
+        model.to(memory_format=precision.memory_format)  # after the copy of the original, which keeps its layout
         if self.batch_statistics:
             for _, module in neurons.layers:
                 module.train()
@@ -120,19 +130,25 @@ class AdversarialNeuronPruning(Defense):
         for _ in steps("anp iteration", self.iterations):
             pick = torch.randint(len(y_all), (self.batch_size,), generator=generator).to(context.device)
             x = augment_batch(x_all[pick].float().div_(255.0), context.crop_padding, context.allow_hflip, generator)
+            x = x.contiguous(memory_format=precision.memory_format)
             y = y_all[pick]
             if self.eps > 0:
                 with torch.no_grad():
                     for noise in neurons.noise():  # drawn on the CPU: the generator is a CPU one
                         noise.copy_(torch.rand(noise.shape, generator=generator).mul_(2 * self.eps).sub_(self.eps))
                 for _ in range(self.pgd_steps):
-                    grads = torch.autograd.grad(F.cross_entropy(neurons(x, perturbed=True), y), neurons.noise())
+                    with precision.autocast():
+                        logits = neurons(x, perturbed=True)
+                    grads = torch.autograd.grad(F.cross_entropy(logits.float(), y), neurons.noise())
                     with torch.no_grad():
                         for noise, grad in zip(neurons.noise(), grads):
                             noise.add_(grad.sign(), alpha=self.eps / self.pgd_steps).clamp_(-self.eps, self.eps)
-            loss = self.alpha * F.cross_entropy(neurons(x, perturbed=False), y)
-            if self.eps > 0:
-                loss = loss + (1 - self.alpha) * F.cross_entropy(neurons(x, perturbed=True), y)
+            with precision.autocast():
+                natural = neurons(x, perturbed=False)
+                perturbed = neurons(x, perturbed=True) if self.eps > 0 else None
+            loss = self.alpha * F.cross_entropy(natural.float(), y)
+            if perturbed is not None:
+                loss = loss + (1 - self.alpha) * F.cross_entropy(perturbed.float(), y)
             mask_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             mask_optimizer.step()

@@ -18,6 +18,15 @@ p = 1 - F(max) ** K. `detected` when p < `significance` (0.05); `suspected_targe
 the largest statistic when detected, none otherwise; `anomaly_index` is -log10(p) (so the
 detection threshold is -log10 0.05 = 1.30, stored as `threshold`). Data-free: the clean budget is
 not used, and there is nothing to tune. Detection only: the model is not repaired.
+
+Cost (issue 26): the ascent is all of it, K x `restarts` images forward and input-gradient per step,
+10 x 30 x 300 = 90,000 passes when no class converges early, against the 60,000 forward and backward
+passes that train a `model-defenses` victim (12 epochs of 5,000 images): in float32 it costs about as
+much as that small victim (1.21-1.48x in rows measured with one thread), which the paper's 30 restarts
+and 300 steps per class demand. The passes run as the trainer trains the victim (`training.loop_precision`:
+bfloat16 autocast and channels-last on CUDA and where the grid sets `cpu_bfloat16`; images, margins and
+SGD stay float32), with as many images a pass as suits the device (`training.images_per_pass`); class
+groups add up their gradients before the one step, so that changes the cost, not the ascent.
 """
 
 from __future__ import annotations
@@ -34,23 +43,38 @@ from bdbench import progress
 from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.errors import ConfigError
 from bdbench.params import BelowOne, OpenRate, PositiveFloat, PositiveInt
+from bdbench.training import LoopPrecision, loop_precision
+from bdbench.training import images_per_pass as default_images_per_pass
 
 
-def _margins(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def _margins(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+             precision: LoopPrecision | None = None) -> torch.Tensor:
     """logit_k - max_{j != k} logit_j of images (labels, restarts, C, H, W), each row for its class k."""
-    logits = model(images.flatten(0, 1)).view(len(labels), images.shape[1], num_classes)
+    if precision is None:
+        logits = model(images.flatten(0, 1))
+    else:
+        with precision.autocast():
+            logits = model(images.flatten(0, 1).contiguous(memory_format=precision.memory_format))
+    logits = logits.float().view(len(labels), images.shape[1], num_classes)
     own = torch.nn.functional.one_hot(labels, num_classes).bool()[:, None, :]
     return logits.masked_fill(~own, -math.inf).amax(2) - logits.masked_fill(own, -math.inf).amax(2)
 
 
 def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int], generator: torch.Generator, *,
                 restarts: int = 30, steps: int = 300, lr: float = 0.01, momentum: float = 0.2,
-                tolerance: float = 1e-5, images_per_pass: int = 2048) -> torch.Tensor:
+                tolerance: float = 1e-5, images_per_pass: int | None = None,
+                precision: LoopPrecision | None = None) -> torch.Tensor:
     """The largest margin logit_k - max_{j != k} logit_j reached by gradient ascent on images in
     [0, 1], per class k (K,). All classes and restarts share each step; where that is more than
-    `images_per_pass` images, classes go through the model in groups (the same step, in bounded memory)."""
+    `images_per_pass` images (default: `training.images_per_pass` of the model's device, 128 on a CPU,
+    2,048 on a GPU), classes go through the model in groups (the same step, in bounded memory).
+    `precision` runs the model's passes as the trainer would (`training.loop_precision`); the images,
+    margins and SGD stay float32."""
     device = next(model.parameters()).device
+    images_per_pass = images_per_pass or default_images_per_pass(device)
     model.eval()
+    if precision is not None:
+        model.to(memory_format=precision.memory_format)  # type: ignore[call-overload]  # torch stubs lack memory_format
     images = torch.rand(num_classes, restarts, *shape, generator=generator).to(device).requires_grad_()
     optimizer = torch.optim.SGD([images], lr=lr, momentum=momentum)
     best = torch.full((num_classes,), -math.inf, dtype=torch.float64)
@@ -63,7 +87,7 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
         reached, total = torch.empty(len(labels), dtype=torch.float64), torch.empty(len(labels), dtype=torch.float64)
         for first in range(0, len(labels), group):
             chunk = labels[first:first + group].to(device)
-            margin = _margins(model, images[chunk], chunk, num_classes)
+            margin = _margins(model, images[chunk], chunk, num_classes, precision)
             images.grad += torch.autograd.grad(-margin.sum(), [images])[0]
             reached[first:first + group] = margin.detach().amax(1).double().cpu()
             total[first:first + group] = margin.detach().sum(1).double().cpu()
@@ -77,6 +101,7 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
         active[labels[converged]] = False
         if not active.any():
             break
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return best
 
 
@@ -115,7 +140,8 @@ class MaxMarginDetection(Defense):
         shape = (context.in_channels, context.image_size, context.image_size)
         statistics = max_margins(context.model, context.num_classes, shape, context.generator("mmbd"),
                                  restarts=self.restarts, steps=self.steps, lr=self.lr,
-                                 momentum=self.momentum).numpy()
+                                 momentum=self.momentum,
+                                 precision=loop_precision(context.train_config, context.device)).numpy()
         p_value = max_statistic_p_value(statistics)
         detected = p_value < self.significance
         return DefenseOutcome(detected=detected, anomaly_index=-math.log10(max(p_value, 1e-300)),

@@ -30,6 +30,22 @@ Cost versus the paper: the paper runs up to 1,000 epochs over its samples; `epoc
 40 over the clean budget (the cost schedule and early stop still apply within them), so that a
 10-class 28x28 cnn-small (width 16) is inverted in one to two minutes on one CPU core. Nothing
 here is tuned on test data: every setting is the paper's or fixed in advance.
+
+Where the time goes (issue 26; torch.profiler on PreAct-ResNet18 width 0.25, mnist5k, one thread):
+the inversion is all of it, and within it convolutions forward and backward are about two thirds,
+eval-mode BatchNorm backward about a ninth. Its work is fixed by the procedure: every label's trigger on every
+budget image each epoch, 40 x 250 x 10 = 100,000 forward and input-gradient passes on `model-defenses`'
+clean budget, against the victim's 12 x 5,000 = 60,000 forward, input- and weight-gradient passes, so
+in float32 Neural Cleanse costs about as much as training that small victim (1.27-1.49x in rows measured with one
+thread); it is the per-label inversion of the paper (step 1) that demands it, and a victim trained for
+longer on more data (the fidelity grids) shrinks the ratio. The passes run as the trainer trains the
+victim (`training.loop_precision`: bfloat16 autocast and channels-last on CUDA and where the grid sets
+`cpu_bfloat16`, float32 otherwise; masks, patterns, losses and Adam stay float32), and as many images go
+through the model at once as suits the device (`training.images_per_pass`: 128 on a CPU, 2,048 on a
+GPU); label groups add up their gradients before the one step, so the pass size changes the cost,
+never the optimisation (`test_label_groups_give_the_same_optimisation_as_one_batch`; on the clean
+`model-defenses` victim of seed 0 the 40 epochs at 128 images a pass gave the bit-identical anomaly
+index of the former 320 a pass, and the process peaked at 690 MB resident instead of 1,090 MB).
 """
 
 from __future__ import annotations
@@ -49,6 +65,8 @@ from bdbench.defenses.ft import fine_tune
 from bdbench.defenses.scoring import anomaly_index, median
 from bdbench.params import OpenRate, PositiveFloat, PositiveInt
 from bdbench.progress import steps
+from bdbench.training import LoopPrecision, loop_precision
+from bdbench.training import images_per_pass as default_images_per_pass
 
 
 @dataclass
@@ -113,13 +131,19 @@ class _Schedule:
 
 
 def _accumulate_label_gradients(model: nn.Module, xb: torch.Tensor, mask_raw: torch.Tensor, pattern_raw: torch.Tensor,
-                                labels: torch.Tensor, cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                                labels: torch.Tensor, cost: torch.Tensor,
+                                precision: LoopPrecision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stamp the float batch `xb` with the trigger of each of `labels`, add the gradient of their summed
     losses (cross-entropy towards the label + cost x mask L1) to `mask_raw.grad` and `pattern_raw.grad`,
     and return each label's attack success on the batch and its mask's L1 norm."""
     mask, pattern = _squash(mask_raw[labels]), _squash(pattern_raw[labels])
     stamped = (1 - mask[:, None]) * xb[None] + (mask * pattern)[:, None]  # (labels, batch, C, H, W)
-    logits = model(stamped.flatten(0, 1)).view(len(labels), len(xb), -1)
+    if precision is None:
+        logits = model(stamped.flatten(0, 1))
+    else:
+        with precision.autocast():
+            logits = model(stamped.flatten(0, 1).contiguous(memory_format=precision.memory_format))
+    logits = logits.float().view(len(labels), len(xb), -1)
     target = labels[:, None].expand(-1, len(xb))
     cross_entropy = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
     norm = mask.flatten(1).sum(1)
@@ -133,15 +157,22 @@ def _accumulate_label_gradients(model: nn.Module, xb: torch.Tensor, mask_raw: to
 def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: int, generator: torch.Generator,
                               *, epochs: int, batch_size: int = 32, lr: float = 0.1, init_cost: float = 1e-3,
                               success_threshold: float = 0.99, patience: int = 5, cost_multiplier: float = 2.0,
-                              early_stop_patience: int = 25, images_per_pass: int = 2048) -> ReversedTriggers:
+                              early_stop_patience: int = 25, images_per_pass: int | None = None,
+                              precision: LoopPrecision | None = None) -> ReversedTriggers:
     """Neural Cleanse's trigger reverse engineering for every label at once, on uint8 clean images `x`.
 
     Each optimiser step sees one batch stamped with every active label's trigger; where that is more
-    than `images_per_pass` images, the labels go through the model in groups and their gradients add
-    up before the step (the same step, in bounded memory).
+    than `images_per_pass` images (default: `training.images_per_pass` of the model's device, 128 on
+    a CPU, 2,048 on a GPU), the labels go through the model in groups and their gradients add up
+    before the step (the same step, in bounded memory). `precision` runs the model's passes as the
+    trainer would (`training.loop_precision`: bfloat16 autocast and channels-last where the victim
+    trained so); masks, patterns, losses and Adam stay float32.
     """
     device = next(model.parameters()).device
+    images_per_pass = images_per_pass or default_images_per_pass(device)
     model.eval()
+    if precision is not None:
+        model.to(memory_format=precision.memory_format)
     _, channels, height, width = x.shape
     mask_raw = _unsquash(torch.rand(num_classes, 1, height, width, generator=generator)).to(device).requires_grad_()
     pattern_raw = _unsquash(torch.rand(num_classes, channels, height, width, generator=generator)).to(device)
@@ -167,7 +198,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
             for first in range(0, len(labels), group):
                 chunk = slice(first, first + group)
                 success, norm = _accumulate_label_gradients(model, xb, mask_raw, pattern_raw, labels_dev[chunk],
-                                                            cost[chunk])
+                                                            cost[chunk], precision)
                 hits[chunk] += success
                 norm_sum[chunk] += norm
             optimizer.step()
@@ -192,6 +223,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
         best_mask[never.to(device)] = _squash(mask_raw[never.to(device)])
         best_pattern[never.to(device)] = _squash(pattern_raw[never.to(device)])
     norms = best_mask.flatten(1).sum(1).double().cpu()
+    model.to(memory_format=torch.contiguous_format)
     return ReversedTriggers(best_mask.cpu(), best_pattern.cpu(), norms)
 
 
@@ -237,7 +269,8 @@ class NeuralCleanse(Defense):
             context.model, context.clean_x, context.num_classes, context.generator("nc_reverse"),
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, init_cost=self.init_cost,
             success_threshold=self.success_threshold, patience=self.patience, cost_multiplier=self.cost_multiplier,
-            early_stop_patience=self.early_stop_patience)
+            early_stop_patience=self.early_stop_patience,
+            precision=loop_precision(context.train_config, context.device))
         index = anomaly_indices(triggers.norms)
         below = triggers.norms < median(triggers.norms)
         flagged = torch.nonzero(below & (index > self.anomaly_threshold)).flatten()

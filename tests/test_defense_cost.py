@@ -1,0 +1,119 @@
+"""What makes the expensive defenses cheaper (issue 26) and the benchmark that measures it: defense loops
+take the trainer's numerics and a pass size chosen by device, and find the same thing that way."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bdbench.defenses import DEFENSES, DefenseContext
+from bdbench.defenses.anp import AdversarialNeuronPruning
+from bdbench.models import MODELS, create_model, with_normalization
+from bdbench.training import TrainConfig, images_per_pass, loop_precision
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defense_loops_run_as_the_trainer_would_train_the_victim():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    fp32 = loop_precision(TrainConfig(), cpu)
+    assert not fp32.bf16 and fp32.memory_format == torch.contiguous_format
+    with fp32.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    bf16 = loop_precision(TrainConfig(cpu_bfloat16=True), cpu)
+    assert bf16.bf16 and bf16.memory_format == torch.channels_last
+    with bf16.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert loop_precision(TrainConfig(), cuda).bf16  # CUDA always trains under bfloat16 autocast
+    # Small passes on a CPU (cache-sized), big ones on a GPU (a small pass leaves it idle).
+    assert images_per_pass(cpu) == 128 and images_per_pass(cuda) == 2048
+
+
+def _bf16_context(poisoned):
+    context = poisoned.context(sees_training_set=False)
+    return replace(context, train_config=context.train_config.model_copy(update={"cpu_bfloat16": True}))
+
+
+def test_nc_and_mmbd_in_bfloat16_find_the_target_that_float32_finds(badnets, effect):
+    # test_nc_flags_the_badnets_target and test_mmbd_finds_the_target_... hold these in float32.
+    before = [p.detach().clone() for p in badnets.model.parameters()]
+    context = _bf16_context(badnets)
+    nc = DEFENSES.build("nc", {}).run(context)
+    assert nc.detected and 0 in nc.suspected_targets and len(nc.suspected_targets) <= 2
+    effect.check("nc anomaly index in bfloat16", nc.anomaly_index, ">", 2)
+    mmbd = DEFENSES.build("mmbd", {}).run(context)
+    assert mmbd.detected and mmbd.suspected_targets == (0,)
+    effect.check("mmbd -log10 p in bfloat16", mmbd.anomaly_index, ">", mmbd.threshold)
+    # The shared model comes back as it was: same weights, default layout.
+    assert all(torch.equal(a, b) for a, b in zip(before, badnets.model.parameters()))
+    assert all(p.is_contiguous() for p in badnets.model.parameters())
+
+
+def test_anp_masks_in_bfloat16_rank_the_neurons_as_float32_does(badnets, effect):
+    anp = AdversarialNeuronPruning(iterations=100)
+    masks = []
+    for context in (badnets.context(sees_training_set=False), _bf16_context(badnets)):
+        neurons = anp.optimise_masks(context)
+        masks.append(torch.cat([m.detach().flatten() for m in neurons.masks]))
+    fp32, bf16 = masks
+    ranks = [m.argsort().argsort().double() for m in masks]
+    effect.check("rank correlation of ANP masks, bfloat16 vs float32", torch.corrcoef(torch.stack(ranks))[0, 1],
+                 ">", 0.8)
+    lowest = fp32.argsort()[:10]
+    effect.check("shared among the 10 lowest masks", len(set(lowest.tolist()) & set(bf16.argsort()[:10].tolist())),
+                 ">=", 7)
+
+
+def test_the_cost_benchmark_prints_each_defense_over_its_victims_training_time(tmp_path, tiny_grid):
+    tiny_grid["defenses"] = ["none", {"name": "ft", "epochs": 1}, {"name": "mmbd", "restarts": 2, "steps": 3}]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_grid))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "benchmarks" / "defense_cost.py"), "--grid", str(config),
+               "--out", str(tmp_path / "out"), "--json", str(tmp_path / "cost.json")]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "victim training" in first.stdout and "(trained now)" in first.stdout
+    result = json.loads((tmp_path / "cost.json").read_text())
+    ft, mmbd = "ft(epochs=1)", "mmbd(restarts=2, steps=3)"  # rows are named by variant
+    assert set(result["rows"]) == {"none", ft, mmbd}
+    for name in (ft, mmbd):
+        row = result["rows"][name]
+        assert row["status"] == "ok" and row["defense_s"] > 0 and row["peak_rss_mb"] > 0 and row["maxrss_mb"] > 0
+        assert 0 < row["defense_start_rss_mb"] <= row["peak_rss_mb"]
+        assert f"\n{name} " in first.stdout
+    assert result["rows"][mmbd]["detected"] is not None
+    # A second run reuses the victim in --out for the defenses and times a fresh training of it.
+    second = subprocess.run([*command, "--defenses", "ft"], capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "trained again now" in second.stdout and json.loads((tmp_path / "cost.json").read_text())[
+        "rows"][ft]["victim_cached"]
+
+
+@pytest.mark.parametrize("architecture", MODELS.names())
+def test_the_bfloat16_loops_run_on_every_architecture_and_leave_the_model_as_it_was(architecture, digits):
+    width = 8 if architecture == "cnn-small" else 0.125
+    torch.manual_seed(0)
+    model = with_normalization(create_model(architecture, 10, 1, 8, width=width), digits.mean, digits.std).eval()
+    context = DefenseContext(
+        model=model, clean_x=digits.x_train[:16], clean_y=digits.y_train[:16], num_classes=10, in_channels=1,
+        image_size=8, crop_padding=1, allow_hflip=False,
+        train_config=TrainConfig(epochs=1, batch_size=8, cpu_bfloat16=True), seed=0,
+        device=torch.device("cpu"), new_model=lambda: copy.deepcopy(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cheap = {"nc": {"epochs": 1, "unlearning_epochs": 1}, "mmbd": {"restarts": 2, "steps": 2},
+             "anp": {"iterations": 2, "batch_size": 8}}
+    for name, params in cheap.items():
+        outcome = DEFENSES.build(name, params).run(context)
+        if outcome.model is not None:
+            with torch.no_grad():
+                assert torch.isfinite(outcome.model.eval()(digits.x_test[:4].float() / 255)).all(), name
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), name
+        assert all(p.is_contiguous() for p in model.parameters()), name
