@@ -102,9 +102,9 @@ def timed(method: str, run) -> Flags:
     return Flags(method, flagged, time.perf_counter() - start)
 
 
-def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int) -> tuple[list[Flags], np.ndarray,
-                                                                                         list[Flags], np.ndarray]:
-    """(training-set flags, poison mask, input flags, is-triggered) of ours and ART's for one victim."""
+def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int) -> None:
+    """Ours and ART's on one victim: prints the training-set table as soon as it is measured, then
+    the input-detection table."""
     from art.defences.detector.poison import ActivationDefence, SpectralSignatureDefense
     from art.defences.transformer.poisoning import STRIP
 
@@ -177,6 +177,9 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int)
                 timed("AC (ART: ICA, rel. size)", art_ac_relative_size),
                 timed("SS (ours)", ours("ss")), timed("SS (ART)", art_ss),
                 timed("SS (ART, centred input)", art_ss_centred)]
+    print(f"\n## {spec.describe()}")
+    table("Training-set cleansers", training, poisoned.poison_mask.numpy(),
+          {r.method.split()[0]: r.flagged for r in training if "ours" in r.method})
 
     # STRIP on the same clean and triggered test images.
     pick = torch.Generator().manual_seed(0)
@@ -220,7 +223,8 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int)
 
     screening = [timed("STRIP (ours)", our_strip), timed("STRIP (ART)", art_strip),
                  timed("STRIP (ART, per-prediction)", art_strip_per_prediction)]
-    return training, poisoned.poison_mask.numpy(), screening, is_triggered
+    table("Run-time input detection (test images)", screening, is_triggered,
+          {r.method.split()[0]: r.flagged for r in screening if "ours" in r.method})
 
 
 def table(title: str, runs: list[Flags], positive: np.ndarray, reference: dict[str, np.ndarray]) -> None:
@@ -255,12 +259,7 @@ def main() -> None:
     print(f"ART cross-check on {grid.name} ({grid.dataset.name} {grid.dataset.params.get('path', '')}), seed "
           f"{args.seed}, {device}, {torch.get_num_threads()} threads")
     for spec in specs:
-        training, mask, screening, is_triggered = compare(spec, cache, device, args.strip_images)
-        print(f"\n## {spec.describe()}")
-        table("Training-set cleansers", training, mask, {r.method.split()[0]: r.flagged for r in training
-                                                         if "ours" in r.method})
-        table("Run-time input detection (test images)", screening, is_triggered,
-              {r.method.split()[0]: r.flagged for r in screening if "ours" in r.method})
+        compare(spec, cache, device, args.strip_images)
 
 
 if __name__ == "__main__":
