@@ -144,3 +144,14 @@ def test_a_clean_victim_is_keyed_without_the_target_label(tiny_grid):
     assert not poisoned[0] & poisoned[1]  # it does shape a backdoored one's
     # The experiment itself still differs: its ASR is measured against the target label.
     assert not {s.experiment_id for s in first} & {s.experiment_id for s in other}
+
+
+def test_overrides_as_a_mapping_equal_the_same_overrides_as_strings(tiny_grid):
+    as_strings = load_grid(tiny_grid, ["training.epochs=2", "attacks.1.patch_size=3", "seeds=[0, 1]"])
+    as_mapping = load_grid(tiny_grid, {"training.epochs": 2, "attacks.1.patch_size": 3, "seeds": [0, 1]})
+    assert as_mapping == as_strings and as_mapping.training.epochs == 2 and as_mapping.seeds == [0, 1]
+    # A mapping's values are taken as they are, not parsed as YAML; the typed grid checks them.
+    with pytest.raises(ConfigError, match="training.epochs"):
+        load_grid(tiny_grid, {"training.epochs": "two"})
+    with pytest.raises(ConfigError, match="not a dotted name"):
+        load_grid(tiny_grid, {"": 1})

@@ -430,3 +430,39 @@ def test_a_clean_model_trained_for_one_target_label_serves_another(tmp_path, tin
     # ...so in the first folder the target-3 grid finds it cached instead of training it again.
     rows = run_grid(tiny_grid, out=tmp_path / "a", progress=False)
     assert rows.target_label.tolist() == [3] and rows.victim_cached.tolist() == [True]
+
+
+def test_results_as_csv_and_parquet_read_back_to_the_stored_values(tmp_path, tiny_grid):
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from bdbench.cli import main
+    from bdbench.schema import BOOL_COLUMNS, JSON_COLUMNS
+    from bdbench.store import read_exported
+
+    tiny_grid["defenses"] = ["none", {"name": "nc", "epochs": 2}]  # suspected_targets, booleans, params
+    run_grid(tiny_grid, out=tmp_path / "out", progress=False)
+    stored = load_results(tmp_path / "out")
+    assert stored.defense_params.map(lambda v: isinstance(v, dict)).all()
+    for fmt in ("csv", "parquet"):
+        path = tmp_path / f"rows.{fmt}"
+        result = CliRunner().invoke(main, ["results", "--out", str(tmp_path / "out"), "--format", fmt,
+                                           "-o", str(path)])
+        assert result.exit_code == 0, result.output
+        raw = pd.read_parquet(path) if fmt == "parquet" else pd.read_csv(path)
+        # Structured columns are JSON text in the file, not Python reprs.
+        assert all(json.loads(v) == p for v, p in zip(raw.defense_params, stored.defense_params))
+        back = read_exported(path)
+        assert list(back.columns) == list(stored.columns)
+        for column in stored.columns:
+            if column in JSON_COLUMNS or column in BOOL_COLUMNS or stored[column].dtype == object:
+                # A missing number reads back as NaN where SQLite gave None (the pandas convention for files).
+                def missing_as_none(values: list) -> list:
+                    return [None if not isinstance(v, (str, list, dict)) and pd.isna(v) else v for v in values]
+
+                assert missing_as_none(back[column].tolist()) == missing_as_none(stored[column].tolist()), (fmt, column)
+            else:
+                pd.testing.assert_series_equal(back[column], stored[column], check_dtype=fmt == "parquet",
+                                               check_exact=True, obj=f"{fmt} {column}")
+    result = CliRunner().invoke(main, ["results", "--out", str(tmp_path / "out"), "--format", "parquet"])
+    assert result.exit_code == 2 and "-o results.parquet" in result.output

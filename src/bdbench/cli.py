@@ -107,20 +107,38 @@ def _report_line(out: str) -> str:
 
 @main.command()
 @click.option("--out", default="bdbench-out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def results(out: str, fmt: str) -> None:
-    """Print the stored results of an output folder."""
-    from bdbench.store import load_results, no_rows_error
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True, help="csv and parquet write the JSON columns as JSON text (bdbench.store.read_exported "
+                                      "reads them back); parquet keeps every other column's type.")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="File to write instead of standard output (required for parquet).")
+def results(out: str, fmt: str, output: str | None) -> None:
+    """Print (or write) the stored results of an output folder."""
+    from bdbench.store import export_frame, load_results, no_rows_error
 
     rows = load_results(out)
     if rows.empty:
         raise no_rows_error(out)
+    if fmt == "parquet":
+        if output is None:
+            raise BdbenchError("--format parquet writes a file: give it with -o results.parquet")
+        try:
+            export_frame(rows).to_parquet(output, index=False)
+        except ImportError:
+            raise BdbenchError("--format parquet needs pyarrow: pip install pyarrow (or bdbench[dev])") from None
+        click.echo(output)
+        return
     if fmt == "json":
-        click.echo(rows.to_json(orient="records", indent=2))
+        text = rows.to_json(orient="records", indent=2)
     elif fmt == "csv":
-        click.echo(rows.to_csv(index=False), nl=False)
+        text = export_frame(rows).to_csv(index=False)
     else:
-        click.echo(_table(rows))
+        text = _table(rows) + "\n"
+    if output is None:
+        click.echo(text, nl=fmt == "json")
+    else:
+        Path(output).write_text(text if fmt != "json" else text + "\n")
+        click.echo(output)
 
 
 @main.command()

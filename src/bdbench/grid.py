@@ -13,7 +13,7 @@ import itertools
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -335,17 +335,33 @@ def read_config(config: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply `KEY=VALUE` overrides; KEY is dotted (`dataset.path`, `attacks.1.alpha`), VALUE is YAML."""
-    data = json.loads(json.dumps(data))  # a deep copy of plain data
+def _pairs(overrides: Iterable[str] | Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of each override: a mapping's items as they are, or `KEY=VALUE` strings
+    whose VALUE is YAML."""
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"override key {key!r} is not a dotted name such as 'training.epochs'")
+            yield key, value
+        return
+    if isinstance(overrides, str):
+        overrides = [overrides]
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r} is not KEY=VALUE (for example --set seeds=[0,1])")
         try:
-            value = yaml.safe_load(raw)
+            yield key, yaml.safe_load(raw)
         except yaml.YAMLError:
-            value = raw
+            yield key, raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Apply overrides: `KEY=VALUE` strings (VALUE is YAML) or a mapping {KEY: value}; KEY is dotted
+    (`dataset.path`, `attacks.1.alpha`)."""
+    data = json.loads(json.dumps(data))  # a deep copy of plain data
+    for key, value in _pairs(overrides):
+        value = json.loads(json.dumps(value))  # plain data, and a copy
         node: Any = data
         parts = key.split(".")
         for i, part in enumerate(parts):
@@ -386,7 +402,7 @@ def _format_error(exc: ValidationError) -> str:
     return f"grid spec {where}: {message}"
 
 
-def load_grid(config: str | Path | dict[str, Any], overrides: Iterable[str] = ()) -> GridSpec:
+def load_grid(config: str | Path | dict[str, Any], overrides: Iterable[str] | Mapping[str, Any] = ()) -> GridSpec:
     """Read, override and validate a grid spec; every problem is a one-line `ConfigError`."""
     data = config if isinstance(config, dict) else read_config(config)
     data = apply_overrides(data, overrides)

@@ -11,7 +11,7 @@ import os
 import sys
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import pandas as pd
 from tqdm import tqdm
@@ -74,13 +74,15 @@ def _summary(spec: ExperimentSpec, row: dict[str, Any]) -> str:
     return f"{spec.describe()}: ok {' '.join(parts)} in {row['wall_s']:.1f}s{cached}"
 
 
-def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out", overrides: Iterable[str] = (),
+def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out",
+             overrides: Iterable[str] | Mapping[str, Any] = (),
              executor: str = "local", retry_errors: bool = False, progress: bool = True, workers: int = 1,
              threads: int | None = None, ray_address: str | None = None) -> pd.DataFrame:
     """Run every experiment of a grid that the output folder does not hold yet; return the grid's rows
     in grid order.
 
-    `config` is a YAML path, a built-in grid name or a mapping; `overrides` are `KEY=VALUE` strings.
+    `config` is a YAML path, a built-in grid name or a mapping; `overrides` are `KEY=VALUE` strings
+    (VALUE is YAML) or a mapping such as `{"training.epochs": 5, "attacks.1.alpha": 0.1}`.
     Rows with status `error` are kept as results; `retry_errors=True` runs them again. `executor`
     is `local`, `process` or `ray`, running `workers` experiments at once with `threads` torch
     threads each (default: the cores divided among the workers); `ray_address` joins a cluster.

@@ -238,6 +238,38 @@ def load_results(out: str | Path = "bdbench-out") -> pd.DataFrame:
         store.close()
 
 
+def export_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """`rows` (as `load_results` gives them) ready for a file format without nested values: each JSON
+    column (`JSON_COLUMNS`: parameters, suspected targets, per-round curves) as JSON text, None kept
+    as a missing value; every other column as it is. `json.loads` on those columns gives back
+    exactly what `load_results` holds (see `read_exported`)."""
+    exported = rows.copy()
+    for column in JSON_COLUMNS:
+        if column in exported:
+            exported[column] = exported[column].map(lambda v: None if v is None else json.dumps(v, sort_keys=True))
+    return exported
+
+
+def read_exported(path: str | Path) -> pd.DataFrame:
+    """A `bdbench results --format csv|parquet` file read back into the values `load_results` gives:
+    pandas reads the file, then the JSON columns are parsed and the boolean columns made bool/None."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    for column in JSON_COLUMNS:
+        if column in df:
+            df[column] = df[column].map(lambda v: json.loads(v) if isinstance(v, str) else None).astype(object)
+    for column in BOOL_COLUMNS:
+        if column in df:
+            df[column] = df[column].map(lambda v: None if pd.isna(v) else bool(v)).astype(object)
+    for column, kind in sql_columns().items() if path.suffix != ".parquet" else ():
+        if kind == "TEXT" and column in df and column not in JSON_COLUMNS:  # a CSV's empty text reads as NaN
+            df[column] = df[column].map(lambda v: None if not isinstance(v, str) and pd.isna(v) else v).astype(object)
+    return df
+
+
 def load_rounds(out: str | Path = "bdbench-out") -> pd.DataFrame:
     """The per-round curves of an output folder's federated experiments (join them to `load_results` on
     `experiment_id`)."""
