@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bdbench import metrics
-from bdbench.attacks import Attack, TriggeredTestSet
+from bdbench.attacks import Attack
 from bdbench.data import Dataset
 from bdbench.errors import ArtifactError, ConfigError
 from bdbench.federated.aggregation import SERVER_DEFENSES, RoundContext, ServerDefense
@@ -39,7 +38,6 @@ from bdbench.federated.split import split_dirichlet, split_iid
 from bdbench.progress import steps
 from bdbench.seeding import derive_seed
 from bdbench.store import ArtifactCache
-from bdbench.training import predict
 
 log = logging.getLogger("bdbench")
 
@@ -111,17 +109,6 @@ def _unflat(vector: torch.Tensor, like: Tensors, names: list[str]) -> Tensors:
         out[n] = vector[start:start + size].view_as(like[n])
         start += size
     return out
-
-
-def score(model: nn.Module, dataset: Dataset, triggered: TriggeredTestSet | None) -> dict[str, float | None]:
-    """Clean accuracy, ASR and robust accuracy of a global model."""
-    row: dict[str, float | None] = {"clean_acc": metrics.accuracy(predict(model, dataset.x_test), dataset.y_test),
-                                    "asr": None, "robust_acc": None}
-    if triggered is not None and len(triggered.x):
-        pred = predict(model, triggered.x)
-        row["asr"] = metrics.attack_success_rate(pred, triggered.y_target)
-        row["robust_acc"] = metrics.robust_accuracy(pred, triggered.y_true)
-    return row
 
 
 class Federation:
@@ -242,6 +229,8 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
     """Run a federation and return its evaluated global model and measurements. `attack` None (or a reference
     attack) is a benign run. With a `cache` and `checkpoint_key`, the state is saved every `checkpoint_every`
     rounds and a run resumes from the last one saved. `stop_after` ends after that round (tests of resuming)."""
+    from bdbench.experiment import evaluate  # the runner's own scoring (imported here: experiment imports this module)
+
     check_template(template, type(template).__name__)
     defense = SERVER_DEFENSES.build(*server_defense)
     defense.check(config.clients, config.per_round)
@@ -280,7 +269,7 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
         sent = federation.run_round(trainer, shares, local)
         r = federation.round
         if r % config.eval_every == 0 or r == config.rounds:
-            measured = score(federation.model(), dataset, triggered)
+            measured = evaluate(federation.model(), dataset, triggered)
             federation.curve.append({"round": r, **measured, **sent})
         if cache is not None and checkpoint_key is not None and r % config.checkpoint_every == 0 and r < config.rounds:
             cache.save_tensors("federated", checkpoint_key, federation.state(), {"round": r})
@@ -292,5 +281,4 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
                             federation.server_s, poisoned, resumed)
 
 
-__all__ = ["CURVE_FIELDS", "Federation", "FederationResult", "client_shares", "poison_shares", "run_federation",
-           "score"]
+__all__ = ["CURVE_FIELDS", "Federation", "FederationResult", "client_shares", "poison_shares", "run_federation"]
