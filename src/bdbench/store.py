@@ -14,7 +14,7 @@ import sqlite3
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import pandas as pd
 import torch
@@ -226,16 +226,21 @@ def _json_dict(value: Any) -> dict:
     return {}
 
 
-def load_results(out: str | Path = "bdbench-out") -> pd.DataFrame:
-    """All result rows of an output folder as a pandas DataFrame."""
+def _read(out: str | Path, read: Callable[[ResultStore], pd.DataFrame]) -> pd.DataFrame:
+    """`read` of an output folder's results database, opened read-only (a one-line error if it has none)."""
     path = Path(out) / "results.sqlite"
     if not path.is_file():
         raise no_rows_error(out)
     store = ResultStore(path, read_only=True)
     try:
-        return store.dataframe()
+        return read(store)
     finally:
         store.close()
+
+
+def load_results(out: str | Path = "bdbench-out") -> pd.DataFrame:
+    """All result rows of an output folder as a pandas DataFrame."""
+    return _read(out, ResultStore.dataframe)
 
 
 def export_frame(rows: pd.DataFrame) -> pd.DataFrame:
@@ -273,14 +278,7 @@ def read_exported(path: str | Path) -> pd.DataFrame:
 def load_rounds(out: str | Path = "bdbench-out") -> pd.DataFrame:
     """The per-round curves of an output folder's federated experiments (join them to `load_results` on
     `experiment_id`)."""
-    path = Path(out) / "results.sqlite"
-    if not path.is_file():
-        raise no_rows_error(out)
-    store = ResultStore(path, read_only=True)
-    try:
-        return store.rounds()
-    finally:
-        store.close()
+    return _read(out, ResultStore.rounds)
 
 
 def running_pid(out: str | Path) -> str | None:
