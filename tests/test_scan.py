@@ -80,6 +80,20 @@ def test_the_api_returns_each_detectors_statistics(audited):
     assert report.images == 150 and report.split == "train"
 
 
+def test_cpu_bfloat16_runs_the_detector_loops_as_a_bfloat16_grid_does(audited):
+    weights = audited["badnets"][0]
+    kwargs = dict(model_params={"width": 16}, split="train", per_class=15, detectors="nc", output=None,
+                  device=torch.device("cpu"))
+    plain = scan(weights, "cnn-small", "digits", **kwargs)
+    fast = scan(weights, "cnn-small", "digits", cpu_bfloat16=True, **kwargs)
+    assert plain.device == "cpu (float32 loops)" and fast.device == "cpu (bfloat16 loops)"
+    # The same inversion in another precision: the same finding, not the same digits.
+    (p,), (f,) = plain.verdicts, fast.verdicts
+    assert p.anomaly_index == pytest.approx(audited["badnets"][1].anomaly_index)
+    assert f.anomaly_index != p.anomaly_index
+    assert f.detected and 0 in f.suspected_targets, f
+
+
 def test_the_test_split_draw_is_the_grid_draw_applied_to_test_images():
     digits = load_dataset("digits")
     budget = CleanBudget(per_class=7)

@@ -199,12 +199,14 @@ def triggers(config: str | None, attacks: tuple[str, ...], output: str, dataset:
 @click.option("--mean", default=None, metavar="M1,M2,..", help="The model's input normalisation, where the file has none.")
 @click.option("--std", default=None, metavar="S1,S2,..", help="(with --mean)")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the clean draw and the detectors.")
+@click.option("--cpu-bfloat16", is_flag=True,
+              help="On a CPU, run the detectors' loops in bfloat16 (as a grid's training.cpu_bfloat16); CUDA always does.")
 @click.option("-o", "--output", default="scan-report.html", show_default=True, type=click.Path(dir_okay=False),
               help="HTML page to write; the pictures go to a folder beside it (<name>-pictures/).")
 @_PLUGIN_OPTION
 def scan(weights: str, model: str, model_params: tuple[str, ...], data: str, split: str, per_class: int | None,
-         fraction: float | None, detectors: str | None, mean: str | None, std: str | None, seed: int, output: str,
-         plugins: tuple[str, ...]) -> None:
+         fraction: float | None, detectors: str | None, mean: str | None, std: str | None, seed: int,
+         cpu_bfloat16: bool, output: str, plugins: tuple[str, ...]) -> None:
     """Audit a model's weights for a backdoor: exit 0 nothing flagged, 1 flagged, 2 error."""
     from bdbench.plugins import import_modules
     from bdbench.scan import parse_channels, parse_model_params
@@ -216,7 +218,7 @@ def scan(weights: str, model: str, model_params: tuple[str, ...], data: str, spl
         report = run_scan(weights, model, parse_component(data, "--data"),
                           model_params=parse_model_params(model_params), detectors=detectors, split=split,
                           per_class=per_class, fraction=fraction, seed=seed, mean=parse_channels(mean, "--mean"),
-                          std=parse_channels(std, "--std"), output=output)
+                          std=parse_channels(std, "--std"), output=output, cpu_bfloat16=cpu_bfloat16)
     except BdbenchError:
         raise
     except Exception as exc:  # exit 1 means "flagged": a crash must not read as a finding

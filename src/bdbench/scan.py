@@ -41,7 +41,7 @@ from bdbench.errors import ArtifactError, BdbenchError, ConfigError
 from bdbench.grid import MODEL_SHAPE, CleanBudget, Component
 from bdbench.models import MODELS, create_model, load_model, with_normalization
 from bdbench.seeding import derive_seed
-from bdbench.training import TrainConfig, default_device, predict
+from bdbench.training import TrainConfig, default_device, predict, trains_in_bfloat16
 
 log = logging.getLogger("bdbench")
 
@@ -235,8 +235,10 @@ def scan(weights: str | Path, model: str, data: Component | str, *, model_params
          detectors: Sequence[Component] | str | None = None, split: str = "test", per_class: int | None = None,
          fraction: float | None = None, seed: int = 0, mean: tuple[float, ...] | None = None,
          std: tuple[float, ...] | None = None, output: str | Path | None = "scan-report.html",
-         device: torch.device | None = None) -> ScanReport:
+         device: torch.device | None = None, cpu_bfloat16: bool = False) -> ScanReport:
     """Run the detectors on the model and write the page (and its pictures) to `output` (None: no files).
+    The detectors' loops run in float32 on a CPU, or with `cpu_bfloat16` under bfloat16 autocast as a
+    grid's `training.cpu_bfloat16` runs them (on CUDA they always do).
     Bad inputs are one-line `BdbenchError`s before any detector runs; a detector that fails is a verdict
     with `error` set, and the others still run."""
     started = _dt.datetime.now().isoformat(timespec="seconds")
@@ -290,12 +292,14 @@ def scan(weights: str | Path, model: str, data: Component | str, *, model_params
         return with_normalization(net, *normalization).to(device)
 
     verdicts = []
+    config = TrainConfig(cpu_bfloat16=cpu_bfloat16)
     for component in components:
-        verdicts.append(_run_detector(component, network, clean_x, clean_y, dataset, seed, device, new_model))
+        verdicts.append(_run_detector(component, network, clean_x, clean_y, dataset, seed, device, new_model, config))
     report = ScanReport(weights=path, sha256=_sha256(path), model=model, model_params=model_params,
                         data=data.label or _data_text(data), split=split, images=len(clean_y),
                         per_class=(int(counts.min()), int(counts.max())), budget_accuracy=budget_accuracy,
-                        class_names=tuple(dataset.class_names), seed=seed, device=str(device), verdicts=verdicts,
+                        class_names=tuple(dataset.class_names), seed=seed, verdicts=verdicts,
+                        device=f"{device} ({'bfloat16' if trains_in_bfloat16(config, device) else 'float32'} loops)",
                         started=started, seconds=0.0)
     report.seconds = time.perf_counter() - start
     if output is not None:
@@ -310,7 +314,7 @@ def _data_text(data: Component) -> str:
 
 
 def _run_detector(component: Component, network: torch.nn.Module, clean_x: torch.Tensor, clean_y: torch.Tensor,
-                  dataset: Dataset, seed: int, device: torch.device, new_model: Any) -> Verdict:
+                  dataset: Dataset, seed: int, device: torch.device, new_model: Any, train_config: TrainConfig) -> Verdict:
     entry = DEFENSES.entry(component.name)
     verdict = Verdict(detector=DEFENSES.variant(component.name, component.params, component.label),
                       name=component.name, params=dict(component.params),
@@ -318,7 +322,7 @@ def _run_detector(component: Component, network: torch.nn.Module, clean_x: torch
     context = DefenseContext(
         model=copy.deepcopy(network), clean_x=clean_x.clone(), clean_y=clean_y.clone(),
         num_classes=dataset.num_classes, in_channels=dataset.in_channels, image_size=dataset.image_size,
-        crop_padding=dataset.crop_padding, allow_hflip=dataset.allow_hflip, train_config=TrainConfig(),
+        crop_padding=dataset.crop_padding, allow_hflip=dataset.allow_hflip, train_config=train_config,
         # The grid's seed for this defense (experiment.py), so a scan and a grid cell draw alike.
         seed=derive_seed(seed, "defense", component.name), device=device, new_model=new_model)
     log.info("scan: running %s", verdict.detector)
