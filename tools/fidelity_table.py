@@ -5,7 +5,9 @@ prints the markdown tables of `docs/fidelity.md`:
 
 - BackdoorBench (Wu et al., NeurIPS 2022 Datasets and Benchmarks), CIFAR-10, PreAct-ResNet18,
   BadNets at 10%: clean accuracy / ASR (%) per defense, beside ours (the mean over the seeds that
-  are stored, with their count).
+  are stored, with their count). Each cell is the defense's variant as the `fidelity-<data set>`
+  grid lists it (for example `anp(iterations=2000)`); other variants stored in the same folders
+  (controlled changes) follow the table as rows of their own, never averaged into a cell.
 - Quantization Blindspots (arXiv 2512.06243), PreAct-ResNet18, the same BadNets: no defense at FP32
   and at INT4 (ours: `int4-sim-tensor`, the study's scheme), on GTSRB and CIFAR-10.
 
@@ -23,6 +25,8 @@ import argparse
 
 import pandas as pd
 
+from bdbench.defenses import DEFENSES
+from bdbench.grid import load_grid
 from bdbench.store import load_results
 
 # (clean accuracy, ASR) in %, BackdoorBench's CIFAR-10 PreAct-ResNet18 BadNets 10% table.
@@ -52,14 +56,21 @@ def ours(rows: pd.DataFrame) -> tuple[float, float, float, int]:
     return (100 * rows.clean_acc.mean(), 100 * rows.asr.mean(), 100 * rows.clean_acc_before.mean(), len(rows))
 
 
+def grid_variants(dataset: str) -> dict[str, str]:
+    """Each defense's variant as the `fidelity-<dataset>` grid lists it: {"anp": "anp(iterations=2000)", ...}."""
+    grid = load_grid(f"fidelity-{dataset.removesuffix('32')}")
+    return {d.name: DEFENSES.variant(d.name, d.params, d.label) for d in grid.defenses}
+
+
 def backdoorbench_table(results: pd.DataFrame, dataset: str) -> list[str]:
     rows = results[(results.dataset.str.split("(").str[0] == dataset) & (results.attack == "badnets") & (results.precision == "fp32")
                    & (results.status == "ok")]
+    variants = grid_variants(dataset)
     lines = [f"| defense | published CA / ASR | ours CA / ASR | our victim's CA | seeds | in kind |",
              "|---|---:|---:|---:|---:|---|"]
     agree = total = 0
     for defense, (pub_acc, pub_asr) in BACKDOORBENCH_CIFAR10_BADNETS.items():
-        mine = rows[rows.defense == defense]
+        mine = rows[rows.defense_variant == variants[defense]]
         if mine.empty:
             lines.append(f"| {defense} | {pub_acc:.2f} / {pub_asr:.2f} | not run | | 0 | |")
             continue
@@ -69,6 +80,14 @@ def backdoorbench_table(results: pd.DataFrame, dataset: str) -> list[str]:
         lines.append(f"| {defense} | {pub_acc:.2f} / {pub_asr:.2f} | {acc:.2f} / {asr:.2f} | {victim_acc:.2f} | "
                      f"{count} | {verdict} |")
     lines.append(f"\n{agree} of {total} cells run agree in kind.")
+    controls = rows[rows.defense.isin(BACKDOORBENCH_CIFAR10_BADNETS)
+                    & ~rows.defense_variant.isin([variants[d] for d in BACKDOORBENCH_CIFAR10_BADNETS])]
+    if not controls.empty:
+        lines += ["\nOther variants in the same folders (controlled changes, not cells of the table):\n",
+                  "| variant | ours CA / ASR | our victim's CA | seeds |", "|---|---:|---:|---:|"]
+        for variant, group in controls.groupby("defense_variant", sort=True):
+            acc, asr, victim_acc, count = ours(group)
+            lines.append(f"| {variant} | {acc:.2f} / {asr:.2f} | {victim_acc:.2f} | {count} |")
     return lines
 
 
