@@ -66,7 +66,7 @@ def backdoorbench_table(results: pd.DataFrame, dataset: str) -> list[str]:
     rows = results[(results.dataset.str.split("(").str[0] == dataset) & (results.attack == "badnets") & (results.precision == "fp32")
                    & (results.status == "ok")]
     variants = grid_variants(dataset)
-    lines = [f"| defense | published CA / ASR | ours CA / ASR | our victim's CA | seeds | in kind |",
+    lines = ["| defense | published CA / ASR | ours CA / ASR | our victim's CA | seeds | in kind |",
              "|---|---:|---:|---:|---:|---|"]
     agree = total = 0
     for defense, (pub_acc, pub_asr) in BACKDOORBENCH_CIFAR10_BADNETS.items():
