@@ -101,12 +101,17 @@ def test_scaling_multiplies_the_update_by_gamma_and_defaults_to_n_over_eta():
     context = CraftContext(per_round=10, server_lr=0.5)
     assert CLIENT_ATTACKS.build("scaling", {"gamma": 3.0}).craft(update, context).tolist() == [1.5, -3.0, 6.0]
     assert CLIENT_ATTACKS.build("scaling").craft(update, context).tolist() == [10.0, -20.0, 40.0]  # 10 / 0.5
+    once = CLIENT_ATTACKS.build("scaling", {"gamma": 3.0, "rounds": [4]})
+    assert once.craft(update, CraftContext(10, 0.5, round=3)).tolist() == [0.5, -1.0, 2.0]  # not its round
+    assert once.craft(update, CraftContext(10, 0.5, round=4)).tolist() == [1.5, -3.0, 6.0]
+    with pytest.raises(ConfigError, match="scaling round 12 is after the federation's last round 10"):
+        build_client_attack(FederatedConfig(rounds=10, client_attack={"name": "scaling", "rounds": [12]}))
 
 
 def test_only_malicious_participants_updates_are_crafted():
     malicious = MaliciousClients(CLIENT_ATTACKS.build("scaling", {"gamma": 2.0}), [1, 4], CraftContext(3, 1.0))
     updates = torch.tensor([[1.0, 1.0], [2.0, 3.0], [5.0, 7.0]])
-    crafted = malicious.craft(updates, torch.tensor([0, 1, 3]))  # client 1 is malicious, 0 and 3 are not
+    crafted = malicious.craft(updates, torch.tensor([0, 1, 3]), 1)  # client 1 is malicious, 0 and 3 are not
     assert crafted.tolist() == [[1.0, 1.0], [4.0, 6.0], [5.0, 7.0]]
     assert updates.tolist() == [[1.0, 1.0], [2.0, 3.0], [5.0, 7.0]]  # the trained updates are left as they were
 

@@ -120,7 +120,7 @@ class ResultRow:
                                                          "`federated_rounds` table)")
     fed_client_attack: str | None = _column("federated runs: what the malicious clients do besides poisoning their "
                                             "share (`dba`, `scaling(gamma=10)`, `neurotoxin`; empty: data poisoning "
-                                            "only)", report=True)
+                                            "only)", table=True, report=True)
 
     def update(self, **values: Any) -> None:
         """Set several columns; an unknown name is a `TypeError` naming it."""

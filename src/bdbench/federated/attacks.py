@@ -20,6 +20,7 @@ parameter checks (`bdbench.params`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -68,10 +69,12 @@ class ClientAttack:
 
 @dataclass(frozen=True)
 class CraftContext:
-    """What a malicious client knows when it crafts its update: clients averaged per round, the server's lr."""
+    """What a malicious client knows when it crafts its update: clients averaged per round, the server's lr, and
+    the round (1-based)."""
 
     per_round: int
     server_lr: float
+    round: int = 1
 
 
 CLIENT_ATTACKS: Registry[type[ClientAttack]] = Registry("federated client attack")
@@ -184,15 +187,25 @@ class Scaling(ClientAttack):
     that averaging with the other updates leaves (about) X. `gamma` None takes the paper's estimate n / eta: n
     the clients averaged per round and eta the server learning rate. The paper has one attacker; with m
     attackers in a round each scaled by n / eta, their backdoored models count m times over (set `gamma` to
-    n / (eta m) to share the replacement). The paper's constrain-and-scale variant (an anomaly-evasion loss
-    term) is not implemented."""
+    n / (eta m) to share the replacement). `rounds`: the rounds in which the attackers scale (the paper's attacker
+    replaces the model in one round, once the global model is close to convergence); in the others they send
+    their trained update as it is; None: every round. The paper's constrain-and-scale variant (an
+    anomaly-evasion loss term) is not implemented."""
 
     citation = ("Bagdasaryan, Veit, Hua, Estrin, Shmatikov. How To Backdoor Federated Learning. AISTATS 2020.")
 
-    def __init__(self, gamma: PositiveFloat | None = None) -> None:
-        self.gamma = gamma
+    def __init__(self, gamma: PositiveFloat | None = None, rounds: list[PositiveInt] | None = None) -> None:
+        self.gamma, self.rounds = gamma, rounds
+
+    def check(self, config: FederatedConfig) -> None:
+        late = [r for r in self.rounds or [] if r > config.rounds]
+        if late:
+            raise ConfigError(f"scaling round {late[0]} is after the federation's last round {config.rounds}; "
+                              f"give rounds in 1..{config.rounds}")
 
     def factor(self, context: CraftContext) -> float:
+        if self.rounds is not None and context.round not in self.rounds:
+            return 1.0
         return self.gamma if self.gamma is not None else context.per_round / context.server_lr
 
     def craft(self, update: torch.Tensor, context: CraftContext) -> torch.Tensor:
@@ -276,14 +289,14 @@ class MaliciousClients:
         out[rows] = mask.to(device)
         return out
 
-    def craft(self, updates: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """The round's updates (K, D) with each malicious participant's replaced by the one it crafts."""
+    def craft(self, updates: torch.Tensor, chosen: torch.Tensor, round_: int) -> torch.Tensor:
+        """Round `round_`'s updates (K, D) with each malicious participant's replaced by the one it crafts."""
         rows = self._rows(chosen)
         if not rows:
             return updates
-        updates = updates.clone()
+        updates, context = updates.clone(), dataclasses.replace(self.context, round=round_)
         for k in rows:
-            updates[k] = self.attack.craft(updates[k], self.context)
+            updates[k] = self.attack.craft(updates[k], context)
         return updates
 
 

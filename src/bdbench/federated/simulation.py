@@ -232,7 +232,7 @@ class Federation:
             updates = _flat({n: trained[n] - self.weights[n] for n in self.names}, self.names)
             up = float(updates.numel() * BYTES_PER_VALUE)
         if self.malicious is not None:
-            updates = self.malicious.craft(updates, chosen)
+            updates = self.malicious.craft(updates, chosen, r)
         sizes = torch.tensor([len(shares[int(c)]) for c in chosen], dtype=torch.float64, device=updates.device)
         context = RoundContext(r, config.rounds, config.clients,
                                torch.Generator().manual_seed(derive_seed(self.seed, "server", r)))

@@ -99,7 +99,7 @@ def federated_section(rows: pd.DataFrame) -> str:
             "each evaluated round, one line per server defense, mean over seeds. The table gives the last round: the "
             "federation without attack beside each attacked one, per server defense and split; CA is benign "
             "accuracy, ASR the share of triggered non-target test images classified as the target.")
-    return (f'<div class="figrow">{"".join(parts)}</div>' + html_table(final_table(points))
+    return (f'<div class="figrow">{"".join(parts)}</div>' + f'<div class="scroll">{html_table(final_table(points))}</div>'
             + f'<p class="note">{escape(note)}</p>')
 
 
