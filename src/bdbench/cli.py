@@ -234,12 +234,12 @@ def scan(weights: str, model: str, model_params: tuple[str, ...], data: str, spl
 
 @main.command(name="list")
 @click.argument("what", type=click.Choice(["configs", "datasets", "models", "attacks", "defenses", "server-defenses",
-                                           "precisions"]))
+                                           "client-attacks", "precisions"]))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @_PLUGIN_OPTION
 def list_(what: str, fmt: str, plugins: tuple[str, ...]) -> None:
-    """List built-in grids or registered datasets, models, attacks, defenses, federated server defenses,
-    precisions (with a plugin's source)."""
+    """List built-in grids or registered datasets, models, attacks, defenses, federated server defenses, federated
+    client attacks, precisions (with a plugin's source)."""
     from bdbench.plugins import import_modules
 
     import_modules(plugins)
@@ -270,6 +270,8 @@ def _catalogue(what: str) -> list[dict]:
         from bdbench.defenses import DEFENSES as registry
     elif what == "server-defenses":
         from bdbench.federated import SERVER_DEFENSES as registry
+    elif what == "client-attacks":
+        from bdbench.federated.attacks import CLIENT_ATTACKS as registry
     else:
         from bdbench.precision import PRECISIONS as registry
     entries = []

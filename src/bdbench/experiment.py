@@ -26,6 +26,7 @@ from bdbench.attacks import ATTACKS, Attack, AttackWorkshop, PoisonedTrainingSet
 from bdbench.data import Dataset, dataset_label, load_dataset
 from bdbench.defenses import DEFENSES, SEES_TRAINING_SET, Defense, DefenseContext, DefenseOutcome, InputDetector
 from bdbench.errors import ArtifactError, BdbenchError, NotApplicable
+from bdbench.federated.attacks import client_attack_variant
 from bdbench.grid import CleanBudget, ExperimentSpec
 from bdbench.models import create_model, with_normalization
 from bdbench.precision import PRECISIONS, Deployed, Precision, is_int8_kernel, passes_input_gradient
@@ -307,7 +308,8 @@ def _federated_columns(spec: ExperimentSpec) -> dict[str, Any]:
     return {"server_defense": federation.server_defense.name, "server_defense_params": federation.server_defense.params,
             "server_defense_variant": federation.server_defense_variant, "fed_clients": federation.clients,
             "fed_malicious": len(federation.malicious_ids), "fed_participation": federation.participation,
-            "fed_split": federation.split_name(), "rounds": federation.rounds}
+            "fed_split": federation.split_name(), "rounds": federation.rounds,
+            "fed_client_attack": None if ATTACKS.is_reference(spec.attack.name) else client_attack_variant(federation)}
 
 
 def run_experiment(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device | None = None,

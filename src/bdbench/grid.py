@@ -106,6 +106,9 @@ def _check_federated(federated: FederatedGrid, model: Component, attacks: list[C
                              "clients do not run; pick a data-poisoning attack (badnets, blended, ...)")
     for entry in federated.server_defenses:
         SERVER_DEFENSES.build(entry.name, entry.params).check(federated.clients, federated.per_round)
+    from bdbench.federated.attacks import build_client_attack
+
+    build_client_attack(federated)
     import torch
 
     from bdbench.federated.clients import check_template
@@ -229,13 +232,17 @@ class ExperimentSpec(BaseModel):
     @property
     def victim_key(self) -> str:
         """The hash of what shapes the victim's weights. A clean model (attack `none`) learns no
-        target, so its key leaves the target label out: one clean model serves every target label."""
+        target, so its key leaves the target label out (and a federation's client attack, which no client runs
+        then): one clean model serves every target label and client attack."""
         shaping = {"dataset", "model", "training", "attack", "poison_rate", "target_label", "seed", "federated"}
         if ATTACKS.is_reference(self.attack.name):
             shaping.discard("target_label")
         fields = self._fields(shaping)
         if self.federated is not None:  # what shapes the global model: not how often it is scored or checkpointed
-            fields["federated"] = {**self.federated.settings(),
+            federation = self.federated
+            if ATTACKS.is_reference(self.attack.name):
+                federation = federation.model_copy(update={"client_attack": None})
+            fields["federated"] = {**federation.settings(),
                                    "server_defense": self.federated.server_defense.model_dump(mode="json")}
         return _hash(fields)
 
@@ -251,7 +258,12 @@ class ExperimentSpec(BaseModel):
         attack = (self.attack_variant if ATTACKS.is_reference(self.attack.name)
                   else f"{self.attack_variant}@{self.poison_rate:g} target {self.target_label}")
         order = " (defend, then quantize)" if self.precision_order == "defend_then_quantize" else ""
-        federated = f"federated {self.federated.server_defense_variant}: " if self.federated is not None else ""
+        federated = ""
+        if self.federated is not None:
+            from bdbench.federated.attacks import client_attack_variant
+
+            behaviour = None if ATTACKS.is_reference(self.attack.name) else client_attack_variant(self.federated)
+            federated = f"federated {self.federated.server_defense_variant}{f' vs {behaviour}' if behaviour else ''}: "
         return f"{federated}{attack} / {self.defense_variant} / {self.precision}{order} / seed {self.seed}"
 
 

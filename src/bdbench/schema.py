@@ -118,6 +118,9 @@ class ResultRow:
                                              report=True)
     round_metrics: list[dict[str, Any]] | None = _column("federated runs: the per-round curve (JSON; also in the "
                                                          "`federated_rounds` table)")
+    fed_client_attack: str | None = _column("federated runs: what the malicious clients do besides poisoning their "
+                                            "share (`dba`, `scaling(gamma=10)`, `neurotoxin`; empty: data poisoning "
+                                            "only)", table=True, report=True)
 
     def update(self, **values: Any) -> None:
         """Set several columns; an unknown name is a `TypeError` naming it."""

@@ -31,7 +31,9 @@ class FederatedConfig(BaseModel):
     `checkpoint_every`: rounds between the checkpoints a killed run resumes from; `vectorised`: clients train
     as one `vmap` computation, or one after another (the same numbers); None picks vectorised on CUDA and one
     after another on the CPU, where `benchmarks/federated_vectorised.py` measured the vmapped convolutions slower;
-    `client_chunk`: clients per vmap chunk (bounds memory; None: all at once)."""
+    `client_chunk`: clients per vmap chunk (bounds memory; None: all at once). `client_attack`: what the malicious
+    clients do besides training on their poisoned share (`bdbench.federated.attacks`: `dba`, `scaling`,
+    `neurotoxin`, or `{name: ..., <params>}`); None: plain data poisoning."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,6 +52,7 @@ class FederatedConfig(BaseModel):
     checkpoint_every: int = Field(5, ge=1)
     vectorised: bool | None = None
     client_chunk: int | None = Field(None, ge=1)
+    client_attack: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _malicious_ids(self) -> FederatedConfig:
@@ -58,11 +61,23 @@ class FederatedConfig(BaseModel):
             raise ValueError(f"malicious {self.malicious} is not a count of 0..{self.clients} clients")
         if len(set(ids)) != len(ids) or any(not 0 <= i < self.clients for i in ids):
             raise ValueError(f"malicious ids {self.malicious} must be distinct client ids in 0..{self.clients - 1}")
+        self.client_attack_spec  # noqa: B018 - a client attack without a name is refused here
         return self
 
     @property
     def malicious_ids(self) -> list[int]:
         return list(range(self.malicious)) if isinstance(self.malicious, int) else list(self.malicious)
+
+    @property
+    def client_attack_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """The client attack as (name, parameters), or None."""
+        if self.client_attack is None or isinstance(self.client_attack, str):
+            return None if self.client_attack is None else (self.client_attack, {})
+        params = dict(self.client_attack)
+        name = params.pop("name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"federated.client_attack {self.client_attack} needs a 'name' (dba, scaling, neurotoxin)")
+        return name, params
 
     @property
     def per_round(self) -> int:
@@ -74,8 +89,11 @@ class FederatedConfig(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         """The settings that shape the trained global model (what a victim key hashes): all but the bookkeeping
-        ones (how often to evaluate and checkpoint, vectorised or not, chunking), which change no weight."""
-        return self.model_dump(mode="json", exclude={"eval_every", "checkpoint_every", "vectorised", "client_chunk"})
+        ones (how often to evaluate and checkpoint, vectorised or not, chunking), which change no weight. Without a
+        client attack the key is the one federations had before client attacks existed."""
+        bookkeeping = {"eval_every", "checkpoint_every", "vectorised", "client_chunk"}
+        return self.model_dump(mode="json", exclude=bookkeeping | ({"client_attack"} if self.client_attack is None
+                                                                    else set()))
 
 
 __all__ = ["DirichletSplit", "FederatedConfig"]

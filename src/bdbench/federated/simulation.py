@@ -31,6 +31,7 @@ from bdbench.attacks import Attack
 from bdbench.data import Dataset
 from bdbench.errors import ArtifactError, ConfigError
 from bdbench.federated.aggregation import SERVER_DEFENSES, RoundContext, ServerDefense
+from bdbench.federated.attacks import ClientAttack, CraftContext, MaliciousClients, build_client_attack
 from bdbench.federated.clients import ClientPlan, ClientTrainer, LocalSGD, Tensors, check_template
 from bdbench.federated.config import FederatedConfig
 from bdbench.federated.lockdown import Lockdown, consensus, init_masks, prune, prune_ratio, regrow
@@ -72,20 +73,24 @@ def client_shares(y: torch.Tensor, config: FederatedConfig, seed: int) -> list[t
 
 
 def poison_shares(dataset: Dataset, shares: list[torch.Tensor], malicious: list[int], attack: Attack,
-                  share: float, target_label: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The federation's training tensor with each malicious client's rows poisoned by `attack`: floor(share x the
-    attack's candidates among the client's samples) of them (for an all-to-one attack, its non-target samples,
-    as Lockdown's `poison_dataset`). Returns images, labels and the number of poisoned samples."""
+                  share: float, target_label: int, seed: int,
+                  client_attack: ClientAttack | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The federation's training tensor with each malicious client's rows poisoned by `attack` (or the local attack
+    a client attack gives the client, DBA's part of the trigger): floor(share x the attack's candidates among
+    the client's samples) of them (for an all-to-one attack, its non-target samples, as Lockdown's
+    `poison_dataset`). Returns images, labels and the number of poisoned samples."""
     x, y, poisoned = dataset.x_train.clone(), dataset.y_train.clone(), 0
-    for client in malicious:
+    shape = (int(dataset.x_train.shape[1]), int(dataset.x_train.shape[2]), int(dataset.x_train.shape[3]))
+    for index, client in enumerate(malicious):
+        own_attack = attack if client_attack is None else client_attack.local_attack(attack, index, shape)
         rows = shares[client]
         own = dataclasses.replace(dataset, x_train=dataset.x_train[rows], y_train=dataset.y_train[rows])
         generator = torch.Generator().manual_seed(derive_seed(seed, "federated_poison", client))
-        candidates = len(attack.select(own.y_train, 1.0, target_label, generator))
+        candidates = len(own_attack.select(own.y_train, 1.0, target_label, generator))
         count = math.floor(share * candidates)
         if count == 0:
             continue
-        result = attack.poison(own, count / len(rows), target_label, generator)
+        result = own_attack.poison(own, count / len(rows), target_label, generator)
         if result.y.dtype != torch.long:
             raise ConfigError(f"attack {type(attack).__name__} trains on soft labels, which federated clients do not "
                               "support yet; pick a hard-label attack")
@@ -103,10 +108,11 @@ def _flat(stacked: Tensors, names: list[str]) -> torch.Tensor:
 
 
 def _unflat(vector: torch.Tensor, like: Tensors, names: list[str]) -> Tensors:
+    """Flattened weights (D,), or stacked ones (K, D), back to name -> (*shape) or (K, *shape)."""
     out, start = {}, 0
     for n in names:
         size = like[n].numel()
-        out[n] = vector[start:start + size].view_as(like[n])
+        out[n] = vector[..., start:start + size].reshape(*vector.shape[:-1], *like[n].shape)
         start += size
     return out
 
@@ -115,8 +121,10 @@ class Federation:
     """The state of one federation between rounds: global weights, Lockdown's masks, the curve so far."""
 
     def __init__(self, config: FederatedConfig, defense: ServerDefense, template: nn.Module, seed: int,
-                 device: torch.device) -> None:
+                 device: torch.device, client_attack: ClientAttack | None = None) -> None:
         self.config, self.defense, self.template, self.seed, self.device = config, defense, template, seed, device
+        self.malicious = None if client_attack is None else MaliciousClients(
+            client_attack, config.malicious_ids, CraftContext(config.per_round, config.server_lr))
         self.names = [n for n, _ in template.named_parameters()]
         self.weights: Tensors = {n: p.detach().to(device).clone() for n, p in template.named_parameters()}
         self.masks: Tensors | None = None
@@ -140,6 +148,8 @@ class Federation:
         if self.masks is not None and self.removed is not None:
             tensors.update({f"masks.{n}": m.to(torch.uint8) for n, m in self.masks.items()})
             tensors.update({f"removed.{n}": r for n, r in self.removed.items()})
+        if self.malicious is not None:
+            tensors.update({f"client_attack.{n}": t for n, t in self.malicious.attack.state().items()})
         tensors["round"] = torch.tensor(self.round)
         tensors["totals"] = torch.tensor([self.server_s, *self.bytes], dtype=torch.float64)
         tensors["curve"] = torch.tensor([[math.nan if e[f] is None else float(e[f]) for f in CURVE_FIELDS]
@@ -152,6 +162,9 @@ class Federation:
             if self.masks is not None:
                 self.masks = {n: tensors[f"masks.{n}"].float().to(self.device) for n in self.names}
                 self.removed = {n: tensors[f"removed.{n}"].long() for n in self.names}
+            if self.malicious is not None:
+                self.malicious.attack.load({n.removeprefix("client_attack."): t for n, t in tensors.items()
+                                            if n.startswith("client_attack.")})
             self.round = int(tensors["round"])
             self.server_s, up, down = (float(v) for v in tensors["totals"])
             self.bytes = [up, down]
@@ -177,6 +190,15 @@ class Federation:
                 p.copy_(weights[n])
         return model.eval()
 
+    def _attack_masks(self, chosen: torch.Tensor, masks: Tensors | None) -> Tensors | None:
+        """The masks the participants' local steps keep to: Lockdown's (or none), times a client attack's."""
+        size = sum(p.numel() for p in self.weights.values())
+        flat = None if self.malicious is None else self.malicious.step_masks(chosen, size, self.device)
+        if flat is None:
+            return masks
+        attack = _unflat(flat, self.weights, self.names)
+        return attack if masks is None else {n: masks[n] * attack[n] for n in self.names}
+
     def run_round(self, trainer: ClientTrainer, shares: list[torch.Tensor], local: LocalSGD) -> dict[str, float]:
         config, r = self.config, self.round + 1
         order = torch.randperm(config.clients, generator=torch.Generator().manual_seed(
@@ -197,7 +219,7 @@ class Federation:
                 masks = regrow(masks, trainer.gradient_sums(start, screens, bool(config.vectorised)), removed)
         else:
             down = float(k * sum(p.numel() for p in self.weights.values()) * BYTES_PER_VALUE)
-        trained = trainer.train(start, plans, local, masks, bool(config.vectorised))
+        trained = trainer.train(start, plans, local, self._attack_masks(chosen, masks), bool(config.vectorised))
         if masks is not None and self.masks is not None and self.removed is not None:
             assert isinstance(self.defense, Lockdown)
             masks, counts = prune(masks, trained, prune_ratio(r, config.rounds, self.defense.alpha0))
@@ -209,6 +231,8 @@ class Federation:
         else:
             updates = _flat({n: trained[n] - self.weights[n] for n in self.names}, self.names)
             up = float(updates.numel() * BYTES_PER_VALUE)
+        if self.malicious is not None:
+            updates = self.malicious.craft(updates, chosen, r)
         sizes = torch.tensor([len(shares[int(c)]) for c in chosen], dtype=torch.float64, device=updates.device)
         context = RoundContext(r, config.rounds, config.clients,
                                torch.Generator().manual_seed(derive_seed(self.seed, "server", r)))
@@ -217,6 +241,8 @@ class Federation:
         seconds = time.perf_counter() - began
         step = _unflat(aggregate.to(updates.dtype), self.weights, self.names)
         self.weights = {n: self.weights[n] + config.server_lr * step[n] for n in self.names}
+        if self.malicious is not None:
+            self.malicious.attack.observe(config.server_lr * aggregate)
         self.round, self.server_s = r, self.server_s + seconds
         self.bytes = [self.bytes[0] + up, self.bytes[1] + down]
         return {"bytes_up": up, "bytes_down": down, "server_defense_s": seconds}
@@ -239,15 +265,17 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
     if small:
         raise ConfigError(f"client {small[0][0]} holds {small[0][1]} samples, fewer than federated.batch_size "
                           f"{config.batch_size}; lower batch_size, use fewer clients or raise split.min_samples")
-    triggered = None
+    triggered, client_attack = None, None
     if attack is not None:
-        x, y, poisoned = poison_shares(dataset, shares, config.malicious_ids, attack, poison_share, target_label, seed)
+        client_attack = build_client_attack(config)
+        x, y, poisoned = poison_shares(dataset, shares, config.malicious_ids, attack, poison_share, target_label, seed,
+                                       client_attack)
         triggered = attack.triggered_test_set(dataset, target_label)
     else:
         x, y, poisoned = dataset.x_train, dataset.y_train, 0
     local = LocalSGD(config.local_epochs, config.batch_size, config.client_lr, config.client_momentum,
                      config.weight_decay, dataset.crop_padding, dataset.allow_hflip)
-    federation = Federation(config, defense, template, seed, device)
+    federation = Federation(config, defense, template, seed, device, client_attack)
     resumed = 0
     if cache is not None and checkpoint_key is not None:
         try:
@@ -258,7 +286,8 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
                 log.info("federation %s resumes after round %d", checkpoint_key, resumed)
         except ArtifactError as exc:
             log.warning("%s; starting the federation again", exc)
-            federation = Federation(config, defense, template, seed, device)
+            federation = Federation(config, defense, template, seed, device, build_client_attack(config)
+                                    if client_attack is not None else None)
     trainer = ClientTrainer(template, x, y, device, config.client_chunk)
     if config.vectorised is None:
         config = config.model_copy(update={"vectorised": device.type == "cuda"})

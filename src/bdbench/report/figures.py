@@ -101,3 +101,31 @@ def precision_bars(table: pd.DataFrame) -> str:
         axes[1].legend(title="precision", loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
         figure.tight_layout()
         return _to_svg(figure)
+
+
+def round_curves(curves: pd.DataFrame, title: str) -> str:
+    """Benign accuracy and ASR against federated rounds, one colour and marker per server defense (`curves`:
+    server_defense, round, clean_acc, asr). A setting without ASR (no attack) leaves its panel saying so."""
+    with plt.rc_context(_STYLE):
+        figure, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharex=True)
+        for k, (defense, group) in enumerate(curves.groupby("server_defense", sort=True)):
+            style = {"color": PALETTE[k % len(PALETTE)], "marker": MARKERS[k % len(MARKERS)], "markersize": 4,
+                     "linewidth": 1.4, "label": str(defense)}
+            group = group.sort_values("round")
+            axes[0].plot(group["round"], group["clean_acc"], **style)
+            if group["asr"].notna().any():
+                axes[1].plot(group["round"], group["asr"], **style)
+        if not curves["asr"].notna().any():
+            axes[1].text(0.5, 0.5, "no attack: no ASR", ha="center", va="center", transform=axes[1].transAxes,
+                         color="#555555")
+        for ax, label in zip(axes, ["benign accuracy", "ASR"]):
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("round")
+            ax.set_title(label)
+            ax.grid(alpha=0.3)
+        figure.suptitle(title)
+        handles, labels = axes[0].get_legend_handles_labels()  # the ASR panel may have no lines
+        axes[1].legend(handles, labels, title="server defense", loc="center left", bbox_to_anchor=(1.02, 0.5),
+                       frameon=False)
+        figure.tight_layout()
+        return _to_svg(figure)

@@ -14,13 +14,14 @@ import pandas as pd
 from bdbench.errors import BdbenchError
 from bdbench.report import figures, stats
 from bdbench.report.assets import CSS, ERROR_TRAP, TABLE_SCRIPT
+from bdbench.report.federated import federated_section, has_federated
 from bdbench.schema import REPORT_COLUMNS
 
 # Columns of the every-experiment table, in reading order (from the result schema; the long identifier last);
 # long JSON columns (spec) stay in the database.
 EXPERIMENT_COLUMNS = [c for c in REPORT_COLUMNS if c != "experiment_id"] + ["experiment_id"]
 SECTIONS = [("leaderboard", "Leaderboard"), ("heatmaps", "ASR and CA drop"), ("detection", "Detection"),
-            ("precision", "Precision"), ("cost", "Cost"), ("experiments", "All experiments"),
+            ("precision", "Precision"), ("cost", "Cost"), ("federated", "Federated"), ("experiments", "All experiments"),
             ("failures", "Errors and not applicable")]
 
 
@@ -251,11 +252,13 @@ def render(rows: pd.DataFrame, title: str = "bdbench report") -> str:
     """The whole page as one string: inline CSS, inline SVG figures, inline script, no external references."""
     rows = stats.by_variant(rows)
     builders = {"leaderboard": leaderboard_section, "heatmaps": heatmap_section, "detection": detection_section,
-                "precision": precision_section, "cost": cost_section, "experiments": experiments_section,
-                "failures": failures_section}
-    nav = "".join(f'<a href="#{key}">{escape(label)}</a>' for key, label in SECTIONS)
+                "precision": precision_section, "cost": cost_section, "federated": federated_section,
+                "experiments": experiments_section, "failures": failures_section}
+    # The federated section only where there are federated experiments.
+    sections = [(key, label) for key, label in SECTIONS if key != "federated" or has_federated(rows)]
+    nav = "".join(f'<a href="#{key}">{escape(label)}</a>' for key, label in sections)
     body = "".join(f'<section id="{key}"><h2>{escape(label)}</h2>{builders[key](rows)}</section>'
-                   for key, label in SECTIONS)
+                   for key, label in sections)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title>"
             f"<style>{CSS}</style><script>{ERROR_TRAP}</script></head>"
