@@ -30,12 +30,14 @@ Weighting = Literal["samples", "uniform"]
 @dataclass
 class RoundContext:
     """What a server knows in one round besides the updates: the round (1-based), the number of rounds, the
-    number of clients in the federation, and a generator seeded for this round (for noise)."""
+    number of clients in the federation, a generator seeded for this round (for noise), and, for a defense with
+    a root set (`ServerDefense.root_samples`), the server's own flattened update trained on it this round."""
 
     round: int
     rounds: int
     clients: int
     generator: torch.Generator
+    server_update: torch.Tensor | None = None
 
 
 class ServerDefense:
@@ -45,6 +47,8 @@ class ServerDefense:
     reference: ClassVar[bool] = False  # FedAvg: the undefended server the others are compared with
     # Whether clients run Lockdown's masked protocol (bdbench.federated.lockdown) instead of dense training.
     sparse_clients: ClassVar[bool] = False
+    # Clean training samples the server holds out of the clients' shares as its root set (FLTrust); 0: none.
+    root_samples: int = 0
 
     def check(self, clients: int, per_round: int) -> None:
         """Refuse, before any training, a setting this federation cannot take (a one-line `ConfigError`)."""

@@ -35,7 +35,7 @@ from bdbench.federated.attacks import ClientAttack, CraftContext, MaliciousClien
 from bdbench.federated.clients import ClientPlan, ClientTrainer, LocalSGD, Tensors, check_template
 from bdbench.federated.config import FederatedConfig
 from bdbench.federated.lockdown import Lockdown, consensus, init_masks, prune, prune_ratio, regrow
-from bdbench.federated.split import split_dirichlet, split_iid
+from bdbench.federated.split import hold_out, split_dirichlet, split_iid
 from bdbench.progress import steps
 from bdbench.seeding import derive_seed
 from bdbench.store import ArtifactCache
@@ -199,7 +199,17 @@ class Federation:
         attack = _unflat(flat, self.weights, self.names)
         return attack if masks is None else {n: masks[n] * attack[n] for n in self.names}
 
-    def run_round(self, trainer: ClientTrainer, shares: list[torch.Tensor], local: LocalSGD) -> dict[str, float]:
+    def server_update(self, trainer: ClientTrainer, root: torch.Tensor, local: LocalSGD, r: int) -> torch.Tensor:
+        """The server's own flattened update of round `r`: the global model trained on its root set `root` with the
+        clients' local SGD, in batches of at most the root set's size (FLTrust)."""
+        own = dataclasses.replace(local, batch_size=min(local.batch_size, len(root)))
+        plan = ClientPlan.draw(root, own, derive_seed(self.seed, "server_root", r))
+        trained = trainer.train(_stack(self.weights, 1), [plan], own, None, bool(self.config.vectorised))
+        return _flat({n: trained[n] - self.weights[n] for n in self.names}, self.names)[0]
+
+    def run_round(self, trainer: ClientTrainer, shares: list[torch.Tensor], local: LocalSGD,
+                  root: torch.Tensor | None = None) -> dict[str, float]:
+        """One round; `root`: the server's root set (rows of the training tensor) where its defense has one."""
         config, r = self.config, self.round + 1
         order = torch.randperm(config.clients, generator=torch.Generator().manual_seed(
             derive_seed(self.seed, "participants", r)))
@@ -237,6 +247,8 @@ class Federation:
         context = RoundContext(r, config.rounds, config.clients,
                                torch.Generator().manual_seed(derive_seed(self.seed, "server", r)))
         began = time.perf_counter()
+        if root is not None:
+            context.server_update = self.server_update(trainer, root, local, r)
         aggregate = self.defense.aggregate(updates, sizes, context)
         seconds = time.perf_counter() - began
         step = _unflat(aggregate.to(updates.dtype), self.weights, self.names)
@@ -260,7 +272,12 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
     check_template(template, type(template).__name__)
     defense = SERVER_DEFENSES.build(*server_defense)
     defense.check(config.clients, config.per_round)
-    shares = client_shares(dataset.y_train, config, seed)
+    root = None
+    if defense.root_samples:
+        root, pool = hold_out(len(dataset.y_train), defense.root_samples, derive_seed(seed, "federated_root"))
+        shares = [pool[rows] for rows in client_shares(dataset.y_train[pool], config, seed)]
+    else:
+        shares = client_shares(dataset.y_train, config, seed)
     small = [(i, len(s)) for i, s in enumerate(shares) if len(s) < config.batch_size]
     if small:
         raise ConfigError(f"client {small[0][0]} holds {small[0][1]} samples, fewer than federated.batch_size "
@@ -295,7 +312,7 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
     for index in steps("federated round", config.rounds):
         if index < federation.round:
             continue
-        sent = federation.run_round(trainer, shares, local)
+        sent = federation.run_round(trainer, shares, local, root)
         r = federation.round
         if r % config.eval_every == 0 or r == config.rounds:
             measured = evaluate(federation.model(), dataset, triggered)

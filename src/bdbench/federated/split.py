@@ -44,4 +44,13 @@ def split_dirichlet(y: torch.Tensor, clients: int, split: DirichletSplit, seed: 
                       f"{split.min_samples} in {attempts} draws; raise alpha or lower min_samples")
 
 
-__all__ = ["split_dirichlet", "split_iid"]
+def hold_out(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` of the rows 0..n-1 drawn uniformly at random (a server's root set), and the rest, both sorted."""
+    if not 0 < size < n:
+        raise ConfigError(f"a root set of {size} samples does not fit a training set of {n}; pick a root_size "
+                          f"between 1 and {n - 1}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return torch.sort(order[:size]).values, torch.sort(order[size:]).values
+
+
+__all__ = ["hold_out", "split_dirichlet", "split_iid"]
