@@ -8,7 +8,10 @@ what the clean images of the budget share (the object) survives reconstruction, 
 pattern (a trigger) does not. At run time the filter is deterministic: it decodes the mean of the
 latent code, so the same image is always filtered the same way (the paper samples in training only).
 
-Details fixed here, not taken from the paper (its architecture is for its own image sizes):
+The paper's text was not at hand when this was written (only its abstract): the structure of the
+losses (VAE evidence bound plus the classifier's cross-entropy on the reconstruction; AIF's generator
+game; FtC's contrast rule) follows the paper's description, and every architecture choice and loss
+weight here is ours, to be checked against its appendix. Details fixed here:
 - Encoder: a 3x3 convolution of `width` channels, then stride-2 3x3 convolutions doubling the
   channels (at most 4 x width) until the side is 4 or less (32 -> 16 -> 8 -> 4, 28 -> 14 -> 7 -> 4,
   8 -> 4), then a linear layer to the latent mean and log-variance. Decoder: the mirror image, with
