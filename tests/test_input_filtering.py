@@ -11,6 +11,9 @@ from bdbench.defenses import DEFENSES, DefenseKind
 from bdbench.defenses.filtering import Filtered, VariationalFilter, vae_terms
 from bdbench.defenses.ftc import PredictionContrast
 from bdbench.errors import ConfigError
+from bdbench.models import create_model
+from bdbench.precision import PRECISIONS
+from bdbench.training import predict
 
 
 @pytest.mark.parametrize("channels, side, latent_side", [(1, 8, 4), (1, 28, 4), (3, 32, 4), (3, 5, 3)])
@@ -36,6 +39,17 @@ def test_vae_terms_are_the_summed_squared_error_and_the_gaussian_kl():
     mean, log_var = torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.0, math.log(4.0), 0.0]])
     _, kl = vae_terms(x[:1], reconstruction[:1], mean, log_var)
     assert kl.item() == pytest.approx(0.5 + (4 - 1 - math.log(4)) / 2 + 2.0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-dynamic", "int8-static", "int8-sim", "int4-sim-tensor"])
+def test_the_filtered_model_deploys_at_every_precision_filter_included(precision):
+    # The runner deploys a repaired model at the grid's precision; int8-static traces it with torch.fx.
+    filtered = Filtered(VariationalFilter(1, 8, latent_dim=4, width=4), create_model("cnn-small", 10, 1, 8, width=4))
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    deployed = PRECISIONS.get(precision).deploy(filtered, images)
+    assert predict(deployed.model, images).shape == (6,)
+    if precision != "fp32":
+        assert "Linear" in deployed.quantized_layers
 
 
 class _Brighter(nn.Module):

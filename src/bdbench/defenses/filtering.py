@@ -68,7 +68,7 @@ class VariationalFilter(nn.Module):
         return mean, log_var
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.from_latent(z)).view(len(z), *self.code_shape)
+        h = F.relu(self.from_latent(z)).unflatten(1, self.code_shape)
         for conv, side in zip(self.up, reversed(self.sides[:-1])):
             h = F.relu(conv(F.interpolate(h, size=(side, side), mode="nearest")))
         return torch.sigmoid(self.to_image(h))
