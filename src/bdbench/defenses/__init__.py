@@ -11,6 +11,7 @@ from __future__ import annotations
 from bdbench.defenses import (  # noqa: F401
     abl,
     ac,
+    aif,
     anp,
     awm,
     beatrix,
@@ -19,6 +20,7 @@ from bdbench.defenses import (  # noqa: F401
     fp,
     fst,
     ft,
+    ftc,
     ftsam,
     ibau,
     mmbd,
@@ -36,6 +38,7 @@ from bdbench.defenses import (  # noqa: F401
     ss,
     strip,
     teco,
+    vif,
 )
 from bdbench.defenses.base import (
     DEFENSES,
