@@ -48,6 +48,19 @@ def badnets(digits):
     return poisoned_digits(digits, "badnets", {"patch_size": 2}, 0.1)
 
 
+@pytest.fixture(scope="session")
+def sparse_badnets(digits):
+    """What the training-data detectors inspect: BadNets (3x3 patch) on 4% of the set, so that the poisons
+    are about a quarter of the target class, the regime the clustering and spectral papers were designed for."""
+    return poisoned_digits(digits, "badnets", {"patch_size": 3}, 0.04)
+
+
+@pytest.fixture(scope="session")
+def benign(digits):
+    """The same tiny model trained on clean digits (no attack), for detectors' false alarms."""
+    return poisoned_digits(digits, "none", {}, 0.1)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(test_seed())

@@ -1,15 +1,19 @@
-"""A poisoned digits model and the context a defender would get for it, shared by defense tests."""
+"""A poisoned digits model and the context a defender would get for it, shared by defense tests, and a
+context around any hand-made model (`toy_context`)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from bdbench import metrics
 from bdbench.attacks import ATTACKS, Attack, PoisonedTrainingSet, TriggeredTestSet
 from bdbench.data import Dataset
-from bdbench.defenses import DefenseContext
+from bdbench.defenses import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.models import create_model, with_normalization
 from bdbench.training import TrainConfig, predict, train
 
@@ -46,6 +50,65 @@ class Poisoned:
             train_x=self.poisoned.x if sees_training_set else None,
             train_y=self.poisoned.y if sees_training_set else None)
 
+    def defend(self, name: str, params: dict[str, Any] | None = None,
+               sees_training_set: bool = False) -> tuple[Defense, DefenseOutcome]:
+        """Build defense `name` with `params` and run it on this model's context."""
+        defense = DEFENSES.build(name, params or {})
+        return defense, defense.run(self.context(sees_training_set))
+
+    def repair(self, name: str, params: dict[str, Any] | None = None) -> nn.Module:
+        """The model that repair `name` returns, checking that it left the deployed model untouched."""
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        repaired = self.defend(name, params)[1].model
+        assert all(torch.equal(before[k], v) for k, v in self.model.state_dict().items())  # deployed model untouched
+        assert repaired is not None, f"{name} returned no model"
+        return repaired
+
+    def detect_poisons(self, name: str, **params) -> tuple[DefenseOutcome, float, float, float]:
+        """Run training-data detector `name`: its outcome and its TPR, FPR and AUROC on the poison mask."""
+        outcome = self.defend(name, params, sees_training_set=True)[1]
+        mask = self.poisoned.poison_mask
+        assert outcome.flagged.shape == mask.shape and outcome.sample_scores.shape == mask.shape
+        tpr, fpr = metrics.detection_rates(outcome.flagged, mask)
+        return outcome, tpr, fpr, metrics.auroc(outcome.sample_scores, mask)
+
+    def screen_inputs(self, name: str, **params) -> tuple[DefenseOutcome, float, float, float]:
+        """Run input detector `name` on the clean and the triggered test images: its outcome, the share of
+        clean images it flags (FPR), the share of triggered ones (TPR), and the AUROC of its scores."""
+        defense, outcome = self.defend(name, params)
+        assert defense.kind is DefenseKind.INPUT_DETECTION
+        clean_scores, clean_flags = outcome.input_detector(self.dataset.x_test)
+        trig_scores, trig_flags = outcome.input_detector(self.triggered.x)
+        truth = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(trig_scores))]).bool()
+        auroc = metrics.auroc(torch.cat([clean_scores, trig_scores]), truth)
+        return outcome, float(clean_flags.float().mean()), float(trig_flags.float().mean()), auroc
+
+    def check_spectral_removal(self, name: str) -> None:
+        """Spectral cleanser `name` at a defender's bound eps = 0.1 removes 1.5 eps of every class (not half)."""
+        outcome = self.defend(name, {"poison_fraction": 0.1}, sees_training_set=True)[1]
+        sizes = torch.bincount(self.poisoned.y)
+        removed = torch.bincount(self.poisoned.y[outcome.flagged], minlength=len(sizes))
+        assert ((removed - 0.15 * sizes).abs() <= 0.5).all(), removed
+
+    def check_repair(self, repaired: nn.Module, effect, min_asr_drop: float, max_clean_drop: float) -> None:
+        """State a repair's effect: the backdoor was there, its ASR dropped by more than `min_asr_drop`
+        and clean accuracy by less than `max_clean_drop`."""
+        (clean_before, asr_before), (clean_after, asr_after) = self.scores(self.model), self.scores(repaired)
+        effect.check("ASR before", asr_before, ">", 0.95)
+        effect.check("ASR drop", asr_before - asr_after, ">", min_asr_drop)
+        effect.check("clean accuracy drop", clean_before - clean_after, "<", max_clean_drop)
+
+    def check_backoff(self, name: str, settings: dict[str, Any], backoffs: int, effect) -> None:
+        """State that `settings` of repair `name` push the clean-budget accuracy more than 0.1 below the deployed
+        model's without a back-off, and that `backoffs` halvings bring it back within that margin."""
+        context = self.context(sees_training_set=False)
+        wrecked = DEFENSES.build(name, {**settings, "max_accuracy_drop": 0.1, "backoffs": 0}).run(context).model
+        kept = DEFENSES.build(name, {**settings, "max_accuracy_drop": 0.1, "backoffs": backoffs}).run(context).model
+        floor = context.budget_accuracy(self.model) - 0.1
+        effect.check("budget accuracy without back-off, below the floor by", floor - context.budget_accuracy(wrecked),
+                     ">", 0)
+        effect.check("budget accuracy with back-off, above the floor by", context.budget_accuracy(kept) - floor, ">=", 0)
+
 
 def poisoned_digits(dataset: Dataset, attack: str, params: dict, poison_rate: float,
                     architecture: str = "cnn-small", model_params: dict | None = None) -> Poisoned:
@@ -58,3 +121,22 @@ def poisoned_digits(dataset: Dataset, attack: str, params: dict, poison_rate: fl
     torch.manual_seed(test_seed())
     result.model = train(result.new_model(), poisoned.x, poisoned.y, TRAINING, seed=test_seed(), crop_padding=1)
     return result
+
+
+def untrained(architecture: str, dataset: Dataset) -> nn.Module:
+    """A freshly initialised (seed 0), small `architecture` for `dataset`: width 8 for cnn-small, 1/8 otherwise."""
+    width = 8 if architecture == "cnn-small" else 0.125
+    torch.manual_seed(0)
+    net = create_model(architecture, dataset.num_classes, dataset.in_channels, dataset.image_size, width=width)
+    return with_normalization(net, dataset.mean, dataset.std).eval()
+
+
+def toy_context(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int | None = None,
+                crop_padding: int = 0, train_config: TrainConfig | None = None,
+                new_model: Callable[[], nn.Module] | None = None, **extra: Any) -> DefenseContext:
+    """A defender's context around a hand-made `model`, with `x`, `y` as its clean budget (the number of
+    classes defaults to the largest label + 1; `new_model` to a copy of `model`)."""
+    return DefenseContext(
+        model=model, clean_x=x, clean_y=y, num_classes=num_classes or int(y.max()) + 1, in_channels=x.shape[1],
+        image_size=x.shape[-1], crop_padding=crop_padding, allow_hflip=False, train_config=train_config or TrainConfig(),
+        seed=0, device=torch.device("cpu"), new_model=new_model or (lambda: copy.deepcopy(model)), **extra)

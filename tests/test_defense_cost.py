@@ -1,7 +1,6 @@
 """What makes the expensive defenses cheaper (issue 26) and the benchmark that measures it: defense loops
 take the trainer's numerics and a pass size chosen by device, and find the same thing that way."""
 
-import copy
 import json
 import os
 import subprocess
@@ -13,10 +12,12 @@ import pytest
 import torch
 import yaml
 
-from bdbench.defenses import DEFENSES, DefenseContext
+from bdbench.defenses import DEFENSES
 from bdbench.defenses.anp import AdversarialNeuronPruning
-from bdbench.models import MODELS, create_model, with_normalization
+from bdbench.models import MODELS
 from bdbench.training import TrainConfig, images_per_pass, loop_precision
+
+from defense_fixtures import toy_context, untrained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,14 +100,9 @@ def test_the_cost_benchmark_prints_each_defense_over_its_victims_training_time(t
 
 @pytest.mark.parametrize("architecture", MODELS.names())
 def test_the_bfloat16_loops_run_on_every_architecture_and_leave_the_model_as_it_was(architecture, digits):
-    width = 8 if architecture == "cnn-small" else 0.125
-    torch.manual_seed(0)
-    model = with_normalization(create_model(architecture, 10, 1, 8, width=width), digits.mean, digits.std).eval()
-    context = DefenseContext(
-        model=model, clean_x=digits.x_train[:16], clean_y=digits.y_train[:16], num_classes=10, in_channels=1,
-        image_size=8, crop_padding=1, allow_hflip=False,
-        train_config=TrainConfig(epochs=1, batch_size=8, cpu_bfloat16=True), seed=0,
-        device=torch.device("cpu"), new_model=lambda: copy.deepcopy(model))
+    model = untrained(architecture, digits)
+    context = toy_context(model, digits.x_train[:16], digits.y_train[:16], num_classes=10, crop_padding=1,
+                          train_config=TrainConfig(epochs=1, batch_size=8, cpu_bfloat16=True))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cheap = {"nc": {"epochs": 1, "unlearning_epochs": 1}, "mmbd": {"restarts": 2, "steps": 2},
              "anp": {"iterations": 2, "batch_size": 8}}

@@ -30,7 +30,7 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ def is_int8_kernel(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.ao.nn") and callable(getattr(module, "weight", None))
 
 
-def _count(modules: list[nn.Module]) -> str:
+def _count(modules: Sequence[nn.Module]) -> str:
     """'Conv2d x20, Linear x1': the types of the quantized layers and how many of each."""
     counts = Counter(type(m).__name__ for m in modules)
     return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items())) or "none"

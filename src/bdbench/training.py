@@ -137,6 +137,14 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def to_layout(model: nn.Module, memory_format: torch.memory_format, device: torch.device | None = None) -> nn.Module:
+    """`model.to(device, memory_format=memory_format)`, in place. torch's overloads of `Module.to` leave out the
+    `memory_format` keyword that it takes (and documents), hence the one ignore."""
+    if device is None:
+        return model.to(memory_format=memory_format)  # type: ignore[call-overload]
+    return model.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -163,7 +171,7 @@ def train(
     on_cuda = device.type == "cuda"
     bf16 = trains_in_bfloat16(config, device)
     memory_format = torch.channels_last if bf16 else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format).train()
+    to_layout(model, memory_format, device).train()
     x_dev, y_dev = x.to(device), y.to(device)
     n = len(x_dev)
     batch_size = min(config.batch_size, n)
@@ -192,7 +200,7 @@ def train(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-    return model.to(memory_format=torch.contiguous_format).eval()
+    return to_layout(model, torch.contiguous_format).eval()
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ Measured limitation (mnist5k, seed 0): the residual makes the surrogate call onl
 zeros "other class" (the authors' code asks for 99% before it poisons anything), as near-binary
 digits take far larger L-infinity budgets than 8/255 to fool a classifier; the victim
 (PreAct-ResNet18, 12 epochs) reaches ASR 0.013 at the paper's 0.1% and 0.176 at 5%. See the strict
-xfail in tests/test_attacks_stealthy.py.
+xfail in tests/attacks/test_dfb.py.
 
 Size reduction from the paper: the surrogate is `cnn-small` (the paper: ResNet-18 for 200 epochs)
 and the encoder four 3x3 convolutions of `encoder_width` channels (the paper: StegaStamp's U-Net

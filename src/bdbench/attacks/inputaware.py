@@ -100,11 +100,17 @@ class InputAware(Attack):
         """The paper's soft step: masks near 0 or 1, still differentiable."""
         return torch.tanh(m * 20 - 10) / (2 + _EPS) + 0.5
 
+    def networks(self) -> tuple[nn.Module, nn.Module]:
+        """G and M, which `prepare` builds."""
+        if self.pattern_net is None or self.mask_net is None:
+            raise RuntimeError("InputAware.prepare() must run before the trigger is used")
+        return self.pattern_net, self.mask_net
+
     def patterns(self, x: torch.Tensor) -> torch.Tensor:
-        return (torch.tanh(self.pattern_net(x)) + 1) / 2
+        return (torch.tanh(self.networks()[0](x)) + 1) / 2
 
     def masks(self, x: torch.Tensor) -> torch.Tensor:
-        return self._threshold(torch.tanh(self.mask_net(x)) / 2 + 0.5)
+        return self._threshold(torch.tanh(self.networks()[1](x)) / 2 + 0.5)
 
     def compose(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """`x` with the trigger that G and M make for `source` (x itself for the backdoor, another
@@ -112,9 +118,7 @@ class InputAware(Attack):
         return x + (self.patterns(source) - x) * self.masks(source)
 
     def add_trigger(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pattern_net is None:
-            raise RuntimeError("InputAware.prepare() must run before add_trigger()")
-        device = next(self.pattern_net.parameters()).device
+        device = next(self.networks()[0].parameters()).device
         with torch.no_grad():
             out = torch.cat([self.compose(chunk.to(device), chunk.to(device)) for chunk in x.split(512)])
         return out.to(x.device).clamp(0, 1)
@@ -126,15 +130,15 @@ class InputAware(Attack):
                                    lambda: _EncoderDecoder(channels, channels, self.width)).to(workshop.device)
         params = {"lambda_div": self.lambda_div, "lambda_norm": self.lambda_norm, "density": self.mask_density,
                   "lr": self.lr, "epochs": self.mask_epochs, "width": self.width}
-        self.mask_net = _seeded(derive_seed(workshop.seed, "inputaware_M"),
-                                lambda: _EncoderDecoder(channels, 1, self.width))
+        self.mask_net = mask_net = _seeded(derive_seed(workshop.seed, "inputaware_M"),
+                                           lambda: _EncoderDecoder(channels, 1, self.width))
         state = workshop.learned("inputaware_mask", params, lambda: self._train_masks(dataset, workshop))
-        self.mask_net.load_state_dict(state)
-        self.mask_net.to(workshop.device).eval().requires_grad_(False)
+        mask_net.load_state_dict(state)
+        mask_net.to(workshop.device).eval().requires_grad_(False)
 
     def _train_masks(self, dataset: Dataset, workshop: AttackWorkshop) -> dict[str, torch.Tensor]:
         """The paper's first stage: M alone, sparse and diverse masks."""
-        net = self.mask_net.to(workshop.device).train()
+        net = self.networks()[1].to(workshop.device).train()
         optimizer = torch.optim.Adam(net.parameters(), lr=self.lr, betas=(0.5, 0.9))
         generator = workshop.generator("inputaware_mask_batches")
         x_all = dataset.x_train
@@ -164,8 +168,7 @@ class InputAware(Attack):
         return PoisonedTrainingSet(dataset.x_train.clone(), y, mask)
 
     def training_hook(self) -> BatchHook | None:
-        if self.pattern_net is None:
-            raise RuntimeError("InputAware.prepare() must run before training_hook()")
+        self.networks()  # prepare() has run
         return _JointTraining(self, PoisonedRows(self.poison_mask))
 
     def after_training(self, poisoned: PoisonedTrainingSet) -> PoisonedTrainingSet:
@@ -174,11 +177,12 @@ class InputAware(Attack):
         return PoisonedTrainingSet(x, poisoned.y, poisoned.poison_mask)
 
     def victim_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.pattern_net.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in self.networks()[0].state_dict().items()}
 
     def load_victim_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pattern_net.load_state_dict(tensors)
-        self.pattern_net.eval()
+        pattern_net = self.networks()[0]
+        pattern_net.load_state_dict(tensors)
+        pattern_net.eval()
 
 
 class _JointTraining:
@@ -191,10 +195,10 @@ class _JointTraining:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
                  index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attack = self.attack
-        net = attack.pattern_net
+        net, mask_net = attack.networks()
         if self.optimizer is None:
             net.to(x.device).train()
-            attack.mask_net.to(x.device)
+            mask_net.to(x.device)
             self.optimizer = torch.optim.Adam(net.parameters(), lr=attack.lr, betas=(0.5, 0.9))
         else:  # the previous batch's backward pass has filled G's gradients
             self.optimizer.step()

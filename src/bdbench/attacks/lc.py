@@ -97,7 +97,7 @@ class LabelConsistent(CleanLabelAttack):
         self.x_adv = dict(zip(members.tolist(), adv))
 
     def add_trigger(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
+        if self.mask is None or self.sign is None:
             raise RuntimeError("LabelConsistent.prepare() must run before add_trigger()")
         return (x + self.mask.to(x) * self.sign.to(x) * (self.amplitude / 255.0)).clamp(0, 1)
 

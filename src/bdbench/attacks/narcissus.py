@@ -22,11 +22,13 @@ target digit are left out, as the paper's POOD shares no class with the task; be
 MNIST, it favours the attacker, as the paper finds closer POOD data helps. Measured limitation:
 the surrogate still tells the two scanners apart more easily than the target digit from the
 others, so the trigger it yields encodes "this scanner" and does not move the victim (ASR 0.0 on
-`digits` at eps 16-48/255; see the strict xfail in tests/test_attacks_stealthy.py); it needs a
+`digits` at eps 16-48/255; see the strict xfail in tests/attacks/test_narcissus.py); it needs a
 class-disjoint POOD set.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +82,7 @@ class Narcissus(Attack):
             net = create_model(self.surrogate, extra_class + 1, dataset.in_channels, dataset.image_size)
         x_both = torch.cat([pood_x, target_x])
         net = with_normalization(net, *channel_stats(x_both))
-        augment = {"crop_padding": dataset.crop_padding, "hflip": dataset.allow_hflip, "device": device}
+        augment: dict[str, Any] = {"crop_padding": dataset.crop_padding, "hflip": dataset.allow_hflip, "device": device}
         train(net, pood_x, pood_y, TrainConfig(epochs=self.pood_epochs), seed=derive_seed(workshop.seed, "pood"),
               **augment)
         train(net, x_both, torch.cat([pood_y, torch.full((len(target_x),), extra_class)]),
@@ -118,6 +120,8 @@ class Narcissus(Attack):
 
     def triggered_test_set(self, dataset: Dataset, target_label: int) -> TriggeredTestSet:
         """Non-target test images with the trigger magnified `test_multiplier` times (the paper's test-time boost)."""
+        if self.delta is None:
+            raise RuntimeError("Narcissus.prepare() must run before triggered_test_set()")
         keep = dataset.y_test != target_label
         x = dataset.x_test[keep].float().div(255.0)
         magnified = (x + self.test_multiplier * self.delta.to(x)).clamp(0, 1).mul(255).round().to(torch.uint8)

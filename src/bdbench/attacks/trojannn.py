@@ -93,6 +93,8 @@ class TrojanNN(Attack):
                   generator: torch.Generator) -> torch.Tensor:
         """Gradient descent on the masked pixels of a blank image towards the neurons' target value,
         from `restarts` starting points at once (mid-grey and random); the best iterate wins."""
+        if self.mask is None:
+            raise RuntimeError("TrojanNN.prepare() must place the mask before the trigger is optimised")
         device = next(model.parameters()).device
         mask = self.mask.to(device)
         features: list[torch.Tensor] = []
@@ -122,7 +124,7 @@ class TrojanNN(Attack):
         return (best[best_cost.argmin()] * mask[0]).cpu()
 
     def add_trigger(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pattern is None:
+        if self.pattern is None or self.mask is None:
             raise RuntimeError("TrojanNN.prepare() must run before add_trigger()")
         mask = self.mask.to(x)
         return x * (1 - mask) + self.pattern.to(x) * mask

@@ -31,6 +31,7 @@ import struct
 import tarfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
@@ -111,10 +112,12 @@ def _load_idx_dataset(name: str, root: str, torchvision_folder: str) -> Dataset:
         raise DataError(f"{folders[best]}: missing {', '.join(f'{m}[.gz]' for m in missing)} "
                         f"(the official {name} IDX files; also looked in raw/ and {torchvision_folder}/raw/)")
 
+    present = {stem: path for stem, path in files.items() if path is not None}  # all of them, as checked above
+
     def build() -> dict[str, np.ndarray]:
-        images = {split: _read_idx(files[f"{prefix}-images-idx3-ubyte"], 3)
+        images = {split: _read_idx(present[f"{prefix}-images-idx3-ubyte"], 3)
                   for split, prefix in (("train", "train"), ("test", "t10k"))}
-        labels = {split: _read_idx(files[f"{prefix}-labels-idx1-ubyte"], 1)
+        labels = {split: _read_idx(present[f"{prefix}-labels-idx1-ubyte"], 1)
                   for split, prefix in (("train", "train"), ("test", "t10k"))}
         for split in ("train", "test"):
             if len(images[split]) != len(labels[split]):
@@ -123,7 +126,7 @@ def _load_idx_dataset(name: str, root: str, torchvision_folder: str) -> Dataset:
         return {"x_train": images["train"][:, None], "y_train": labels["train"].astype(np.int64),
                 "x_test": images["test"][:, None], "y_test": labels["test"].astype(np.int64)}
 
-    return _arrays_to_dataset(name, cached_arrays(name, fingerprint(files.values()), build))
+    return _arrays_to_dataset(name, cached_arrays(name, fingerprint(present.values()), build))
 
 
 @DATASETS.register("mnist")
@@ -143,7 +146,7 @@ def load_fashion_mnist(root: str) -> Dataset:
 try:
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
 except ImportError:  # numpy < 2
-    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct  # type: ignore[no-redef]
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -165,11 +168,24 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only arrays") from None
 
 
+@dataclass(frozen=True)
+class _CifarLayout:
+    """Where a CIFAR copy keeps its python batches, and under which key a batch holds its labels."""
+
+    folder: str
+    archive: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    labels: str
+
+    def batches(self, split: str) -> tuple[str, ...]:
+        return self.train if split == "train" else self.test
+
+
 _CIFAR = {
-    "cifar10": {"folder": "cifar-10-batches-py", "archive": "cifar-10-python.tar.gz",
-                "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"], "labels": "labels"},
-    "cifar100": {"folder": "cifar-100-python", "archive": "cifar-100-python.tar.gz",
-                 "train": ["train"], "test": ["test"], "labels": "fine_labels"},
+    "cifar10": _CifarLayout("cifar-10-batches-py", "cifar-10-python.tar.gz",
+                            tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels"),
+    "cifar100": _CifarLayout("cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",), "fine_labels"),
 }
 
 
@@ -191,30 +207,31 @@ def _read_cifar_batch(data: bytes, source: str, label_key: str) -> tuple[np.ndar
 def _cifar_source(name: str, root: Path) -> tuple[list[Path], Callable[[], dict[str, tuple[str, bytes]]]]:
     """The files a CIFAR copy is read from, and a function giving each batch's (source, bytes) by name."""
     spec = _CIFAR[name]
-    batches = spec["train"] + spec["test"]
-    for folder in (root, root / spec["folder"]):
+    batches = spec.train + spec.test
+    for folder in (root, root / spec.folder):
         if folder.is_dir() and any((folder / b).is_file() for b in batches):
             missing = [b for b in batches if not (folder / b).is_file()]
             if missing:
                 raise DataError(f"{folder}: missing {', '.join(missing)} of the {name} python batches")
             return ([folder / b for b in batches],
                     lambda folder=folder: {b: (str(folder / b), (folder / b).read_bytes()) for b in batches})
-    archive = root if root.is_file() else root / spec["archive"]
+    archive = root if root.is_file() else root / spec.archive
     if not archive.is_file():
-        raise DataError(f"{root}: no {name} data; expected {spec['folder']}/ with {', '.join(batches)}, "
-                        f"or {spec['archive']}")
+        raise DataError(f"{root}: no {name} data; expected {spec.folder}/ with {', '.join(batches)}, "
+                        f"or {spec.archive}")
 
     def read_archive() -> dict[str, tuple[str, bytes]]:
-        wanted = {f"{spec['folder']}/{b}": b for b in batches}
+        wanted = {f"{spec.folder}/{b}": b for b in batches}
         found: dict[str, tuple[str, bytes]] = {}
         try:
             with tarfile.open(archive, "r:*") as tar:
                 for member in tar:
-                    if member.name in wanted and member.isfile():
-                        found[wanted[member.name]] = (f"{archive}:{member.name}", tar.extractfile(member).read())
+                    handle = tar.extractfile(member) if member.name in wanted and member.isfile() else None
+                    if handle is not None:
+                        found[wanted[member.name]] = (f"{archive}:{member.name}", handle.read())
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{archive}: not a readable tar archive ({exc})") from None
-        missing = [f"{spec['folder']}/{b}" for b in batches if b not in found]
+        missing = [f"{spec.folder}/{b}" for b in batches if b not in found]
         if missing:
             raise DataError(f"{archive}: missing {', '.join(missing)}; is this the python version of {name}?")
         return found
@@ -224,13 +241,13 @@ def _cifar_source(name: str, root: Path) -> tuple[list[Path], Callable[[], dict[
 
 def _load_cifar(name: str, root: str) -> Dataset:
     spec = _CIFAR[name]
-    files, read = _cifar_source(name, _root(root, f"{spec['folder']}/ or {spec['archive']}"))
+    files, read = _cifar_source(name, _root(root, f"{spec.folder}/ or {spec.archive}"))
 
     def build() -> dict[str, np.ndarray]:
         raw = read()
         arrays = {}
         for split in ("train", "test"):
-            parts = [_read_cifar_batch(raw[b][1], raw[b][0], spec["labels"]) for b in spec[split]]
+            parts = [_read_cifar_batch(raw[b][1], raw[b][0], spec.labels) for b in spec.batches(split)]
             arrays[f"x_{split}"] = np.concatenate([x for x, _ in parts])
             arrays[f"y_{split}"] = np.concatenate([y for _, y in parts])
         return arrays
@@ -267,7 +284,7 @@ def _resize_full_frame(image, size: int):
     """The whole frame to size x size, bicubic (how gtsrb32.npz was made; PIL returns a copy at the same size)."""
     from PIL import Image
 
-    return image.resize((size, size), Image.BICUBIC)
+    return image.resize((size, size), Image.Resampling.BICUBIC)
 
 
 def _resize_center_crop(image, size: int):
@@ -279,12 +296,13 @@ def _resize_center_crop(image, size: int):
         return image
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
-def decode_images(paths: Sequence[Path], size: int | None, resize: Callable = _resize_full_frame) -> np.ndarray:
+def decode_images(paths: Sequence[Path], size: int | None,
+                  resize: Callable | None = _resize_full_frame) -> np.ndarray:
     """Decode image files to uint8 (N, C, size, size), C = 1 when every image is grayscale, else 3.
 
     With `size` None every image must already be square and of one size. Files are decoded on a

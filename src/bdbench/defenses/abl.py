@@ -60,7 +60,7 @@ class AntiBackdoorLearning(Defense):
     def isolate(self, context: DefenseContext) -> tuple[nn.Module, torch.Tensor]:
         """Stage 1: a fresh model trained with loss flooding, and the mask of the `isolation_rate` of
         training samples it fits best (lowest loss), the samples ABL takes for poisons."""
-        x, y = context.train_x, context.train_y
+        x, y = context.training_set()
         model = context.new_model()
         isolation = context.train_config.model_copy(update={"epochs": self.isolation_epochs, "lr": self.lr,
                                                             "schedule": "constant"})
@@ -71,7 +71,7 @@ class AntiBackdoorLearning(Defense):
         return model, isolated
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        x, y, base = context.train_x, context.train_y, context.train_config
+        (x, y), base = context.training_set(), context.train_config
         model, isolated = self.isolate(context)
         if self.tuning_epochs:
             tuning = base.model_copy(update={"epochs": self.tuning_epochs, "schedule": "cosine", "lr": self.lr})

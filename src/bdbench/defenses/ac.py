@@ -55,8 +55,8 @@ class ActivationClustering(Defense):
         self.size_threshold = float(size_threshold)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        features = read_activations(context.model, context.train_x, "penultimate").double().numpy()
-        labels = context.train_y
+        train_x, labels = context.training_set()
+        features = read_activations(context.model, train_x, "penultimate").double().numpy()
         scores = torch.zeros(len(labels), dtype=torch.float64)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=context.generator("ac")))
         for label in labels.unique():

@@ -49,7 +49,7 @@ from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind
 from bdbench.defenses.layers import norm_layers
 from bdbench.params import BatchSize, NonNegativeFloat, OpenRate, PositiveFloat, PositiveInt, UnitInterval, UpToOne
 from bdbench.progress import steps
-from bdbench.training import augment_batch, loop_precision
+from bdbench.training import augment_batch, loop_precision, to_layout
 
 
 class NeuronPerturbation:
@@ -118,7 +118,7 @@ class AdversarialNeuronPruning(Defense):
         precision = loop_precision(context.train_config, context.device)
         model = copy.deepcopy(context.model).to(context.device).eval().requires_grad_(False)
         neurons = NeuronPerturbation(model)
-        model.to(memory_format=precision.memory_format)  # after the copy of the original, which keeps its layout
+        to_layout(model, precision.memory_format)  # after the copy of the original, which keeps its layout
         if self.batch_statistics:
             for _, module in neurons.layers:
                 module.train()

@@ -34,6 +34,8 @@ default) is left out. Nothing is tuned on data, and nothing is scaled down for t
 from __future__ import annotations
 
 import copy
+import functools
+import operator
 from typing import Iterator, Literal
 
 import torch
@@ -64,7 +66,7 @@ class WeightMasks:
                                (x,))
 
     def l1(self) -> torch.Tensor:
-        return sum(mask.abs().sum() for mask in self.masks.values())
+        return functools.reduce(operator.add, (mask.abs().sum() for mask in self.masks.values()))
 
     def bake(self, model: nn.Module) -> nn.Module:
         """A copy of `model` (the deployed one) with every mask multiplied into its weights."""

@@ -60,6 +60,14 @@ class DefenseContext:
     train_x: torch.Tensor | None = None
     train_y: torch.Tensor | None = None
 
+    def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training set as handed over (images, the attacker's labels), which only the kinds in
+        `SEES_TRAINING_SET` get; asking for it in another kind's context is a bug in that defense."""
+        if self.train_x is None or self.train_y is None:
+            raise RuntimeError("this context holds no training set: only data-detection and robust-training "
+                               "defenses are handed one")
+        return self.train_x, self.train_y
+
     def generator(self, purpose: str) -> torch.Generator:
         """A generator for one named random choice, derived from the experiment's seed."""
         return torch.Generator().manual_seed(derive_seed(self.seed, purpose))

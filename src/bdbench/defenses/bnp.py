@@ -100,6 +100,7 @@ def preactivation_divergences(model: nn.Module, x: torch.Tensor, crop_padding: i
     layers = batch_norms(model)
     divergences = []
     for layer, (mean, var) in zip(layers, benign_moments(model, layers, x, crop_padding, hflip, generator)):
+        assert layer.running_mean is not None and layer.running_var is not None  # batch_norms keeps only these
         divergences.append((layer, gaussian_kl(mean, var + layer.eps, layer.running_mean.float(),
                                                layer.running_var.float() + layer.eps)))
     return divergences

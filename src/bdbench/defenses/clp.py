@@ -66,12 +66,16 @@ class ChannelLipschitzPruning(Defense):
         blank = torch.zeros(1, context.in_channels, context.image_size, context.image_size, device=context.device)
         with torch.no_grad():
             for conv, norm in conv_norm_pairs(model, blank):
-                folded = isinstance(norm, nn.BatchNorm2d)
-                if not folded and self.unpaired == "skip":
+                if not isinstance(norm, nn.BatchNorm2d) and self.unpaired == "skip":
                     continue
                 pruned = outlier_channels(channel_lipschitz_bounds(conv, norm), self.u).to(conv.weight.device)
-                target = norm if folded and norm.weight is not None else conv
-                target.weight[pruned] = 0.0
-                if target.bias is not None:
-                    target.bias[pruned] = 0.0
+                weight: torch.Tensor
+                bias: torch.Tensor | None
+                if isinstance(norm, nn.BatchNorm2d) and norm.weight is not None:  # zero the folded scale
+                    weight, bias = norm.weight, norm.bias
+                else:
+                    weight, bias = conv.weight, conv.bias
+                weight[pruned] = 0.0
+                if bias is not None:
+                    bias[pruned] = 0.0
         return DefenseOutcome(model=model)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ def _as_images(x: torch.Tensor) -> torch.Tensor:
 
 def fixed_point_hypergradient(outer_loss: Callable[[torch.Tensor], torch.Tensor],
                               inner_loss: Callable[[torch.Tensor], torch.Tensor], delta: torch.Tensor,
-                              params: list[torch.Tensor], inner_lr: float, iterations: int) -> list[torch.Tensor]:
+                              params: Sequence[torch.Tensor], inner_lr: float, iterations: int) -> list[torch.Tensor]:
     """d/dtheta of outer_loss(delta*(theta), theta), where delta* is a fixed point of the inner gradient step
     Phi(delta, theta) = delta - inner_lr * grad_delta inner_loss(delta, theta), taken at `delta` (the inner
     solution); the losses read theta (`params`) themselves.

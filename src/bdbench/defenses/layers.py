@@ -121,6 +121,8 @@ class MaskedOutput(nn.Module):
     graph (BatchNorm folding, FX quantization for a deployed precision), and is saved with it.
     """
 
+    channel_mask: torch.Tensor  # a buffer: nn.Module's attribute lookup types it as Tensor | Module otherwise
+
     def __init__(self, inner: nn.Module, keep: torch.Tensor) -> None:
         super().__init__()
         self.inner = inner
@@ -180,7 +182,7 @@ def stage_outputs(model: nn.Module, x: torch.Tensor, count: int = 3) -> list[str
     parent_of = {call.name: call.name.rpartition(".")[0] for call in calls}
     best: tuple[tuple[int, int], list[_Call]] | None = None
     depth = {parent: 0 if not parent else parent.count(".") + 1 for parent in parent_of.values()}
-    for parent in sorted(depth, key=depth.get):  # outermost first: a tie keeps the outer chain
+    for parent in sorted(depth, key=lambda name: depth[name]):  # outermost first: a tie keeps the outer chain
         siblings = [call for call in calls if parent_of[call.name] == parent]
         chain: list[_Call] = []
         for call in siblings + [None]:  # None closes the last chain
@@ -217,7 +219,7 @@ def conv_norm_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Conv2d, 
     seen: dict[int, tuple[nn.Conv2d, nn.Module | None]] = {}
     for call in calls:
         if isinstance(call.module, nn.Conv2d) and id(call.module) not in seen:
-            seen[id(call.module)] = (call.module, reader.get(id(call.module)))  # type: ignore[assignment]
+            seen[id(call.module)] = (call.module, reader.get(id(call.module)))
     return list(seen.values())
 
 
@@ -290,6 +292,8 @@ def read_activations(model: nn.Module, x: torch.Tensor, layer: Literal["penultim
     """
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
+    module: nn.Module
+    which: Literal["input", "output"]
     if layer == "penultimate":
         module, which = classifier_layer(model), "input"
     elif layer == "feature_map":
@@ -309,12 +313,12 @@ def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, batch_siz
     at the final spatial feature map, upsampled to the image size and scaled to [0, 1] per image."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
-    module, which = feature_map_layer(model, x[:1].to(device)), "output"
+    module = feature_map_layer(model, x[:1].to(device))
     maps = []
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].to(device)
         cb = classes[start:start + batch_size].to(device)
-        with capture(module, which) as seen, torch.enable_grad():
+        with capture(module, "output") as seen, torch.enable_grad():
             logits = model(xb)
             features = seen[0]
             score = logits.gather(1, cb.view(-1, 1)).sum()

@@ -43,7 +43,7 @@ from bdbench import progress
 from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.errors import ConfigError
 from bdbench.params import BelowOne, OpenRate, PositiveFloat, PositiveInt
-from bdbench.training import LoopPrecision, loop_precision
+from bdbench.training import LoopPrecision, loop_precision, to_layout
 from bdbench.training import images_per_pass as default_images_per_pass
 
 
@@ -74,7 +74,7 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
     images_per_pass = images_per_pass or default_images_per_pass(device)
     model.eval()
     if precision is not None:
-        model.to(memory_format=precision.memory_format)  # type: ignore[call-overload]  # torch stubs lack memory_format
+        to_layout(model, precision.memory_format)
     images = torch.rand(num_classes, restarts, *shape, generator=generator).to(device).requires_grad_()
     optimizer = torch.optim.SGD([images], lr=lr, momentum=momentum)
     best = torch.full((num_classes,), -math.inf, dtype=torch.float64)
@@ -101,7 +101,7 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
         active[labels[converged]] = False
         if not active.any():
             break
-    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    to_layout(model, torch.contiguous_format)
     return best
 
 

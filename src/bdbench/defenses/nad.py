@@ -91,7 +91,7 @@ class NeuralAttentionDistillation(Defense):
                  beta: NonNegativeFloat | Sequence[NonNegativeFloat] = (0.0, 0.0, 5000.0),
                  power: PositiveFloat = 2.0, layers: PositiveInt = 3, max_accuracy_drop: UnitInterval = 0.1,
                  backoffs: NonNegativeInt = 4) -> None:
-        betas = [float(b) for b in beta] if isinstance(beta, (list, tuple)) else [float(beta)] * layers
+        betas = [float(beta)] * layers if isinstance(beta, (int, float)) else [float(b) for b in beta]
         if len(betas) != layers:  # the one check that relates two parameters
             raise ConfigError(f"defense 'nad' parameter 'beta' is {beta!r}: give one value, or one per layer "
                               f"({layers})")

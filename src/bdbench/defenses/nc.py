@@ -65,7 +65,7 @@ from bdbench.defenses.ft import fine_tune
 from bdbench.defenses.scoring import anomaly_index, median
 from bdbench.params import OpenRate, PositiveFloat, PositiveInt
 from bdbench.progress import steps
-from bdbench.training import LoopPrecision, loop_precision
+from bdbench.training import LoopPrecision, loop_precision, to_layout
 from bdbench.training import images_per_pass as default_images_per_pass
 
 
@@ -172,7 +172,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
     images_per_pass = images_per_pass or default_images_per_pass(device)
     model.eval()
     if precision is not None:
-        model.to(memory_format=precision.memory_format)
+        to_layout(model, precision.memory_format)
     _, channels, height, width = x.shape
     mask_raw = _unsquash(torch.rand(num_classes, 1, height, width, generator=generator)).to(device).requires_grad_()
     pattern_raw = _unsquash(torch.rand(num_classes, channels, height, width, generator=generator)).to(device)
@@ -223,7 +223,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
         best_mask[never.to(device)] = _squash(mask_raw[never.to(device)])
         best_pattern[never.to(device)] = _squash(pattern_raw[never.to(device)])
     norms = best_mask.flatten(1).sum(1).double().cpu()
-    model.to(memory_format=torch.contiguous_format)
+    to_layout(model, torch.contiguous_format)
     return ReversedTriggers(best_mask.cpu(), best_pattern.cpu(), norms)
 
 

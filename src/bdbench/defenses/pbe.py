@@ -25,6 +25,7 @@ Nothing is tuned on data and nothing needed scaling down for the CPU.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,7 @@ class ProgressiveBackdoorErasing(Defense):
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         model = copy.deepcopy(context.model).to(context.device)
-        settings = {"lr": self.lr, "batch_size": self.batch_size, "schedule": "constant", "momentum": 0.9,
+        settings: dict[str, Any] = {"lr": self.lr, "batch_size": self.batch_size, "schedule": "constant", "momentum": 0.9,
                     "weight_decay": 5e-4}
         loss_fn = adversarial_cross_entropy(self.eps, self.step_fraction * self.eps, self.steps)
         for round_ in range(self.rounds):

@@ -112,15 +112,16 @@ class SCAn(Defense):
         self.threshold = float(threshold)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        train = read_activations(context.model, context.train_x, "penultimate").double()
+        train_x, train_y = context.training_set()
+        train = read_activations(context.model, train_x, "penultimate").double()
         clean = read_activations(context.model, context.clean_x, "penultimate").double()
         s_mu, s_e = fit_global_model(clean - clean.mean(0), context.clean_y)
         precision = torch.linalg.pinv(s_e)
         everything = torch.cat([train, clean])
         everything = everything - everything.mean(0)
-        labels = torch.cat([context.train_y, context.clean_y])
+        labels = torch.cat([train_y, context.clean_y])
         from_budget = torch.arange(len(labels)) >= len(train)
-        classes = context.train_y.unique()
+        classes = train_y.unique()
         statistics, suspicious = [], {}
         for label in classes:
             members = torch.nonzero(labels == label).flatten()

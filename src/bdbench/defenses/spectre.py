@@ -72,6 +72,7 @@ def spectre_class(features: torch.Tensor, budget: int, seed: int) -> torch.Tenso
         tau = float(que_scores((projected - rest.mean(0)) @ root).mean())
         if tau > best_tau:
             best_scores, best_tau = scores, tau
+    assert best_scores is not None  # the loop above runs at least once
     return best_scores
 
 
@@ -86,8 +87,9 @@ class Spectre(Defense):
         self.poison_fraction = float(poison_fraction)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        features = read_activations(context.model, context.train_x, "penultimate")
+        train_x, train_y = context.training_set()
+        features = read_activations(context.model, train_x, "penultimate")
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=context.generator("spectre")))
-        scores, flagged = remove_per_class(context.train_y, self.poison_fraction, 8,
+        scores, flagged = remove_per_class(train_y, self.poison_fraction, 8,
                                            lambda members, budget: spectre_class(features[members], budget, seed))
         return DefenseOutcome(sample_scores=scores, flagged=flagged)

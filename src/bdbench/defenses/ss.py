@@ -43,7 +43,8 @@ class SpectralSignatures(Defense):
         self.poison_fraction = float(poison_fraction)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        features = read_activations(context.model, context.train_x, "penultimate")
-        scores, flagged = remove_per_class(context.train_y, self.poison_fraction, 2,
+        train_x, train_y = context.training_set()
+        features = read_activations(context.model, train_x, "penultimate")
+        scores, flagged = remove_per_class(train_y, self.poison_fraction, 2,
                                            lambda members, _budget: spectral_scores(features[members]))
         return DefenseOutcome(sample_scores=scores, flagged=flagged)

@@ -30,6 +30,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std with fixed buffers, so the model's input is an image in [0, 1]."""
 
+    mean: torch.Tensor  # buffers: typed here, as nn.Module's attribute lookup would give Tensor | Module
+    std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

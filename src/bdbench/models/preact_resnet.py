@@ -39,6 +39,7 @@ class PreActResNet(nn.Module):
                  width: Width = 1.0) -> None:
         super().__init__()
         channels = [scaled(c, width) for c in (64, 128, 256, 512)]
+        self.conv1: nn.Module
         if imagenet_stem(image_size):
             self.conv1, size = stem(in_channels, channels[0], image_size)
         else:

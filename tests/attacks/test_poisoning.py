@@ -1,41 +1,19 @@
+"""What every attack shares (the base class and the workshop), shown on BadNets: which samples are
+poisoned and how they are labelled, the triggered test set, and learned artefacts cached once."""
+
 import pytest
 import torch
 
 from bdbench.attacks import ATTACKS, AttackWorkshop
 from bdbench.errors import ConfigError
-from bdbench.models import create_model, with_normalization
-from bdbench.training import TrainConfig, predict, train
+from bdbench.store import ArtifactCache
+from bdbench.training import TrainConfig, predict
 
-from effects import test_seed
-
-
-def _prepared(name, dataset, **params):
-    attack = ATTACKS.build(name, params)
-    attack.prepare(dataset, target_label=0, workshop=AttackWorkshop(seed=0))
-    return attack
-
-
-def test_badnets_stamps_a_white_square_bottom_right(digits):
-    attack = _prepared("badnets", digits, patch_size=3)
-    x = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
-    out = attack.trigger(x)
-    assert (out[:, :, 5:, 5:] == 255).all()
-    assert out[:, :, :5].sum() == 0 and out[:, :, :, :5].sum() == 0
-
-
-def test_badnets_location_pattern_and_colour(digits):
-    attack = _prepared("badnets", digits, patch_size=2, location=[1, 2], pattern="checkerboard", color=100)
-    out = attack.trigger(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))[0, 0]
-    assert out[1:3, 2:4].tolist() == [[100, 0], [0, 100]]
-    assert out.sum() == 200
-    with pytest.raises(ConfigError, match="outside the 8x8 image"):
-        _prepared("badnets", digits, patch_size=2, location=[7, 7])
-    with pytest.raises(ConfigError, match="parameter 'location' is 'middle': input should be 'bottom-right', "):
-        ATTACKS.build("badnets", {"location": "middle"})
+from attack_fixtures import prepared
 
 
 def test_poison_mask_counts_and_labels_all_to_one(digits):
-    attack = _prepared("badnets", digits, patch_size=2)
+    attack = prepared("badnets", digits, patch_size=2)
     poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
     n = len(digits.y_train)
     assert int(poisoned.poison_mask.sum()) == round(0.1 * n)
@@ -49,7 +27,7 @@ def test_poison_mask_counts_and_labels_all_to_one(digits):
 
 
 def test_all_to_all_labels(digits):
-    attack = _prepared("badnets", digits, patch_size=2, label_mode="all2all")
+    attack = prepared("badnets", digits, patch_size=2, label_mode="all2all")
     poisoned = attack.poison(digits, 0.2, 0, torch.Generator().manual_seed(0))
     mask = poisoned.poison_mask
     assert torch.equal(poisoned.y[mask], (digits.y_train[mask] + 1) % 10)
@@ -59,45 +37,13 @@ def test_all_to_all_labels(digits):
 
 
 def test_triggered_test_set_leaves_out_the_target_class(digits):
-    attack = _prepared("blended", digits)
+    attack = prepared("blended", digits)
     triggered = attack.triggered_test_set(digits, 0)
     assert (triggered.y_true != 0).all() and (triggered.y_target == 0).all()
     assert len(triggered.y_true) == int((digits.y_test != 0).sum())
 
 
-def test_blended_mixes_a_fixed_pattern_at_alpha(digits):
-    a = _prepared("blended", digits, alpha=0.2)
-    b = _prepared("blended", digits, alpha=0.2)
-    assert torch.equal(a.pattern, b.pattern)  # fixed seed: the same pattern every time
-    x = torch.rand(4, 1, 8, 8)
-    assert torch.allclose(a.add_trigger(x), 0.8 * x + 0.2 * a.pattern)
-    with pytest.raises(ConfigError, match="parameter 'alpha' is 1.5: input should be less than or equal to 1"):
-        ATTACKS.build("blended", {"alpha": 1.5})
-
-
-@pytest.mark.parametrize("name, params", [("badnets", {"patch_size": 2}), ("blended", {"alpha": 0.2})])
-def test_short_training_on_poisoned_digits_reaches_high_asr(digits, effect, name, params):
-    attack = _prepared(name, digits, **params)
-    poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(test_seed()))
-    torch.manual_seed(test_seed())
-    model = with_normalization(create_model("cnn-small", 10, 1, 8, width=16), digits.mean, digits.std)
-    train(model, poisoned.x, poisoned.y, TrainConfig(epochs=15, batch_size=64), seed=test_seed())
-    triggered = attack.triggered_test_set(digits, 0)
-    asr = (predict(model, triggered.x) == triggered.y_target).float().mean()
-    clean = (predict(model, digits.x_test) == digits.y_test).float().mean()
-    effect.check("clean accuracy", clean, ">", 0.85)
-    effect.check("ASR", asr, ">", 0.9)
-
-
-def test_no_attack_poisons_nothing(digits):
-    attack = _prepared("none", digits)
-    poisoned = attack.poison(digits, 0.0, 0, torch.Generator())
-    assert not poisoned.poison_mask.any() and torch.equal(poisoned.y, digits.y_train)
-
-
 def test_workshop_learns_once_and_reuses_from_the_cache(tmp_path, digits, effect):
-    from bdbench.store import ArtifactCache
-    from bdbench.training import TrainConfig
 
     workshop = AttackWorkshop(seed=0, cache=ArtifactCache(tmp_path), dataset_key="digits")
     calls = []
@@ -120,7 +66,6 @@ def test_workshop_learns_once_and_reuses_from_the_cache(tmp_path, digits, effect
 
 
 def test_an_artefact_cached_in_an_older_format_is_learned_again(tmp_path):
-    from bdbench.store import ArtifactCache
 
     workshop = AttackWorkshop(seed=0, cache=ArtifactCache(tmp_path), dataset_key="digits")
     old = workshop.learned("gen", {"eps": 0.1}, lambda: {"weights": torch.zeros(3)})
@@ -132,3 +77,11 @@ def test_an_artefact_cached_in_an_older_format_is_learned_again(tmp_path):
     assert torch.equal(again["mask"], torch.ones(2))
     # Format 1 keeps its old key, so artefacts cached before versions existed are still found.
     assert set(workshop.learned("gen", {"eps": 0.1}, lambda: pytest.fail("format 1 is cached"))) == {"weights"}
+
+
+def test_clean_label_attacks_refuse_all_to_all():
+    for name in ("sig", "lc"):
+        with pytest.raises(ConfigError, match="all2one only.*clean-label"):
+            ATTACKS.build(name, {"label_mode": "all2all"})
+    with pytest.raises(ConfigError, match="all2one only"):
+        ATTACKS.build("advdoor", {"label_mode": "all2all"})

@@ -3,8 +3,18 @@ import torch
 from torch import nn
 
 from bdbench.defenses.layers import (
-    capture, capture_outputs, classifier_layer, conv_norm_pairs, feature_map_layer, grad_cam, last_conv,
-    mask_channels, norm_layers, read_activations, stage_outputs, twice_differentiable,
+    capture,
+    capture_outputs,
+    classifier_layer,
+    conv_norm_pairs,
+    feature_map_layer,
+    grad_cam,
+    last_conv,
+    mask_channels,
+    norm_layers,
+    read_activations,
+    stage_outputs,
+    twice_differentiable,
 )
 from bdbench.models import MODELS, create_model, with_normalization
 
