@@ -38,8 +38,10 @@ ATTACK_BUDGETS: dict[str, dict] = {
 }
 DEFENSE_BUDGETS: dict[str, dict] = {
     "abl": {"isolation_epochs": 1, "tuning_epochs": 1, "unlearning_epochs": 1},
+    "aif": {"steps": 150},
     "anp": {"iterations": 2},
     "awm": {"rounds": 1, "inner": 1},
+    "ftc": {"steps": 150},
     "ftsam": {"epochs": 1},
     "ibau": {"rounds": 1, "fixed_point_iterations": 2},
     "mmbd": {"restarts": 2, "steps": 2},
@@ -47,6 +49,7 @@ DEFENSE_BUDGETS: dict[str, dict] = {
     "nc": {"epochs": 1, "unlearning_epochs": 1},
     "npd": {"epochs": 1, "steps": 1},
     "sau": {"epochs": 1, "pgd_steps": 1},
+    "vif": {"steps": 150},
 }
 
 
