@@ -10,7 +10,7 @@ initial weights with the same optimiser, schedule, batch size and epochs; runs a
 baseline, ...) after one untimed warm-up run of each, so that load from other processes falls on
 both alike. Prints images per second and the ratio.
 
-    python benchmarks/trainer_vs_dataloader.py [--epochs 2] [--repeats 2] [--threads N] [--subset 4000]
+    python benchmarks/trainer_vs_dataloader.py [--epochs 2] [--repeats 2] [--threads N] [--subset 4000] [--device cuda]
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ class PerSampleImages(TorchDataset):
 
 
 def dataloader_train(model: torch.nn.Module, data: Dataset, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
-                     num_workers: int) -> None:
-    """The baseline loop: same optimiser, schedule, batch size and epochs as `bdbench.training.train`."""
+                     num_workers: int, device: torch.device) -> None:
+    """The baseline loop: same optimiser, schedule, batch size and epochs as `bdbench.training.train`; the
+    batches are collated on the CPU and moved to `device`, in float32."""
+    model.to(device)
     loader = DataLoader(PerSampleImages(x, y, data.crop_padding, data.allow_hflip), batch_size=config.batch_size,
                         shuffle=True, drop_last=True, num_workers=num_workers,
                         persistent_workers=num_workers > 0)
@@ -72,7 +74,7 @@ def dataloader_train(model: torch.nn.Module, data: Dataset, x: torch.Tensor, y: 
     model.train()
     for _ in range(config.epochs):
         for xb, yb in loader:
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -103,11 +105,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the median is reported")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--subset", type=int, default=4000, help="training images of the 32x32 set")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides train there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     config = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.05)
-    print(f"{args.epochs} epochs, batch 128, {args.threads} torch threads, median of {args.repeats} alternating runs; "
-          f"this CPU {'has' if cpu_has_native_bfloat16() else 'lacks'} native bfloat16")
+    print(f"{args.epochs} epochs, batch 128, {args.threads} torch threads, median of {args.repeats} alternating runs, "
+          f"on {device}; this CPU {'has' if cpu_has_native_bfloat16() else 'lacks'} native bfloat16")
     for title, data, model_name, options in workloads(args.subset):
         x, y = data.x_train[:args.subset], data.y_train[:args.subset]
         images = config.epochs * (len(x) // config.batch_size) * config.batch_size
@@ -119,13 +123,15 @@ def main() -> None:
 
         def bdbench(bf16: bool) -> None:
             train(fresh(), x, y, config.model_copy(update={"cpu_bfloat16": bf16}), seed=0,
-                  crop_padding=data.crop_padding, hflip=data.allow_hflip, device=torch.device("cpu"))
+                  crop_padding=data.crop_padding, hflip=data.allow_hflip, device=device)
 
+        # On CUDA the trainer always runs bfloat16 autocast, channels-last (`trains_in_bfloat16`): one variant.
+        ours = {"bdbench, bfloat16 autocast": lambda: bdbench(True)} if device.type == "cuda" else {
+            "bdbench, cpu_bfloat16": lambda: bdbench(True), "bdbench, float32": lambda: bdbench(False)}
         runs = {
-            "bdbench, cpu_bfloat16": lambda: bdbench(True),
-            "bdbench, float32": lambda: bdbench(False),
-            "DataLoader, num_workers=0": lambda: dataloader_train(fresh(), data, x, y, config, 0),
-            "DataLoader, num_workers=2": lambda: dataloader_train(fresh(), data, x, y, config, 2),
+            **ours,
+            "DataLoader, num_workers=0": lambda: dataloader_train(fresh(), data, x, y, config, 0, device),
+            "DataLoader, num_workers=2": lambda: dataloader_train(fresh(), data, x, y, config, 2, device),
         }
         seconds: dict[str, list[float]] = {name: [] for name in runs}
         for run in runs.values():  # one untimed warm-up of each (oneDNN picks and caches its kernels)
@@ -139,10 +145,10 @@ def main() -> None:
         print(f"\n{title}: {len(x)} training images")
         for name, r in rate.items():
             print(f"  {name:<27} {r:8.1f} images/s   (runs: {', '.join(f'{s:.1f}s' for s in seconds[name])})")
-        for ours in ("bdbench, cpu_bfloat16", "bdbench, float32"):
+        for mine in ours:
             for name in runs:
                 if name.startswith("DataLoader"):
-                    print(f"  ratio {ours} / {name}: {rate[ours] / rate[name]:.2f}x")
+                    print(f"  ratio {mine} / {name}: {rate[mine] / rate[name]:.2f}x")
 
 
 if __name__ == "__main__":

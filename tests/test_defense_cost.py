@@ -113,3 +113,20 @@ def test_the_bfloat16_loops_run_on_every_architecture_and_leave_the_model_as_it_
                 assert torch.isfinite(outcome.model.eval()(digits.x_test[:4].float() / 255)).all(), name
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), name
         assert all(p.is_contiguous() for p in model.parameters()), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the refusal on a machine without CUDA")
+def test_the_gpu_check_refuses_without_cuda_and_names_its_three_benchmarks(tmp_path):
+    script = str(REPO / "benchmarks" / "gpu_check.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run([sys.executable, script, "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                             env=env, check=False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1 and "no CUDA device" in refused.stderr
+    assert not (tmp_path / "out").exists()  # nothing was started
+    listed = subprocess.run([sys.executable, script, "--dry-run"], capture_output=True, text=True, env=env, check=True)
+    commands = [line.split() for line in listed.stdout.splitlines() if not line.startswith("#")]
+    assert [Path(argv[1]).name for argv in commands] == ["trainer_vs_dataloader.py", "nc_batched_vs_per_label.py",
+                                                          "defense_cost.py"]
+    assert all(Path(argv[1]).is_file() for argv in commands)
+    assert ["--device", "cuda"] == commands[0][2:4] == commands[1][2:4]

@@ -29,8 +29,9 @@ image passes, against the 12 x 5,000 forward and backward passes that train a `m
 (PreAct-ResNet18 width 0.25 on mnist5k), so there ANP costs about three times that small victim
 (390-460 s against about 120-150 s with one thread, issue 26): the mask optimisation of the paper
 (step one, its perturbation and mask steps) demands it, and a victim trained longer on more data
-shrinks the ratio (CIFAR-10 at 30 epochs: 1.5 M image passes). The passes run as the trainer trains the
-victim (`training.loop_precision`: bfloat16 autocast and channels-last on CUDA and where the grid sets
+shrinks the ratio (CIFAR-10 at 30 epochs: 1.5 M image passes). The paper and its code run a fixed
+number of iterations (2,000) with no convergence test to stop on, so none shortens the 500 here. The
+passes run as the trainer trains the victim (`training.loop_precision`: bfloat16 autocast and channels-last on CUDA and where the grid sets
 `cpu_bfloat16`; masks, noise, losses and SGD stay float32); in float32 they are the same computation as
 before that was added.
 """

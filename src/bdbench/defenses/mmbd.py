@@ -27,6 +27,12 @@ and 300 steps per class demand. The passes run as the trainer trains the victim 
 bfloat16 autocast and channels-last on CUDA and where the grid sets `cpu_bfloat16`; images, margins and
 SGD stay float32), with as many images a pass as suits the device (`training.images_per_pass`); class
 groups add up their gradients before the one step, so that changes the cost, not the ascent.
+Stopping a class once its statistic stops growing saves nothing here: on the `model-defenses` victims of
+seed 0 (clean and BadNets; per-step traces, one thread) the paper code's 1e-5 stop never fired and every
+class's largest margin was still growing at step 300 (between steps 200 and 300 the clean victim's class 8
+went from 24.25 to 25.81, the BadNets target from 36.01 to 39.21), so a stop after 10-50 steps without a
+relative gain of 1e-3 would stop no class, and one at 1e-2 over 10 steps saved 13% of the steps but moved
+statistics by up to 10% and turned the clean victim's detection (-log10 p 1.53) into a miss (1.04).
 """
 
 from __future__ import annotations
