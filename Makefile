@@ -28,7 +28,7 @@ run: setup
 
 # ruff and mypy, as configured in pyproject.toml (pre-commit runs the same two before a commit).
 lint: $(STAMP)
-	$(BIN)/ruff check src
+	$(BIN)/ruff check src tests benchmarks tools examples
 	$(BIN)/mypy
 
 test: $(TEST_STAMP) lint

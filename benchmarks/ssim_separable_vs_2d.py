@@ -25,7 +25,6 @@ and 1 MB now. SSIM differs by 3e-16 on the whole set and at most 2e-14 on single
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -51,7 +50,7 @@ def ssim_2d(clean: torch.Tensor, poisoned: torch.Tensor, data_range: float = 255
     if clean.numel() == 0:
         return None
     x, y = clean.double(), poisoned.double()
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     size = min(window, h - (1 - h % 2), w - (1 - w % 2))
     kernel = _gaussian_window(size, sigma).to(x.device).expand(c, 1, size, size)
 

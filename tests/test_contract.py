@@ -106,7 +106,7 @@ def test_attack_poisons_the_training_set_and_triggers_test_images_as_promised(na
         index = torch.arange(32)
         x = poisoned.x[index].float() / 255
         hx, hy = hook(x, poisoned.y[index], torch.Generator().manual_seed(0), index)
-        assert hx.shape[1:] == x.shape[1:] and len(hx) == len(hy) and 0 <= hx.min() and hx.max() <= 1
+        assert hx.shape[1:] == x.shape[1:] and len(hx) == len(hy) and hx.min() >= 0 and hx.max() <= 1
 
 
 def _check_classifier(model: nn.Module | None, deployed: nn.Module, digits) -> None:

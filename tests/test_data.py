@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from bdbench.data import load_dataset
 from bdbench.data.loaders import load_npz
 from bdbench.errors import ConfigError, DataError
-from conftest import SHARED_DATA
 
 
 def test_mnist5k_is_a_stratified_4000_1000_split_of_real_digits():

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_GRID
+from test_runner import kill_mid_grid_then_resume
 
 from bdbench import run_grid
 from bdbench.attacks import AttackWorkshop
@@ -16,8 +18,6 @@ from bdbench.executors.ray_cluster import stored_artifacts
 from bdbench.grid import expand, load_grid
 from bdbench.seeding import derive_seed
 from bdbench.store import ArtifactCache
-from conftest import TINY_GRID
-from test_runner import kill_mid_grid_then_resume
 
 METRICS = ["experiment_id", "status", "error", "clean_acc", "asr", "robust_acc", "der", "clean_acc_before",
            "asr_before", "robust_acc_before", "clean_budget", "torch_threads"]

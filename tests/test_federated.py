@@ -8,7 +8,6 @@ import sqlite3
 
 import pytest
 import torch
-from effects import test_seed
 
 from bdbench.errors import ConfigError
 from bdbench.federated import SERVER_DEFENSES, FederatedConfig, RoundContext
@@ -19,6 +18,8 @@ from bdbench.federated.lockdown import consensus, erk_densities, init_masks, pru
 from bdbench.federated.split import split_dirichlet, split_iid
 from bdbench.grid import expand, load_grid
 from bdbench.models import create_model, with_normalization
+
+from effects import test_seed
 
 
 def _context(round_: int = 1) -> RoundContext:

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from bdbench import metrics
-from conftest import SHARED_DATA
 
 
 def test_accuracy_asr_robust_accuracy_hand_computed():

@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
-from bdbench.data import FACTS, load_dataset
-from bdbench.data import official
+from bdbench.data import FACTS, load_dataset, official
 from bdbench.data.cache import cache_root
 from bdbench.errors import ConfigError, DataError
-from conftest import SHARED_DATA
 
 RNG = np.random.default_rng(0)
 

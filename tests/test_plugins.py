@@ -17,6 +17,7 @@ from bdbench import plugins
 from bdbench.defenses import DEFENSES
 from bdbench.errors import ConfigError
 from bdbench.grid import expand, load_grid
+
 from plugin_helpers import EXAMPLE_SRC, python_env, run_bdbench, shrinkpad_distribution, write_distribution
 
 

@@ -255,9 +255,9 @@ def test_cli_report_writes_the_page_and_missing_results_are_one_line(tmp_path):
 
 
 def test_cli_run_ends_by_writing_the_report(tmp_path, monkeypatch):
-    import bdbench.runner
     from click.testing import CliRunner
 
+    import bdbench.runner
     from bdbench.cli import main
     from bdbench.store import ResultStore
 
@@ -308,10 +308,10 @@ def test_every_row_with_a_verdict_gives_a_report(tmp_path):
 
 
 def test_a_report_failure_does_not_fail_a_run_that_stored_its_rows(tmp_path, monkeypatch):
-    import bdbench.report
-    import bdbench.runner
     from click.testing import CliRunner
 
+    import bdbench.report
+    import bdbench.runner
     from bdbench.cli import main
     from bdbench.store import ResultStore
 

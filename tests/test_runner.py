@@ -211,9 +211,8 @@ def test_corrupt_cached_victim_is_retrained(tmp_path, tiny_grid, caplog):
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path, tiny_grid):
     from bdbench.runner import exclusive
 
-    with exclusive(tmp_path):
-        with pytest.raises(BdbenchError, match=f"in use by a running bdbench \\(pid {os.getpid()}\\)"):
-            run_grid(tiny_grid, out=tmp_path, progress=False)
+    with exclusive(tmp_path), pytest.raises(BdbenchError, match=f"in use by a running bdbench \\(pid {os.getpid()}\\)"):
+        run_grid(tiny_grid, out=tmp_path, progress=False)
 
 
 def test_store_adds_new_columns_to_an_older_database(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_GRID
 from safetensors.torch import load_file, save_file
 
 from bdbench import run_grid
@@ -17,7 +18,6 @@ from bdbench.data import load_dataset
 from bdbench.experiment import clean_budget
 from bdbench.grid import CleanBudget
 from bdbench.scan import clean_draw, scan
-from conftest import TINY_GRID
 
 GRID = {**copy.deepcopy(TINY_GRID), "model": {"name": "cnn-small", "width": 16},
         "training": {"epochs": 10, "batch_size": 64, "lr": 0.05},

@@ -35,7 +35,7 @@ COLUMNS_0_1_0 = {
 
 
 def test_the_database_columns_derive_from_the_schema_and_keep_every_earlier_column():
-    assert COLUMNS == schema.sql_columns()
+    assert schema.sql_columns() == COLUMNS
     assert list(COLUMNS)[:len(COLUMNS_0_1_0)] == list(COLUMNS_0_1_0)
     assert {name: COLUMNS[name] for name in COLUMNS_0_1_0} == COLUMNS_0_1_0
     assert schema.BOOL_COLUMNS == ("detected", "victim_cached")

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import TINY_GRID
 
 from bdbench.cli import main
 from bdbench.store import ResultStore, load_results
-
-from conftest import TINY_GRID
 
 
 def _stored(out: Path, count: int = 3, spec_chars: int = 10) -> Path:

@@ -25,7 +25,7 @@ def badnets15(digits):
 
 def test_bnp_with_the_paper_default_keeps_clean_accuracy(badnets15, effect):
     repaired = badnets15.repair("bnp", {})
-    (clean_before, asr_before), (clean_after, asr_after) = badnets15.scores(badnets15.model), badnets15.scores(repaired)
+    (clean_before, asr_before), (clean_after, _) = badnets15.scores(badnets15.model), badnets15.scores(repaired)
     effect.check("ASR before", asr_before, ">", 0.95)
     # The removal is not asserted: whether the backdoor neurons' divergences clear u = 3 on this 16-channel
     # model depends on the CPU's kernels and the threads. Measured ASR drops (tools/effect_spread.py): at 15%

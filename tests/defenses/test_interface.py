@@ -1,6 +1,7 @@
 """The defense interface: what a defender's context holds and what it cannot reach, and what every defense declares."""
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 
@@ -23,7 +24,7 @@ def test_every_defense_declares_a_kind_and_description():
 class _Spy(Defense):
     """Records the context it is handed."""
 
-    seen: list = []
+    seen: ClassVar[list] = []
 
     def run(self, context):
         _Spy.seen.append((self.kind, context))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from effects import test_seed
 
 from bdbench.attacks import ATTACKS
 from bdbench.attacks.workshop import AttackWorkshop
@@ -25,6 +24,8 @@ from bdbench.federated.attacks import (
 from bdbench.federated.simulation import client_shares, poison_shares, run_federation
 from bdbench.grid import expand, load_grid
 from bdbench.models import create_model, with_normalization
+
+from effects import test_seed
 
 
 def _prepared(digits, name: str, **params):

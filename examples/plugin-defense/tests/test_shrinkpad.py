@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bdbench_shrinkpad import ShrinkPad, ShrinkPadded
 from torch import nn
 
 import bdbench
-from bdbench.errors import ConfigError
 from bdbench.defenses import DEFENSES
-from bdbench_shrinkpad import ShrinkPad, ShrinkPadded
+from bdbench.errors import ConfigError
 
 
 class Spy(nn.Module):

@@ -53,6 +53,13 @@ from bdbench.progress import steps
 from bdbench.training import augment_batch, loop_precision, to_layout
 
 
+def affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A normalisation layer's affine scale (`weight`) and shift (`bias`, None where it has none)."""
+    weight, bias = module.weight, module.bias
+    assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+    return weight, bias
+
+
 class NeuronPerturbation:
     """Masks and multiplicative noise on the affine scale and shift of every normalisation layer,
     applied through `torch.func.functional_call`, so no module of the model is replaced."""
@@ -65,9 +72,9 @@ class NeuronPerturbation:
                              "neuron masks (anp, rnp) cannot be put on this model")
         self.model = model
         self.original = copy.deepcopy(model)  # pruned copies start from here: training-mode norms move `model`'s statistics
-        self.masks = [torch.ones_like(m.weight) for _, m in self.layers]
-        self.scale_noise = [torch.zeros_like(m.weight) for _, m in self.layers]
-        self.shift_noise = [torch.zeros_like(m.bias) if m.bias is not None else None for _, m in self.layers]
+        self.masks = [torch.ones_like(affine(m)[0]) for _, m in self.layers]
+        self.scale_noise = [torch.zeros_like(affine(m)[0]) for _, m in self.layers]
+        self.shift_noise = [None if (bias := affine(m)[1]) is None else torch.zeros_like(bias) for _, m in self.layers]
 
     def noise(self) -> list[torch.Tensor]:
         return self.scale_noise + [n for n in self.shift_noise if n is not None]
@@ -75,9 +82,10 @@ class NeuronPerturbation:
     def __call__(self, x: torch.Tensor, perturbed: bool) -> torch.Tensor:
         overrides = {}
         for (name, module), mask, scale, shift in zip(self.layers, self.masks, self.scale_noise, self.shift_noise):
-            overrides[f"{name}.weight"] = module.weight * (mask + scale if perturbed else mask)
-            if module.bias is not None and perturbed:
-                overrides[f"{name}.bias"] = module.bias * (1 + shift)
+            weight, bias = affine(module)
+            overrides[f"{name}.weight"] = weight * (mask + scale if perturbed else mask)
+            if bias is not None and shift is not None and perturbed:
+                overrides[f"{name}.bias"] = bias * (1 + shift)
         return functional_call(self.model, overrides, (x,))
 
     def prune(self, count: int) -> nn.Module:
@@ -89,9 +97,9 @@ class NeuronPerturbation:
         modules = dict(pruned.named_modules())
         start = 0
         for name, module in self.layers:
-            size = module.weight.numel()
+            size = affine(module)[0].numel()
             with torch.no_grad():
-                modules[name].weight.view(-1)[chosen[start:start + size]] = 0.0
+                affine(modules[name])[0].view(-1)[chosen[start:start + size]] = 0.0
             start += size
         return pruned.requires_grad_(True)
 

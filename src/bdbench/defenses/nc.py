@@ -154,6 +154,7 @@ def _accumulate_label_gradients(model: nn.Module, xb: torch.Tensor, mask_raw: to
     norm = mask.flatten(1).sum(1)
     loss = (cross_entropy.view(len(labels), -1).mean(1) + cost * norm).sum()
     grad_mask, grad_pattern = torch.autograd.grad(loss, [mask_raw, pattern_raw])
+    assert mask_raw.grad is not None and pattern_raw.grad is not None, "the caller zeroes the gradients first"
     mask_raw.grad += grad_mask
     pattern_raw.grad += grad_pattern
     return (logits.argmax(2) == target).double().mean(1).detach().cpu(), norm.detach().double().cpu()

@@ -37,8 +37,8 @@ class ShrinkPadded(nn.Module):
                               align_corners=False)
         top = torch.randint(0, self.shrink + 1, (n,), generator=self.generator).tolist()
         left = torch.randint(0, self.shrink + 1, (n,), generator=self.generator).tolist()
-        padded = torch.stack([F.pad(image, (l, self.shrink - l, t, self.shrink - t))
-                              for image, t, l in zip(small, top, left)])
+        padded = torch.stack([F.pad(image, (lft, self.shrink - lft, t, self.shrink - t))
+                              for image, t, lft in zip(small, top, left)])
         return self.model(padded)
 
 
