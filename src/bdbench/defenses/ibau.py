@@ -139,12 +139,15 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
                     count = max(1, round(self.perturbed_fraction * len(idx)))
                     patched[torch.randperm(len(idx), generator=generator)[:count].to(context.device)] = 1.0
 
-                    def outer_loss(d: torch.Tensor) -> torch.Tensor:
+                    def outer_loss(d: torch.Tensor, images: torch.Tensor = images, patched: torch.Tensor = patched,
+                                   labels: torch.Tensor = labels) -> torch.Tensor:
                         return F.cross_entropy(model((images + d * patched).clamp(0.0, 1.0)), labels)
 
-                    grads = fixed_point_hypergradient(
-                        outer_loss, lambda d: self._inner_loss(model, d, inner_x, inner_y), delta, params,
-                        self.inner_lr, self.fixed_point_iterations)
+                    def inner_loss(d: torch.Tensor, x: torch.Tensor = inner_x, y: torch.Tensor = inner_y) -> torch.Tensor:
+                        return self._inner_loss(model, d, x, y)
+
+                    grads = fixed_point_hypergradient(outer_loss, inner_loss, delta, params, self.inner_lr,
+                                                      self.fixed_point_iterations)
                     for param, grad in zip(params, grads):
                         param.grad = grad
                     optimizer.step()

@@ -111,7 +111,7 @@ class _Schedule:
     best_seen: torch.Tensor
 
     @classmethod
-    def start(cls, labels: int, init_cost: float) -> "_Schedule":
+    def start(cls, labels: int, init_cost: float) -> _Schedule:
         zeros = torch.zeros(labels, dtype=torch.long)
         return cls(torch.full((labels,), init_cost, dtype=torch.float64), zeros, zeros.clone(),
                    torch.zeros(labels, dtype=torch.bool), torch.zeros(labels, dtype=torch.bool), zeros.clone(),
