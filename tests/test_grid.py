@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from bdbench.errors import ConfigError
@@ -155,3 +157,33 @@ def test_overrides_as_a_mapping_equal_the_same_overrides_as_strings(tiny_grid):
         load_grid(tiny_grid, {"training.epochs": "two"})
     with pytest.raises(ConfigError, match="not a dotted name"):
         load_grid(tiny_grid, {"": 1})
+
+
+NATURAL_GRIDS = [("attacks-cifar10", "fidelity-cifar10", "cifar10.npz"), ("attacks-gtsrb", "fidelity-gtsrb", "gtsrb32.npz")]
+
+
+@pytest.mark.parametrize("name, fidelity, data", NATURAL_GRIDS)
+def test_natural_attack_grids_hold_all_sixteen_attacks_and_share_fidelitys_victims(name, fidelity, data):
+    from bdbench.attacks import ATTACKS
+
+    specs = expand(load_grid(name))
+    assert {s.attack.name for s in specs} == set(ATTACKS.names())  # every attack and the clean model
+    assert all(s.defense.name == "none" and s.dataset.params["path"] == f"../shared/data/{data}" for s in specs)
+    clean_label = {s.attack.name: s.poison_rate for s in specs if s.attack.name in ("sig", "lc", "narcissus", "dfb")}
+    assert max(clean_label.values()) <= 0.05 and clean_label["narcissus"] == 0.0005
+    shared = {s.victim_key for s in expand(load_grid(fidelity))} & {s.victim_key for s in specs}
+    assert len(shared) == 3  # the clean, BadNets and Blended victims of the fidelity grid
+
+
+@pytest.mark.parametrize("name, fidelity, data", NATURAL_GRIDS)
+def test_natural_attack_grids_pass_preflight_on_their_data(name, fidelity, data, monkeypatch):
+    from conftest import SHARED_DATA
+
+    from bdbench.data import load_dataset
+    from bdbench.preflight import check_grid
+
+    if not (SHARED_DATA / "cifar10.npz").is_file() or not (SHARED_DATA / "gtsrb32.npz").is_file():
+        pytest.skip("../shared/data/cifar10.npz or gtsrb32.npz is absent")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the grids' data paths are relative to the repository
+    grid = load_grid(name)
+    check_grid(grid, load_dataset(grid.dataset.name, **grid.dataset.params))  # raises ConfigError if not

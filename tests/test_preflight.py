@@ -117,7 +117,10 @@ def test_data_sets_too_small(tmp_path, finished, sizes, message):
     ({"attacks": [{"name": "badnets", "patch_size": 9}]}, "badnets patch_size 9 does not fit 8x8 images"),
     ({"attacks": [{"name": "source_specific", "patch_size": 9}]}, "source_specific patch_size 9 does not fit"),
     ({"attacks": [{"name": "lsp", "attack_params": {"patch_size": 12}}]}, "badnets patch_size 12 does not fit"),
-    ({"attacks": [{"name": "dfb"}], "dataset": "mnist"}, "dfb needs public images of the task's own classes"),
+    ({"attacks": [{"name": "narcissus"}], "dataset": "mnist"},
+     "narcissus needs public out-of-distribution data for 'other' and has no default for it"),
+    ({"attacks": [{"name": "narcissus", "pood": {"name": "npz", "path": "absent.npz"}}]},
+     "narcissus's public out-of-distribution pool absent.npz is missing"),
 ])
 def test_grid_settings_the_data_cannot_take(tmp_path, finished, changes, message):
     if changes.get("dataset") == "mnist":  # any non-digit data set: a small npz stands in for it

@@ -13,17 +13,20 @@ the rest of the training set. Following the paper:
 4. at test time the trigger is magnified `test_multiplier` times (3, as in the paper).
 
 The paper's rate is 0.05% of the training set (25 CIFAR-10 images); `select` takes the grid's
-`poison_rate` of the whole training set (at least one image) from the target class, so 0.0005
-gives the paper's count semantics (2 images on mnist5k's 4,000).
+`poison_rate` of the victim's training set (at least one image) from the target class, so 0.0005
+gives the paper's count semantics.
 
-POOD data: `bdbench.attacks.public_data` (Tiny-ImageNet in the paper is not available offline):
-the other embedded digit set. As that set has the same ten digit classes, POOD images of the
-target digit are left out, as the paper's POOD shares no class with the task; being so close to
-MNIST, it favours the attacker, as the paper finds closer POOD data helps. Measured limitation:
-the surrogate still tells the two scanners apart more easily than the target digit from the
-others, so the trigger it yields encodes "this scanner" and does not move the victim (ASR 0.0 on
-`digits` at eps 16-48/255; see the strict xfail in tests/attacks/test_narcissus.py); it needs a
-class-disjoint POOD set.
+The attacker's data (`bdbench.attacks.public_data`): its target-class examples are the attacker
+pool's (a fixed 10% of the training set that the victim never trains on; the paper's attacker
+holds target-class examples of its own, not the victim's training set), and the POOD data is
+`pood`, a data-set spec (the paper: Tiny-ImageNet, not available offline). By default GTSRB for
+CIFAR-10 victims and CIFAR-10 for GTSRB victims, from `../shared/data`: natural images that share
+no class with the task. For the digit sets the default is the other digit set, with its images of
+the target digit left out; being so close to the task it favours the attacker, as the paper finds
+closer POOD data helps. Measured limitation there: the surrogate tells the two scanners apart more
+easily than the target digit from the others, so the trigger encodes "this scanner" and does not
+move the victim (ASR 0.0 on `digits` at eps 16-48/255; see the strict xfail in
+tests/attacks/test_narcissus.py).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bdbench.attacks.base import ATTACKS, Attack, LabelMode, TriggeredTestSet
-from bdbench.attacks.public_data import public_images
+from bdbench.attacks.base import ATTACKS, CleanLabelAttack, LabelMode, TriggeredTestSet
+from bdbench.attacks.public_data import PublicPoolAttack, attacker_pool, pood_images, pood_spec
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
 from bdbench.data.dataset import channel_stats
@@ -45,38 +48,40 @@ from bdbench.training import TrainConfig, augment_batch, train
 
 
 @ATTACKS.register("narcissus")
-class Narcissus(Attack):
+class Narcissus(PublicPoolAttack, CleanLabelAttack):
     """Clean-label trigger optimised from target-class data and a POOD surrogate (Zeng et al., CCS 2023)."""
 
     citation = ("Zeng, Pan, Just, Lyu, Jia. Narcissus: A Practical Clean-Label Backdoor Attack with Limited "
                 "Information. CCS 2023.")
-    label_modes = ("all2one",)
-    single_target_reason = "a clean-label attack on one target class"
 
     def __init__(self, eps: UpToOne = 16 / 255, test_multiplier: PositiveFloat = 3.0, surrogate: str = "cnn-small",
                  pood_epochs: PositiveInt = 10, finetune_epochs: PositiveInt = 5, trigger_epochs: PositiveInt = 100,
-                 lr: PositiveFloat = 0.01,
+                 lr: PositiveFloat = 0.01, pood: dict[str, Any] | None = None,
                  label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
         self.eps, self.test_multiplier, self.surrogate, self.lr = eps, test_multiplier, surrogate, lr
         self.pood_epochs, self.finetune_epochs, self.trigger_epochs = pood_epochs, finetune_epochs, trigger_epochs
+        self.pood = None if pood is None else dict(pood)  # None: DEFAULT_POOD's for the data set
         self.delta: torch.Tensor | None = None  # (C, H, W) in [-eps, eps]
 
+    def check(self, dataset: Dataset, target_label: int) -> None:
+        pood_spec(dataset, self.pood, "narcissus")
+
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
+        pood = pood_spec(dataset, self.pood, "narcissus")
         params = {"eps": self.eps, "surrogate": self.surrogate, "pood_epochs": self.pood_epochs,
                   "finetune_epochs": self.finetune_epochs, "trigger_epochs": self.trigger_epochs,
-                  "lr": self.lr, "target": target_label}
+                  "lr": self.lr, "target": target_label, "pood": pood}
         self.delta = workshop.learned("narcissus", params,
-                                      lambda: {"delta": self._synthesise(dataset, target_label, workshop)})["delta"]
+                                      lambda: {"delta": self._synthesise(dataset, target_label, pood, workshop)})["delta"]
 
-    def _synthesise(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> torch.Tensor:
+    def _synthesise(self, dataset: Dataset, target_label: int, pood: dict[str, Any],
+                    workshop: AttackWorkshop) -> torch.Tensor:
         device = workshop.device
-        pood_x, pood_y = public_images(dataset)
-        # The paper's POOD data shares no class with the task; ours has the same ten digits, so its
-        # images of the target digit would teach the surrogate that "target" means "other scanner".
-        pood_x, pood_y = pood_x[pood_y != target_label], pood_y[pood_y != target_label]
+        pood_x, pood_y = pood_images(dataset, pood, target_label, "narcissus")
         extra_class = int(pood_y.max()) + 1
-        target_x = dataset.x_train[dataset.y_train == target_label]  # all the attacker knows of the task
+        pool_x, pool_y = attacker_pool(dataset)
+        target_x = pool_x[pool_y == target_label]  # all the attacker knows of the task
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(workshop.seed, "narcissus_init"))
             net = create_model(self.surrogate, extra_class + 1, dataset.in_channels, dataset.image_size)
@@ -113,7 +118,7 @@ class Narcissus(Attack):
 
     def select(self, y: torch.Tensor, poison_rate: float, target_label: int,
                generator: torch.Generator) -> torch.Tensor:
-        """`poison_rate` of the whole training set, at least one image, all from the target class."""
+        """`poison_rate` of the victim's training set, at least one image, all from the target class."""
         candidates = torch.nonzero(y == target_label).flatten()
         count = min(len(candidates), max(1, int(round(poison_rate * len(y)))))
         return candidates[torch.randperm(len(candidates), generator=generator)[:count]]
