@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bdbench.attacks import ATTACKS, AttackWorkshop
+from bdbench.attacks.public_data import PublicPoolAttack, without_attacker_pool
 from bdbench.defenses import DEFENSES, SEES_TRAINING_SET, DefenseKind, DefenseOutcome
 from bdbench.training import predict, predict_logits
 
@@ -73,7 +74,9 @@ def test_attack_poisons_the_training_set_and_triggers_test_images_as_promised(na
     attack = ATTACKS.build(name, ATTACK_BUDGETS.get(name, {}))
     attack.prepare(digits, TARGET, AttackWorkshop(seed=0))
     poisoned = attack.after_training(attack.poison(digits, RATE, TARGET, torch.Generator().manual_seed(0)))
-    clean_x, clean_y = digits.x_train, digits.y_train
+    # What the victim trains on: the training set, less the attacker pool for attacks that learn from it.
+    victim = without_attacker_pool(digits) if isinstance(attack, PublicPoolAttack) else digits
+    clean_x, clean_y = victim.x_train, victim.y_train
 
     # The poisoned training set: uint8 images of the clean set's shape, labels per row, a boolean mask.
     assert poisoned.x.dtype == torch.uint8 and poisoned.x.shape == clean_x.shape

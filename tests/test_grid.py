@@ -48,7 +48,7 @@ def test_clean_attack_is_trained_once_per_seed_across_rates(tiny_grid):
 @pytest.mark.parametrize("change, message", [
     ({"attack": ["badnets"]}, "unknown key 'attack' in grid spec; valid keys: name, description, dataset"),
     ({"attacks": ["badnetz"]}, "unknown attack 'badnetz'; choose one of: advdoor, badnets, blended,"),
-    ({"defenses": ["nc9"]}, "unknown defense 'nc9'; choose one of: abl, ac, anp, awm, beatrix,"),
+    ({"defenses": ["nc9"]}, "unknown defense 'nc9'; choose one of: abl, ac, aif, anp, awm, beatrix,"),
     ({"attacks": [{"name": "badnets", "size": 3}]}, "attack 'badnets' has no parameter 'size'; valid parameters:"),
     ({"poison_rates": [1.5]}, "grid spec poison_rates: poison rate 1.5 is not in"),
     ({"training": {"epochs": 0}}, "grid spec training.epochs: Input should be greater than or equal to 1"),

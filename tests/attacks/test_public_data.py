@@ -20,7 +20,7 @@ from bdbench.attacks.public_data import (
 from bdbench.data import load_dataset
 from bdbench.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CIFAR10, GTSRB = SHARED_DATA / "cifar10.npz", SHARED_DATA / "gtsrb32.npz"
 needs_natural_data = pytest.mark.skipif(not (CIFAR10.is_file() and GTSRB.is_file()),
                                         reason="../shared/data/cifar10.npz or gtsrb32.npz is absent")
