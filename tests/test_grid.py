@@ -1,9 +1,13 @@
+import json
 from pathlib import Path
 
 import pytest
 
+from bdbench.attacks import ATTACKS
+from bdbench.defenses import DEFENSES
 from bdbench.errors import ConfigError
-from bdbench.grid import apply_overrides, expand, load_grid, read_config
+from bdbench.grid import apply_overrides, expand, load_grid, read_config, settings_changes
+from bdbench.models import MODELS
 
 
 def test_builtin_demo_validates_and_expands():
@@ -133,6 +137,23 @@ def test_variants_name_the_non_default_parameters_and_a_label_changes_no_id(tiny
     tiny_grid["defenses"][1]["label"] = ""
     with pytest.raises(ConfigError, match="label must be a non-empty string"):
         load_grid(tiny_grid)
+
+
+def test_settings_fill_in_the_code_defaults_as_plain_json(tiny_grid):
+    tiny_grid["attacks"] = [{"name": "badnets", "patch_size": 2.0, "location": [1, 1]}]
+    tiny_grid["defenses"] = [{"name": "strip", "overlays": 10}]
+    spec = expand(load_grid(tiny_grid))[0]
+    settings = spec.settings()
+    assert set(settings) == {"dataset", "model", "attack", "defense"}
+    assert settings["attack"] == {**ATTACKS.defaults("badnets"), "patch_size": 2, "location": [1, 1]}
+    assert settings["defense"]["overlays"] == 10 and set(settings["defense"]) == set(DEFENSES.defaults("strip"))
+    assert settings["model"] == {**MODELS.defaults("cnn-small"), "width": 8}
+    assert json.loads(json.dumps(settings)) == settings  # stored as it compares
+    assert set(spec.settings(victim_only=True)) == {"dataset", "model", "attack"}
+    assert ATTACKS.settings("not-registered", {"k": (1.0, 2)}) == {"k": [1, 2]}  # a plugin's rows read without it
+    # Compared key by key where both hold one: a parameter added since keeps the old behaviour at its default.
+    assert settings_changes({"attack": {"margin": 0, "old": 1}}, {"attack": {"margin": 1, "new": 2}, "defense": {}}) \
+        == ["attack.margin 0 -> 1"]
 
 
 def test_a_clean_victim_is_keyed_without_the_target_label(tiny_grid):

@@ -1,5 +1,6 @@
 """End to end on a tiny grid: rows, cache reuse, scoring of every outcome kind, failures, resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -130,6 +131,52 @@ def test_tiny_grid_rows_cache_and_rerun(tmp_path, tiny_grid, effect):
     new = more[~more.experiment_id.isin(rows.experiment_id)]
     assert len(new) == 2 and new.victim_cached.all()
     assert len(load_results(tmp_path)) == 6
+
+
+def test_a_default_changed_in_the_code_runs_its_rows_and_victims_again(tmp_path, tiny_grid, monkeypatch, caplog):
+    """Experiment ids hash the parameters as the grid writes them, so a default changed in the code since a
+    row was made keeps the id: the row's recorded settings tell the resumed grid to run it again."""
+    from bdbench.attacks import ATTACKS
+
+    tiny_grid["defenses"] = ["none", "ft"]  # FT at its defaults
+    first = run_grid(tiny_grid, out=tmp_path, progress=False)
+    ft_default = DEFENSES.defaults("ft")["epochs"]
+    assert {s["defense"]["epochs"] for s in first[first.defense == "ft"].settings} == {ft_default}
+    assert {s["attack"]["margin"] for s in first[first.attack == "badnets"].settings} == {0}
+    victims = tmp_path / "cache" / "victims"
+    info = {p.name: json.loads(p.read_text()) for p in victims.glob("*.json")}
+    assert all(i["settings"]["attack"] for i in info.values() if i["spec"]["attack"]["name"] == "badnets")
+
+    class LongerFT(DEFENSES.get("ft")):  # the code's FT default changes
+        def __init__(self, epochs: int = ft_default + 1, lr: float = 0.01, batch_size: int = 32) -> None:
+            super().__init__(epochs, lr, batch_size)
+
+    monkeypatch.setitem(DEFENSES._entries, "ft", dataclasses.replace(DEFENSES.entry("ft"), obj=LongerFT))
+    mtimes = {p: p.stat().st_mtime_ns for p in victims.iterdir()}
+    with caplog.at_level("WARNING", logger="bdbench.runner"):
+        second = run_grid(tiny_grid, out=tmp_path, progress=False)
+    assert second.experiment_id.tolist() == first.experiment_id.tolist()
+    rerun = second.finished_at != first.finished_at
+    assert rerun.tolist() == (second.defense == "ft").tolist()  # FT rows only
+    assert {s["defense"]["epochs"] for s in second[second.defense == "ft"].settings} == {ft_default + 1}
+    assert f"defense.epochs {ft_default} -> {ft_default + 1}" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in victims.iterdir()} == mtimes  # the victims' settings hold
+
+    badnets_class = ATTACKS.get("badnets")
+
+    class MarginBadNets(badnets_class):  # the code's BadNets default margin changes: its victim is stale too
+        def __init__(self, patch_size: int = 3, margin: int = 1) -> None:
+            super().__init__(patch_size=patch_size, margin=margin)
+
+    monkeypatch.setitem(ATTACKS._entries, "badnets", dataclasses.replace(ATTACKS.entry("badnets"), obj=MarginBadNets))
+    third = run_grid(tiny_grid, out=tmp_path, progress=False)
+    badnets = third.attack == "badnets"
+    assert (third.finished_at != second.finished_at).tolist() == badnets.tolist()
+    assert third[badnets].victim_cached.tolist() == [False, True]  # retrained once, then reused
+    assert {s["attack"]["margin"] for s in third[badnets].settings} == {1}
+    # A fourth run finds everything current.
+    fourth = run_grid(tiny_grid, out=tmp_path, progress=False)
+    assert fourth.finished_at.tolist() == third.finished_at.tolist()
 
 
 def test_same_spec_same_seed_same_numbers(tmp_path, tiny_grid):

@@ -27,7 +27,7 @@ from bdbench.data import Dataset, dataset_label, load_dataset
 from bdbench.defenses import DEFENSES, SEES_TRAINING_SET, Defense, DefenseContext, DefenseOutcome, InputDetector
 from bdbench.errors import ArtifactError, BdbenchError, NotApplicable
 from bdbench.federated.attacks import client_attack_variant
-from bdbench.grid import CleanBudget, ExperimentSpec
+from bdbench.grid import CleanBudget, ExperimentSpec, settings_changes
 from bdbench.models import create_model, with_normalization
 from bdbench.precision import PRECISIONS, Deployed, Precision, is_int8_kernel, passes_input_gradient
 from bdbench.profiling import Cost, measure
@@ -78,6 +78,16 @@ class Victim:
     federated: dict[str, Any] | None = None  # a federated victim's measurements (FederationResult.summary)
 
 
+def check_victim_settings(spec: ExperimentSpec, info: dict[str, Any] | None) -> None:
+    """An `ArtifactError` (the victim is trained again) where the cached victim's info says it was trained with
+    other settings than the code's current defaults give its spec; victims cached before settings were recorded
+    pass."""
+    before = info.get("settings") if info else None
+    if before and (changes := settings_changes(before, spec.settings(victim_only=True))):
+        raise ArtifactError(f"cached victim {spec.victim_key} was trained with other defaults than the code's now "
+                            f"({'; '.join(changes)})")
+
+
 def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, cache: ArtifactCache,
                          device: torch.device) -> Victim:
     """The global model of the spec's federation, from the cache when the same federation ran before (its
@@ -89,6 +99,7 @@ def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack,
         model = new_model(spec, dataset, "victim_init")
         try:
             info = cache.load_info("victims", spec.victim_key)
+            check_victim_settings(spec, info)
             if cache.load("victims", spec.victim_key, model):
                 if not isinstance(info, dict) or "federated" not in info:
                     raise ArtifactError(f"cached federated victim {spec.victim_key} lacks its measurements")
@@ -96,6 +107,7 @@ def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack,
         except ArtifactError as exc:
             log.warning("%s; running the federation again", exc)
             cache.discard("victims", spec.victim_key)
+            cache.discard("federated", spec.victim_key)  # its checkpoint, from the same settings
             model = new_model(spec, dataset, "victim_init")
         start = time.perf_counter()
         federation = spec.federated
@@ -108,7 +120,8 @@ def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack,
         cache.save("victims", spec.victim_key, result.model, {
             "spec": spec.model_dump(mode="json", include={"dataset", "model", "attack", "poison_rate", "target_label",
                                                           "seed", "federated"}),
-            "train_s": round(seconds, 3), "poisoned_samples": result.poisoned_samples, "federated": summary,
+            "settings": spec.settings(victim_only=True), "train_s": round(seconds, 3),
+            "poisoned_samples": result.poisoned_samples, "federated": summary,
         })
         cache.discard("federated", spec.victim_key)  # the checkpoint, once the finished model is stored
     return Victim(result.model.eval(), False, seconds, summary)
@@ -125,6 +138,7 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
     with cache.lock("victims", spec.victim_key):
         model = new_model(spec, dataset, "victim_init")
         try:
+            check_victim_settings(spec, cache.load_info("victims", spec.victim_key))
             if cache.load("victims", spec.victim_key, model):
                 if attack.learns_with_victim:
                     state = cache.load_tensors("victims", attack_key)
@@ -147,6 +161,7 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
         cache.save("victims", spec.victim_key, model, {
             "spec": spec.model_dump(mode="json", include={"dataset", "model", "training", "attack", "poison_rate",
                                                           "target_label", "seed"}),
+            "settings": spec.settings(victim_only=True),
             "train_s": round(seconds, 3),
             "poisoned_samples": int(poisoned.poison_mask.sum()),
         })
@@ -166,10 +181,12 @@ def evaluate(model: nn.Module, dataset: Dataset, triggered: TriggeredTestSet | N
 
 
 def triggered_test_source(spec: ExperimentSpec, attack: Attack) -> dict[str, Any]:
-    """What fixes the triggered test set: the data set, the attack and its parameters and the target label;
+    """What fixes the triggered test set: the data set, the attack and its parameters (with the code's defaults,
+    so that a changed default computes its metrics again) and the target label;
     the seed where the trigger is drawn or learned from it (`Attack.seeded_trigger`); the victim where the
     attack learns its trigger with it (`Attack.learns_with_victim`: input-aware)."""
     return {"dataset": spec.dataset.model_dump(mode="json"), "attack": spec.attack.model_dump(mode="json"),
+            "attack_settings": ATTACKS.settings(spec.attack.name, spec.attack.params),
             "target_label": spec.target_label, "seed": spec.seed if attack.seeded_trigger else None,
             "victim_key": spec.victim_key if attack.learns_with_victim else None}
 
@@ -295,7 +312,7 @@ def base_row(spec: ExperimentSpec) -> ResultRow:
         defense_params=spec.defense.params, defense_variant=spec.defense_variant,
         defense_kind=DEFENSES.get(spec.defense.name).kind.value, precision=spec.precision,
         precision_order=spec.precision_order, seed=spec.seed,
-        spec=json.dumps(spec.model_dump(mode="json"), sort_keys=True),
+        spec=json.dumps(spec.model_dump(mode="json"), sort_keys=True), settings=spec.settings(),
         **_federated_columns(spec),
     )
 

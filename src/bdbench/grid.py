@@ -246,6 +246,26 @@ class ExperimentSpec(BaseModel):
                                    "server_defense": self.federated.server_defense.model_dump(mode="json")}
         return _hash(fields)
 
+    def settings(self, victim_only: bool = False) -> dict[str, dict[str, Any]]:
+        """Every parameter each component runs with, the code's current defaults filled in (`Registry.settings`):
+        the data set, model, attack and defense, and a federation's server defense and client attack.
+        `victim_only`: what shapes the victim (no defense). A clean federation runs no client attack. Stored
+        with a row and a victim, it tells a resumed grid that a default changed since they were made."""
+        settings = {"dataset": DATASETS.settings(self.dataset.name, self.dataset.params),
+                    "model": MODELS.settings(self.model.name, self.model.params),
+                    "attack": ATTACKS.settings(self.attack.name, self.attack.params)}
+        if not victim_only:
+            settings["defense"] = DEFENSES.settings(self.defense.name, self.defense.params)
+        if self.federated is not None:
+            settings["server_defense"] = SERVER_DEFENSES.settings(self.federated.server_defense.name,
+                                                                  self.federated.server_defense.params)
+            client_attack = self.federated.client_attack_spec
+            if client_attack is not None and not ATTACKS.is_reference(self.attack.name):
+                from bdbench.federated.attacks import CLIENT_ATTACKS
+
+                settings["client_attack"] = CLIENT_ATTACKS.settings(*client_attack)
+        return settings
+
     @property
     def attack_variant(self) -> str:
         return ATTACKS.variant(self.attack.name, self.attack.params, self.attack.label)
@@ -269,6 +289,15 @@ class ExperimentSpec(BaseModel):
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_changes(before: Mapping[str, dict[str, Any]], now: Mapping[str, dict[str, Any]]) -> list[str]:
+    """`part.key old -> new` for each parameter both settings hold with different values. A parameter only one
+    holds does not count: a parameter added since keeps the old behaviour at its default (the rule new
+    parameters follow, as new spec fields do for the experiment id)."""
+    return [f"{part}.{key} {before[part][key]!r} -> {now[part][key]!r}"
+            for part in sorted(set(before) & set(now)) for key in sorted(set(before[part]) & set(now[part]))
+            if before[part][key] != now[part][key]]
 
 
 def without_poison_rate(attack: Component) -> Component:

@@ -123,14 +123,28 @@ class Registry(Generic[T]):
         self.check(name, params)
         return cast(Callable[..., Any], self.get(name))(**dict(params or {}))
 
+    def defaults(self, name: str) -> dict[str, Any]:
+        """The factory's parameters that have a default, with it (none for a name not registered here, e.g. a
+        plugin's rows read back without the plugin)."""
+        if name not in self:
+            return {}
+        return {p.name: p.default for p in inspect.signature(cast(Callable[..., Any], self.get(name))).parameters.values()
+                if p.default is not p.empty}
+
     def non_default(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """The parameters of `params` that differ from the factory's defaults (all of them for a name that is
-        not registered here, e.g. a plugin's rows read back without the plugin)."""
-        if name not in self:
-            return dict(params)
-        defaults = {p.name: p.default for p in inspect.signature(cast(Callable[..., Any], self.get(name))).parameters.values()
-                    if p.default is not p.empty}
+        not registered here)."""
+        defaults = self.defaults(name)
         return {k: v for k, v in params.items() if k not in defaults or _plain(v) != _plain(defaults[k])}
+
+    def settings(self, name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Every parameter that one setting of an entry runs with: `params`, and the factory's current defaults
+        for those it leaves out, as plain JSON values. Two runs of the same spec ran the same setting only if
+        their settings are equal: a default changed in the code since changes them (the spec, and hence the
+        experiment id, does not). A value JSON cannot hold stands as its type's name, the same in every process."""
+        values = {**self.defaults(name), **(params or {})}
+        return cast(dict[str, Any], json.loads(json.dumps({k: _plain(values[k]) for k in sorted(values)},
+                                                       default=lambda v: f"<{type(v).__qualname__}>")))
 
     def variant(self, name: str, params: Mapping[str, Any] | None = None, label: str | None = None) -> str:
         """A short name for one setting of an entry: `label` where the spec gives one, else the name with its

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from bdbench.data import load_dataset
 from bdbench.errors import BdbenchError, ConfigError
 from bdbench.executors import EXECUTORS, Resources
-from bdbench.grid import ExperimentSpec, expand, load_grid
+from bdbench.grid import ExperimentSpec, expand, load_grid, settings_changes
 from bdbench.preflight import bfloat16_warning, check_grid
 from bdbench.progress import listening
 from bdbench.store import ResultStore
@@ -74,6 +74,19 @@ def _summary(spec: ExperimentSpec, row: dict[str, Any]) -> str:
     return f"{spec.describe()}: ok {' '.join(parts)} in {row['wall_s']:.1f}s{cached}"
 
 
+def changed_settings(specs: Iterable[ExperimentSpec], ran_with: Mapping[str, dict[str, Any]]) -> set[str]:
+    """The ids of stored rows that ran with other settings than the code's current defaults give their spec
+    (a default changed since), each named in a warning: they run again and their rows are replaced."""
+    stale = set()
+    for spec in specs:
+        changes = settings_changes(ran_with[spec.experiment_id], spec.settings()) if spec.experiment_id in ran_with else []
+        if changes:
+            stale.add(spec.experiment_id)
+            log.warning("%s ran with other defaults than the code's now (%s): running it again",
+                        spec.describe(), "; ".join(changes))
+    return stale
+
+
 def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out",
              overrides: Iterable[str] | Mapping[str, Any] = (),
              executor: str = "local", retry_errors: bool = False, progress: bool = True, workers: int = 1,
@@ -102,7 +115,8 @@ def run_grid(config: str | Path | dict[str, Any], out: str | Path = "bdbench-out
         store = ResultStore(out / "results.sqlite")
         try:
             stored = store.statuses()
-            todo = [s for s in specs if s.experiment_id not in stored
+            stale = changed_settings(specs, store.settings())
+            todo = [s for s in specs if s.experiment_id not in stored or s.experiment_id in stale
                     or (retry_errors and stored[s.experiment_id] == "error")]
             log.info("grid %s: %d experiments, %d stored, %d to run on %s (%d worker%s, %d torch thread%s each), "
                      "output in %s", grid.name, len(specs), len(specs) - len(todo), len(todo), executor,

@@ -121,6 +121,11 @@ class ResultRow:
     fed_client_attack: str | None = _column("federated runs: what the malicious clients do besides poisoning their "
                                             "share (`dba`, `scaling(gamma=10)`, `neurotoxin`; empty: data poisoning "
                                             "only)", table=True, report=True)
+    # Added after them (also last).
+    settings: dict[str, Any] | None = _column("every parameter the experiment's data set, model, attack and defense "
+                                              "(and server defense, client attack) ran with, the code's defaults "
+                                              "filled in (JSON); a resumed grid runs a row again whose settings the "
+                                              "code's current defaults change")
 
     def update(self, **values: Any) -> None:
         """Set several columns; an unknown name is a `TypeError` naming it."""

@@ -111,6 +111,15 @@ class ResultStore:
         except sqlite3.DatabaseError as exc:
             raise database_fault(self.path, exc) from None
 
+    def settings(self) -> dict[str, dict[str, Any]]:
+        """Experiment id -> the settings its row ran with, for rows that recorded them (rows written before the
+        `settings` column existed did not)."""
+        try:
+            found = self._db.execute("SELECT experiment_id, settings FROM experiments WHERE settings IS NOT NULL")
+            return {experiment_id: json.loads(text) for experiment_id, text in found}
+        except sqlite3.DatabaseError as exc:
+            raise database_fault(self.path, exc) from None
+
     def dataframe(self, experiment_ids: Iterable[str] | None = None) -> pd.DataFrame:
         try:
             if "experiment_id" not in self._columns():  # an empty file, read without creating the table
