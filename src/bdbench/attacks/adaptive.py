@@ -22,11 +22,11 @@ Both payload and cover samples carry a trigger, so both are in the poison mask (
 detection rates count a cover sample a cleanser flags as a true positive; the paper's elimination
 rate counts payload samples only, and a flagged cover sample as a sacrificed clean one).
 
-The paper's settings (CIFAR-10 and GTSRB, ResNet-20 trained for 100+ epochs, as in the authors'
-README): a poison rate of 0.3% with 0.3% cover samples for Adaptive-Blend (conservatism ratio 0.5)
-and 0.3% with 0.6% for Adaptive-Patch on CIFAR-10 (0.5% with 1% on GTSRB; ratio 2/3). Here the grid
-sets the poison rate and `cover_ratio` the cover samples per payload sample (1 and 2), so that the
-paper's ratio holds at any poison rate.
+The paper's settings (CIFAR-10 and GTSRB; a ResNet-20 trained for 200 and 100 epochs in the
+authors' code; rates from their README): a poison rate of 0.3% with 0.3% cover samples for
+Adaptive-Blend (conservatism ratio 0.5), and 0.3% with 0.6% for Adaptive-Patch on CIFAR-10 (0.5% with
+1% on GTSRB; ratio 2/3). Here the grid sets the poison rate and `cover_ratio` the cover samples per
+payload sample (1 and 2), so that the paper's ratio holds at any poison rate.
 """
 
 from __future__ import annotations
