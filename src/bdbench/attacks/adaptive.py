@@ -204,7 +204,9 @@ class AdaptivePatch(CoverSampleAttack):
     The paper's text speaks of a random subset of triggers per image; the authors' code stamps exactly
     one per training image, which this follows. On other image sizes (28x28 digits) the windows scale
     with the image (there the square is 7x7, the logos 4x4 and 11x11); a grayscale image takes one
-    channel of noise.
+    channel of noise. On mnist5k (cnn-small, 5 epochs, 10% payload) the default test trigger reaches an
+    ASR of 0.28 and all four patches opaque 0.90 on the same victim, so the data-defenses grid tests
+    with all four.
     """
 
     def __init__(self, alphas: Annotated[Sequence[UpToOne], Field(min_length=4, max_length=4)] = (0.5, 0.2, 0.5, 0.3),
