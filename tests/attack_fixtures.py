@@ -97,3 +97,11 @@ def check_dirty_label_effect(name: str, dataset: Dataset, effect, params: dict, 
     asr, clean = rates(hooked_victim(dataset, poisoned, attack, epochs), dataset, attack)
     effect.check("clean accuracy", clean, ">", 0.9)
     effect.check("ASR", asr, ">", min_asr)
+
+
+def check_poisoning_is_deterministic_per_seed(attack: Attack, dataset: Dataset) -> None:
+    """The same generator seed poisons the same rows the same way; another seed picks other rows."""
+    runs = [attack.poison(dataset, 0.1, 0, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(runs[0].x, runs[1].x) and torch.equal(runs[0].y, runs[1].y)
+    assert torch.equal(runs[0].poison_mask, runs[1].poison_mask)
+    assert not torch.equal(runs[0].poison_mask, runs[2].poison_mask)

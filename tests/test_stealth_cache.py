@@ -61,7 +61,7 @@ def test_the_cache_key_holds_the_seed_and_victim_only_where_the_trigger_depends_
 @pytest.mark.parametrize("name, params", [
     ("badnets", {"pattern": "random"}), ("blended", {}), ("sig", {}), ("bpp", {}),
     ("lc", {"steps": 2, "surrogate": SURROGATE}), ("source_specific", {"variant": "trans"}),
-    ("lsp", {"attack": "blended"}), ("wanet", {}),
+    ("lsp", {"attack": "blended"}), ("wanet", {}), ("adaptive_blend", {}), ("adaptive_patch", {}),
 ])
 def test_seeded_trigger_says_whether_the_seed_changes_the_triggered_test_set(digits, tmp_path, name, params):
     sets = []

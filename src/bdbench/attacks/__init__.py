@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # Imported for their registration; the order is the order `ATTACKS.registered()` lists them in.
 from bdbench.attacks import (  # noqa: F401
+    adaptive,
     advdoor,
     badnets,
     blended,

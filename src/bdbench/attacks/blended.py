@@ -14,6 +14,12 @@ from bdbench.data import Dataset
 from bdbench.params import UpToOne
 
 
+def blend_pattern(dataset: Dataset, pattern_seed: int) -> torch.Tensor:
+    """Blended's pattern for `dataset`'s image shape: uniform noise in [0, 1] drawn from `pattern_seed`."""
+    shape = (dataset.in_channels, dataset.image_size, dataset.image_size)
+    return torch.rand(shape, generator=torch.Generator().manual_seed(pattern_seed))
+
+
 @ATTACKS.register("blended")
 class Blended(Attack):
     """Blend a fixed-seed uniform noise pattern into the whole image at ratio alpha (Chen et al. 2017)."""
@@ -27,8 +33,7 @@ class Blended(Attack):
         self.pattern: torch.Tensor | None = None
 
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
-        shape = (dataset.in_channels, dataset.image_size, dataset.image_size)
-        self.pattern = torch.rand(shape, generator=torch.Generator().manual_seed(self.pattern_seed))
+        self.pattern = blend_pattern(dataset, self.pattern_seed)
 
     def add_trigger(self, x: torch.Tensor) -> torch.Tensor:
         if self.pattern is None:
