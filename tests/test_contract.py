@@ -42,6 +42,7 @@ DEFENSE_BUDGETS: dict[str, dict] = {
     "aif": {"steps": 150},
     "anp": {"iterations": 2},
     "awm": {"rounds": 1, "inner": 1},
+    "cti": {"steps": 2, "tuning": {"epochs": 1}},
     "ftc": {"steps": 150},
     "ftsam": {"epochs": 1},
     "ibau": {"rounds": 1, "fixed_point_iterations": 2},
@@ -49,6 +50,7 @@ DEFENSE_BUDGETS: dict[str, dict] = {
     "nad": {"teacher_epochs": 1, "epochs": 1},
     "nc": {"epochs": 1, "unlearning_epochs": 1},
     "npd": {"epochs": 1, "steps": 1},
+    "pt": {"epochs": 1},
     "sau": {"epochs": 1, "pgd_steps": 1},
     "vif": {"steps": 150},
 }

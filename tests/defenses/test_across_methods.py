@@ -24,7 +24,8 @@ CHEAP = {"nad": {"teacher_epochs": 1, "epochs": 1, "batch_size": 8},
          "fst": {"epochs": 1, "batch_size": 8},
          "ftsam": {"epochs": 1, "batch_size": 8},
          "npd": {"epochs": 1, "steps": 1, "batch_size": 8},
-         "pbe": {"adversarial_epochs": 1, "epochs": 1, "steps": 1, "batch_size": 8}}
+         "pbe": {"adversarial_epochs": 1, "epochs": 1, "steps": 1, "batch_size": 8},
+         "pt": {"epochs": 1, "batch_size": 8}}
 
 
 @pytest.mark.parametrize("architecture", MODELS.names())
