@@ -50,6 +50,7 @@ DEFENSE_BUDGETS: dict[str, dict] = {
     "nc": {"epochs": 1, "unlearning_epochs": 1},
     "npd": {"epochs": 1, "steps": 1},
     "sau": {"epochs": 1, "pgd_steps": 1},
+    "strategic": {"iterations": 1, "mask_steps": 20, "epochs": 1},
     "vif": {"steps": 150},
 }
 
