@@ -55,6 +55,13 @@ down:
 - Retraining: 5 epochs of fine-tuning per round on the budget plus the stamped images, SGD lr 0.01,
   batch 32 (the `ft` recipe), at most 5 rounds.
 Everything runs on the defender's clean budget; no test data, poison labels or attack knowledge.
+
+Measured on `model-defenses` (PreAct-ResNet18 width 0.25, mnist5k, seed 0, 200 budget images, one thread on
+a loaded core): on the BadNets victim round 0 found 5 trojan neurons, all lifting the target label with
+REASR 1.0, round 1 none; CA 0.981 -> 0.970, ASR 1.000 -> 0.003 (fine-tuning alone: ASR 1.000), in 0.92x
+the victim's training time. On the clean victim round 0 found none and the model came back unchanged
+(CA 0.989), in 0.50x. The paper (GTSRB, small and medium CNNs) reports, in kind, the same: the trojan
+neurons fall to zero within a few rounds, benign accuracy is kept, and it does better than Neural Cleanse.
 """
 
 from __future__ import annotations
