@@ -52,6 +52,7 @@ DEFENSE_BUDGETS: dict[str, dict] = {
     "npd": {"epochs": 1, "steps": 1},
     "pt": {"epochs": 1},
     "sau": {"epochs": 1, "pgd_steps": 1},
+    "strategic": {"iterations": 1, "mask_steps": 20, "epochs": 1},
     "vif": {"steps": 150},
 }
 

@@ -25,7 +25,9 @@ CHEAP = {"nad": {"teacher_epochs": 1, "epochs": 1, "batch_size": 8},
          "ftsam": {"epochs": 1, "batch_size": 8},
          "npd": {"epochs": 1, "steps": 1, "batch_size": 8},
          "pbe": {"adversarial_epochs": 1, "epochs": 1, "steps": 1, "batch_size": 8},
-         "pt": {"epochs": 1, "batch_size": 8}}
+         "pt": {"epochs": 1, "batch_size": 8},
+         "strategic": {"iterations": 1, "seed_images": 4, "mask_steps": 2, "mask_batch_size": 4, "epochs": 1,
+                       "batch_size": 8, "reasr_threshold": 0.0}}
 
 
 @pytest.mark.parametrize("architecture", MODELS.names())

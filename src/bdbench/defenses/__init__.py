@@ -38,6 +38,7 @@ from bdbench.defenses import (  # noqa: F401
     sentinet,
     spectre,
     ss,
+    strategic,
     strip,
     teco,
     vif,

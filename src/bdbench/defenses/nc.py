@@ -90,11 +90,13 @@ class ReversedTriggers:
         return stamped.mul(255.0).round().clamp(0, 255).to(torch.uint8)
 
 
-def _squash(raw: torch.Tensor) -> torch.Tensor:
+def squash(raw: torch.Tensor) -> torch.Tensor:
+    """Unconstrained parameters to (0, 1) masks and patterns: tanh / 2 + 1/2 (Neural Cleanse's, and ABS's)."""
     return torch.tanh(raw) / 2 + 0.5
 
 
-def _unsquash(value: torch.Tensor) -> torch.Tensor:
+def unsquash(value: torch.Tensor) -> torch.Tensor:
+    """The parameters that `squash` maps to `value` in [0, 1]."""
     return torch.atanh((value - 0.5) * (2 - 1e-6))
 
 
@@ -141,7 +143,7 @@ def _accumulate_label_gradients(model: nn.Module, xb: torch.Tensor, mask_raw: to
     """Stamp the float batch `xb` with the trigger of each of `labels`, add the gradient of their summed
     losses (cross-entropy towards the label + cost x mask L1) to `mask_raw.grad` and `pattern_raw.grad`,
     and return each label's attack success on the batch and its mask's L1 norm."""
-    mask, pattern = _squash(mask_raw[labels]), _squash(pattern_raw[labels])
+    mask, pattern = squash(mask_raw[labels]), squash(pattern_raw[labels])
     stamped = (1 - mask[:, None]) * xb[None] + (mask * pattern)[:, None]  # (labels, batch, C, H, W)
     if precision is None:
         logits = model(stamped.flatten(0, 1))
@@ -180,13 +182,13 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
     if precision is not None:
         to_layout(model, precision.memory_format)
     _, channels, height, width = x.shape
-    mask_raw = _unsquash(torch.rand(num_classes, 1, height, width, generator=generator)).to(device).requires_grad_()
-    pattern_raw = _unsquash(torch.rand(num_classes, channels, height, width, generator=generator)).to(device)
+    mask_raw = unsquash(torch.rand(num_classes, 1, height, width, generator=generator)).to(device).requires_grad_()
+    pattern_raw = unsquash(torch.rand(num_classes, channels, height, width, generator=generator)).to(device)
     pattern_raw.requires_grad_()
     optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
     schedule = _Schedule.start(num_classes, init_cost)
     best_norm = torch.full((num_classes,), math.inf, dtype=torch.float64)
-    best_mask, best_pattern = _squash(mask_raw).detach().clone(), _squash(pattern_raw).detach().clone()
+    best_mask, best_pattern = squash(mask_raw).detach().clone(), squash(pattern_raw).detach().clone()
     active = torch.ones(num_classes, dtype=torch.bool)
     x_dev = x.to(device)
     for _ in steps("nc trigger epoch", epochs):
@@ -215,8 +217,8 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
         with torch.no_grad():
             improved = labels[better]
             best_norm[improved] = norm_mean[better]
-            best_mask[improved.to(device)] = _squash(mask_raw[improved.to(device)])
-            best_pattern[improved.to(device)] = _squash(pattern_raw[improved.to(device)])
+            best_mask[improved.to(device)] = squash(mask_raw[improved.to(device)])
+            best_pattern[improved.to(device)] = squash(pattern_raw[improved.to(device)])
         full_success = torch.zeros(num_classes, dtype=torch.bool)
         full_success[labels] = succeeded
         schedule.update(full_success, best_norm, patience, cost_multiplier)
@@ -226,8 +228,8 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
             break
     never = ~torch.isfinite(best_norm)
     with torch.no_grad():
-        best_mask[never.to(device)] = _squash(mask_raw[never.to(device)])
-        best_pattern[never.to(device)] = _squash(pattern_raw[never.to(device)])
+        best_mask[never.to(device)] = squash(mask_raw[never.to(device)])
+        best_pattern[never.to(device)] = squash(pattern_raw[never.to(device)])
     norms = best_mask.flatten(1).sum(1).double().cpu()
     to_layout(model, torch.contiguous_format)
     return ReversedTriggers(best_mask.cpu(), best_pattern.cpu(), norms)
