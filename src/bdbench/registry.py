@@ -128,9 +128,13 @@ class Registry(Generic[T]):
         not registered here, e.g. a plugin's rows read back without the plugin)."""
         if name not in self:
             return dict(params)
-        defaults = {p.name: p.default for p in inspect.signature(cast(Callable[..., Any], self.get(name))).parameters.values()
-                    if p.default is not p.empty}
+        defaults = self.defaults(name)
         return {k: v for k, v in params.items() if k not in defaults or _plain(v) != _plain(defaults[k])}
+
+    def defaults(self, name: str) -> dict[str, Any]:
+        """The factory's parameters that have a default, with it."""
+        return {p.name: p.default for p in inspect.signature(cast(Callable[..., Any], self.get(name))).parameters.values()
+                if p.default is not p.empty}
 
     def variant(self, name: str, params: Mapping[str, Any] | None = None, label: str | None = None) -> str:
         """A short name for one setting of an entry: `label` where the spec gives one, else the name with its
@@ -161,7 +165,7 @@ def variant_name(base: str, changed: Mapping[str, Any]) -> str:
     """`base(k=v, ...)` with the parameters in name order, or `base` alone when there are none."""
     if not changed:
         return base
-    return f"{base}({', '.join(f'{k}={_compact(v)}' for k, v in sorted(changed.items()))})"
+    return f"{base}({', '.join(f'{k}={compact_value(v)}' for k, v in sorted(changed.items()))})"
 
 
 def _plain(value: Any) -> Any:
@@ -175,7 +179,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _compact(value: Any) -> str:
+def compact_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (dict, list, tuple)):
