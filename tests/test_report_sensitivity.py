@@ -23,6 +23,8 @@ SETTINGS = {
     "nc": [({"unlearning_fraction": 0.4}, 0.93, 0.05), ({}, 0.94, 0.20), ({"unlearning_fraction": 0.1}, 0.95, 0.30)],
     # FP at 0.2 has the lowest ASR but costs 0.16 CA, beyond the oracle's tolerance: the default is the oracle.
     "fp": [({"max_accuracy_drop": 0.05}, 0.95, 0.90), ({}, 0.93, 0.60), ({"max_accuracy_drop": 0.2}, 0.80, 0.0)],
+    # NAD's default beta is a tuple, a grid's a list: they still sort by value.
+    "nad": [({"beta": [0, 0, 10000]}, 0.90, 0.10), ({}, 0.94, 0.25), ({"beta": [0, 0, 1000]}, 0.95, 0.90)],
     # ANP without its default setting: the defender's choice is unknown.
     "anp": [({"eps": 0.2}, 0.95, 0.40), ({"eps": 0.6}, 0.90, 0.10)],
 }
@@ -55,12 +57,14 @@ def stored(tmp_path) -> pd.DataFrame:
 
 def test_settings_are_ordered_by_their_parameter_and_the_default_is_marked(stored):
     rows = by_variant(stored)
-    assert tuned_defenses(rows) == ["anp", "fp", "nc"]  # `none` is never a tuned defense
+    assert tuned_defenses(rows) == ["anp", "fp", "nad", "nc"]  # `none` is never a tuned defense
     settings = setting_table(rows)
     nc = settings[(settings["defense_name"] == "nc") & (settings["attack"] == "badnets")]
     assert list(nc["label"]) == ["unlearning_fraction=0.1", "unlearning_fraction=0.2 *", "unlearning_fraction=0.4"]
     assert list(nc["asr"].round(6)) == [0.30, 0.20, 0.05] and list(nc["seeds"]) == [2, 2, 2]
     assert list(nc["ca_drop"].round(6)) == [0.01, 0.02, 0.03]
+    nad = settings[(settings["defense_name"] == "nad") & (settings["attack"] == "badnets")]
+    assert list(nad["label"]) == ["beta=[0,0,1000]", "beta=[0,0,5000] *", "beta=[0,0,10000]"]
     clean = settings[(settings["defense_name"] == "fp") & (settings["attack"] == "none")]
     assert len(clean) == 3 and clean["asr"].isna().all()  # clean models: CA only
 
@@ -80,7 +84,7 @@ def test_the_oracle_gap_by_hand(stored):
     # ANP: no default in the grid, so no defender's setting and no gap; eps 0.6 costs 0.06 CA, beyond the
     # tolerance, so the oracle is eps 0.2 despite its higher ASR.
     assert pd.isna(anp["default"]) and math.isnan(anp["oracle_gap"]) and anp["oracle"] == "eps=0.2"
-    assert list(table["settings"]) == [2, 3, 3] and set(table["seeds"]) == {2}
+    assert list(table["settings"]) == [2, 3, 3, 3] and set(table["seeds"]) == {2}
 
 
 def test_the_section_appears_only_for_a_defense_at_several_settings(stored, tmp_path):

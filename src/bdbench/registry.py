@@ -129,7 +129,7 @@ class Registry(Generic[T]):
         if name not in self:
             return dict(params)
         defaults = self.defaults(name)
-        return {k: v for k, v in params.items() if k not in defaults or _plain(v) != _plain(defaults[k])}
+        return {k: v for k, v in params.items() if k not in defaults or plain_value(v) != plain_value(defaults[k])}
 
     def defaults(self, name: str) -> dict[str, Any]:
         """The factory's parameters that have a default, with it."""
@@ -168,12 +168,12 @@ def variant_name(base: str, changed: Mapping[str, Any]) -> str:
     return f"{base}({', '.join(f'{k}={compact_value(v)}' for k, v in sorted(changed.items()))})"
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """A comparable form of a parameter value: YAML gives lists where a default is a tuple, 1 where it is 1.0."""
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_value(v) for k, v in value.items()}
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value

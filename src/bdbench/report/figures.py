@@ -144,7 +144,7 @@ def tradeoff_curves(points: pd.DataFrame, title: str) -> str:
     attacked = points[points["poison_rate"] > 0]
     defenses = sorted(set(attacked["defense"]) - {"none"})
     with plt.rc_context(_STYLE):
-        figure, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
+        figure, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharex=True)
         for panel, measure in enumerate([DETECTION, ASR_LEFT]):
             ax = axes[panel]
             for k, defense in enumerate(defenses):
@@ -156,17 +156,20 @@ def tradeoff_curves(points: pd.DataFrame, title: str) -> str:
                 ax.plot(line["poison_rate"], line["value"], color=PALETTE[k % len(PALETTE)],
                         marker=MARKERS[k % len(MARKERS)], markersize=5, linewidth=1.4, label=label)
             ax.set_xscale("log")
+            rates = sorted(attacked["poison_rate"].unique())
+            ax.set_xticks(rates, [f"{100 * r:g}%" for r in rates])  # the swept rates, not decades
+            ax.set_xticks([], minor=True)
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("poison rate")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, frameon=False, loc="best")
+            ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
         undefended = attacked[(attacked["defense"] == "none") & (attacked["measure"] == ASR_LEFT)]
         undefended = undefended.sort_values("poison_rate")
         axes[1].plot(undefended["poison_rate"], undefended["value"], color="black", linestyle="--", linewidth=1.2,
                      label="undefended")
-        axes[1].legend(fontsize=8, frameon=False, loc="best")
+        axes[1].legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
         axes[0].set_title("detection rate (higher: detected)")
-        axes[1].set_title("ASR left after repair")
+        axes[1].set_title("ASR left after repair (lower: repaired)")
         figure.suptitle(title)
         figure.tight_layout()
         return _to_svg(figure)

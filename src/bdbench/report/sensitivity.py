@@ -62,7 +62,7 @@ def has_sensitivity(rows: pd.DataFrame) -> bool:
 def _settings(group: pd.DataFrame, name: str) -> pd.DataFrame:
     """A defense's settings: variant, short label (the parameters that vary among them, `*` on the default), order
     by those parameters' values, and whether it is the default."""
-    from bdbench.registry import compact_value
+    from bdbench.registry import compact_value, plain_value
     from bdbench.store import params_dict
 
     registry = _registry()
@@ -72,7 +72,7 @@ def _settings(group: pd.DataFrame, name: str) -> pd.DataFrame:
     defaults = registry.defaults(name) if known else {}
     changed = {v: registry.non_default(name, p) for v, p in params.items()}
     keys = sorted({k for c in changed.values() for k in c})
-    full = {v: [changed[v].get(k, defaults.get(k)) for k in keys] for v in params}
+    full = {v: [plain_value(changed[v].get(k, defaults.get(k))) for k in keys] for v in params}
     try:
         ordered = sorted(params, key=lambda v: full[v])
     except TypeError:  # values of mixed types: keep a stable order by name
@@ -145,13 +145,14 @@ def _ranges(table: pd.DataFrame) -> pd.DataFrame:
     for column, header in (("poison_rate", "poison rate"), ("precision", "precision")):
         if stats.varies(table, column):
             shown[header] = table[column]
-    shown["settings"] = table["settings"]
     shown["CA range"] = [f"{fmt(lo)} – {fmt(hi)}" for lo, hi in zip(table["ca_min"], table["ca_max"])]
     shown["ASR range"] = [f"{fmt(lo)} – {fmt(hi)}" for lo, hi in zip(table["asr_min"], table["asr_max"])]
-    for column, source in (("defender's setting", "default"), ("CA", "default_ca"), ("ASR", "default_asr"),
-                           ("oracle setting", "oracle"), ("oracle CA", "oracle_ca"), ("oracle ASR", "oracle_asr"),
-                           ("oracle gap (ASR)", "oracle_gap"), ("seeds", "seeds")):
-        shown[column] = table[source].to_numpy()
+    for who, prefix in (("defender's setting", "default"), ("oracle setting", "oracle")):
+        shown[who] = table[prefix].to_numpy()
+        shown[f"{who.split()[0]} CA / ASR"] = [f"{fmt(ca)} / {fmt(asr)}" for ca, asr in
+                                               zip(table[f"{prefix}_ca"], table[f"{prefix}_asr"])]
+    shown["oracle gap (ASR)"] = table["oracle_gap"].to_numpy()
+    shown["seeds"] = table["seeds"].to_numpy()
     return shown
 
 

@@ -150,7 +150,7 @@ def tradeoff_section(rows: pd.DataFrame) -> str:
             "accuracy it cost. Poison rate 0 is the clean model: every flag there is a false alarm (for TPR "
             "detectors, their FPR on it). Means over seeds. The paper's claim: an attack strong enough to survive "
             "the repairs is detected, and one that evades detection is repaired.")
-    return (f'<div class="figrow">{"".join(figures_html)}</div>' + "".join(tables)
+    return ("".join(figures_html) + "".join(tables)
             + f'<p class="note">{escape(note)}</p>')
 
 
