@@ -208,3 +208,42 @@ def test_natural_attack_grids_pass_preflight_on_their_data(name, fidelity, data,
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the grids' data paths are relative to the repository
     grid = load_grid(name)
     check_grid(grid, load_dataset(grid.dataset.name, **grid.dataset.params))  # raises ConfigError if not
+
+
+def test_the_sensitivity_grid_sweeps_four_defenses_around_their_defaults_on_model_defenses_victims():
+    from bdbench.data import load_dataset
+    from bdbench.defenses import DEFENSES
+    from bdbench.preflight import check_grid
+
+    grid = load_grid("sensitivity")
+    specs = expand(grid)
+    settings: dict[str, list[dict]] = {}
+    for entry in grid.defenses:
+        settings.setdefault(entry.name, []).append(DEFENSES.non_default(entry.name, entry.params))
+    assert sorted(settings) == ["anp", "fp", "nad", "nc", "none"]
+    for name in ("anp", "fp", "nad", "nc"):  # three settings, the default among them, one parameter varied
+        assert len(settings[name]) == 3 and {} in settings[name]
+        assert len({key for changed in settings[name] for key in changed}) == 1
+    assert {s.victim_key for s in specs} == {s.victim_key for s in expand(load_grid("model-defenses"))}
+    check_grid(grid, load_dataset(grid.dataset.name))  # raises ConfigError if not
+
+
+@pytest.mark.parametrize("name", ["tradeoff-digits", "tradeoff-gtsrb"])
+def test_the_tradeoff_grids_sweep_badnets_and_blended_from_under_to_over_poisoning(name, monkeypatch):
+    from conftest import SHARED_DATA
+
+    from bdbench.data import load_dataset
+    from bdbench.preflight import check_grid
+
+    grid = load_grid(name)
+    specs = expand(grid)
+    rates = {a: sorted({s.poison_rate for s in specs if s.attack.name == a}) for a in ("badnets", "blended")}
+    assert all(len(r) >= 4 and r[0] <= 0.005 and r[-1] >= 0.1 for r in rates.values())
+    assert "none" in {s.attack.name for s in specs}  # the clean model: the detectors' false alarms
+    if name == "tradeoff-gtsrb":
+        shared = {s.victim_key for s in expand(load_grid("fidelity-gtsrb"))} & {s.victim_key for s in specs}
+        assert len(shared) == 3  # fidelity-gtsrb's clean, BadNets and Blended victims at 10%
+        if not (SHARED_DATA / "gtsrb32.npz").is_file():
+            pytest.skip("../shared/data/gtsrb32.npz is absent")
+        monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the grid's data path is relative to the repository
+    check_grid(grid, load_dataset(grid.dataset.name, **grid.dataset.params))  # raises ConfigError if not

@@ -198,6 +198,18 @@ def _chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedPro
     return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
+def rendered_section(rows: pd.DataFrame, tmp_path: Path, key: str) -> str:
+    """Section `key` of the report of `rows` as headless Chromium rendered it, once the page script ran without
+    errors."""
+    binary = _ensure_chromium()
+    report = write_report(rows, tmp_path / "rendered.html")
+    dom = _chromium(binary, tmp_path / "profile-rendered", "--dump-dom", report.resolve().as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", dom.stdout).group(0)
+    assert 'data-js-errors="0"' in body, f"page script reported errors or did not run: {body}"
+    return _section(dom.stdout, key)
+
+
 def test_report_renders_in_headless_chromium(report, tmp_path):
     binary = _ensure_chromium()
     url = report.resolve().as_uri()

@@ -135,7 +135,7 @@ class Registry(Generic[T]):
         """The parameters of `params` that differ from the factory's defaults (all of them for a name that is
         not registered here)."""
         defaults = self.defaults(name)
-        return {k: v for k, v in params.items() if k not in defaults or _plain(v) != _plain(defaults[k])}
+        return {k: v for k, v in params.items() if k not in defaults or plain_value(v) != plain_value(defaults[k])}
 
     def settings(self, name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Every parameter that one setting of an entry runs with: `params`, and the factory's current defaults
@@ -143,7 +143,7 @@ class Registry(Generic[T]):
         their settings are equal: a default changed in the code since changes them (the spec, and hence the
         experiment id, does not). A value JSON cannot hold stands as its type's name, the same in every process."""
         values = {**self.defaults(name), **(params or {})}
-        return cast(dict[str, Any], json.loads(json.dumps({k: _plain(values[k]) for k in sorted(values)},
+        return cast(dict[str, Any], json.loads(json.dumps({k: plain_value(values[k]) for k in sorted(values)},
                                                        default=lambda v: f"<{type(v).__qualname__}>")))
 
     def variant(self, name: str, params: Mapping[str, Any] | None = None, label: str | None = None) -> str:
@@ -175,21 +175,21 @@ def variant_name(base: str, changed: Mapping[str, Any]) -> str:
     """`base(k=v, ...)` with the parameters in name order, or `base` alone when there are none."""
     if not changed:
         return base
-    return f"{base}({', '.join(f'{k}={_compact(v)}' for k, v in sorted(changed.items()))})"
+    return f"{base}({', '.join(f'{k}={compact_value(v)}' for k, v in sorted(changed.items()))})"
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """A comparable form of a parameter value: YAML gives lists where a default is a tuple, 1 where it is 1.0."""
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_value(v) for k, v in value.items()}
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
 
 
-def _compact(value: Any) -> str:
+def compact_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (dict, list, tuple)):

@@ -220,12 +220,15 @@ def with_variants(df: pd.DataFrame) -> pd.DataFrame:
         params = df[f"{kind}_params"] if f"{kind}_params" in df else pd.Series([None] * len(df), index=df.index)
         known = df[column] if column in df else pd.Series([None] * len(df), index=df.index)
         df[column] = [v if isinstance(v, str) and v else
-                      (registry.variant(n, p if isinstance(p, dict) else _json_dict(p)) if isinstance(n, str) else None)
+                      (registry.variant(n, params_dict(p)) if isinstance(n, str) else None)
                       for v, n, p in zip(known, df[kind], params)]
     return df
 
 
-def _json_dict(value: Any) -> dict:
+def params_dict(value: Any) -> dict:
+    """A parameters column's value as a mapping: as it is where it is one, parsed where it is JSON text, else empty."""
+    if isinstance(value, dict):
+        return value
     if isinstance(value, str):
         try:
             loaded = json.loads(value)
@@ -447,5 +450,5 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["COLUMNS", "ROUND_COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results", "load_rounds", "no_rows_error", "running_pid",
-           "with_variants"]
+__all__ = ["COLUMNS", "ROUND_COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results", "load_rounds",
+           "no_rows_error", "params_dict", "running_pid", "with_variants"]

@@ -133,3 +133,89 @@ def round_curves(curves: pd.DataFrame, title: str) -> str:
                        frameon=False)
         figure.tight_layout()
         return _to_svg(figure)
+
+
+def tradeoff_curves(points: pd.DataFrame, title: str) -> str:
+    """Detection rate and ASR left against the poison rate (log scale), one colour and marker per defense
+    (`points`: `report.tradeoff.tradeoff_points` of one attack). The undefended model's ASR is the dashed black
+    line; a detector's rate on the clean model (poison rate 0) cannot sit on a log axis and is left to the table."""
+    from bdbench.report.tradeoff import ASR_LEFT, DETECTION
+
+    attacked = points[points["poison_rate"] > 0]
+    defenses = sorted(set(attacked["defense"]) - {"none"})
+    with plt.rc_context(_STYLE):
+        figure, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharex=True)
+        for panel, measure in enumerate([DETECTION, ASR_LEFT]):
+            ax = axes[panel]
+            for k, defense in enumerate(defenses):
+                line = attacked[(attacked["defense"] == defense) & (attacked["measure"] == measure)]
+                line = line.dropna(subset=["value"]).sort_values("poison_rate")
+                if line.empty:
+                    continue
+                label = f"{defense} ({line['metric'].iloc[0]})" if measure == DETECTION else str(defense)
+                ax.plot(line["poison_rate"], line["value"], color=PALETTE[k % len(PALETTE)],
+                        marker=MARKERS[k % len(MARKERS)], markersize=5, linewidth=1.4, label=label)
+            ax.set_xscale("log")
+            rates = sorted(attacked["poison_rate"].unique())
+            ax.set_xticks(rates, [f"{100 * r:g}%" for r in rates])  # the swept rates, not decades
+            ax.set_xticks([], minor=True)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("poison rate")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        undefended = attacked[(attacked["defense"] == "none") & (attacked["measure"] == ASR_LEFT)]
+        undefended = undefended.sort_values("poison_rate")
+        axes[1].plot(undefended["poison_rate"], undefended["value"], color="black", linestyle="--", linewidth=1.2,
+                     label="undefended")
+        axes[1].legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        axes[0].set_title("detection rate (higher: detected)")
+        axes[1].set_title("ASR left after repair (lower: repaired)")
+        figure.suptitle(title)
+        figure.tight_layout()
+        return _to_svg(figure)
+
+
+def sensitivity_panels(settings: pd.DataFrame) -> str:
+    """One panel per tuned defense: test ASR (solid, circles) and clean accuracy (dashed, squares) at each of its
+    settings in parameter order, one colour per attack (`settings`: `report.sensitivity.setting_table`, means over
+    seeds). The default setting (`*`) has a grey band behind it."""
+    names = sorted(settings["defense_name"].unique())
+    attacks = sorted(settings["attack"].astype(str).unique())
+    cells = settings.assign(_cell=settings["attack"].astype(str) + settings["poison_rate"].map(
+        lambda r: "" if settings["poison_rate"].nunique() < 2 else f" @{r:g}"))
+    columns = min(4, len(names))
+    rows = -(-len(names) // columns)
+    with plt.rc_context(_STYLE):
+        figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 1.6, 3.1 * rows), sharey=True,
+                                    squeeze=False)
+        for ax in axes.flat[len(names):]:
+            ax.set_visible(False)
+        for ax, name in zip(axes.flat, names):
+            part = cells[cells["defense_name"] == name]
+            order = part.drop_duplicates("setting").sort_values("order")
+            position = {s: i for i, s in enumerate(order["setting"])}
+            for i, is_default in enumerate(order["is_default"]):
+                if is_default:
+                    ax.axvspan(i - 0.4, i + 0.4, color="#dddddd", zorder=0)
+            for cell, line in part.groupby("_cell", sort=True):
+                k = attacks.index(str(line["attack"].iloc[0]))
+                line = line.assign(_x=line["setting"].map(position)).sort_values("_x")
+                colour = PALETTE[k % len(PALETTE)]
+                if line["asr"].notna().any():
+                    ax.plot(line["_x"], line["asr"], color=colour, marker="o", linewidth=1.4, label=f"{cell}: ASR")
+                ax.plot(line["_x"], line["clean_acc"], color=colour, marker="s", linestyle="--", linewidth=1.2,
+                        label=f"{cell}: CA")
+            ax.set_xticks(range(len(order)), list(order["label"]), rotation=25, ha="right", fontsize=8)
+            ax.set_xlim(-0.5, len(order) - 0.5)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(str(name))
+            ax.grid(alpha=0.3)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        seen = dict(zip(labels, handles))
+        for ax in axes.flat[1:len(names)]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(label, handle)
+        figure.legend(list(seen.values()), list(seen.keys()), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                      frameon=False, fontsize=8)
+        figure.tight_layout()
+        return _to_svg(figure)

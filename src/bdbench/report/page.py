@@ -15,14 +15,16 @@ from bdbench.errors import BdbenchError
 from bdbench.report import figures, stats
 from bdbench.report.assets import CSS, ERROR_TRAP, TABLE_SCRIPT
 from bdbench.report.federated import federated_section, has_federated
+from bdbench.report.sensitivity import has_sensitivity, sensitivity_section
+from bdbench.report.tradeoff import has_tradeoff, tradeoff_section
 from bdbench.schema import REPORT_COLUMNS
 
 # Columns of the every-experiment table, in reading order (from the result schema; the long identifier last);
 # long JSON columns (spec) stay in the database.
 EXPERIMENT_COLUMNS = [c for c in REPORT_COLUMNS if c != "experiment_id"] + ["experiment_id"]
 SECTIONS = [("leaderboard", "Leaderboard"), ("heatmaps", "ASR and CA drop"), ("detection", "Detection"),
-            ("precision", "Precision"), ("cost", "Cost"), ("federated", "Federated"), ("experiments", "All experiments"),
-            ("failures", "Errors and not applicable")]
+            ("tradeoff", "Trade-off"), ("sensitivity", "Sensitivity"), ("precision", "Precision"), ("cost", "Cost"),
+            ("federated", "Federated"), ("experiments", "All experiments"), ("failures", "Errors and not applicable")]
 
 
 def fmt(value: object, digits: int = 3) -> str:
@@ -252,10 +254,12 @@ def render(rows: pd.DataFrame, title: str = "bdbench report") -> str:
     """The whole page as one string: inline CSS, inline SVG figures, inline script, no external references."""
     rows = stats.by_variant(rows)
     builders = {"leaderboard": leaderboard_section, "heatmaps": heatmap_section, "detection": detection_section,
-                "precision": precision_section, "cost": cost_section, "federated": federated_section,
-                "experiments": experiments_section, "failures": failures_section}
-    # The federated section only where there are federated experiments.
-    sections = [(key, label) for key, label in SECTIONS if key != "federated" or has_federated(rows)]
+                "tradeoff": tradeoff_section, "sensitivity": sensitivity_section, "precision": precision_section,
+                "cost": cost_section, "federated": federated_section, "experiments": experiments_section,
+                "failures": failures_section}
+    # Sections that only some grids feed: a poison-rate sweep, a defense at several settings, federated runs.
+    optional = {"tradeoff": has_tradeoff, "sensitivity": has_sensitivity, "federated": has_federated}
+    sections = [(key, label) for key, label in SECTIONS if key not in optional or optional[key](rows)]
     nav = "".join(f'<a href="#{key}">{escape(label)}</a>' for key, label in sections)
     body = "".join(f'<section id="{key}"><h2>{escape(label)}</h2>{builders[key](rows)}</section>'
                    for key, label in sections)
