@@ -153,13 +153,12 @@ def test_a_default_changed_in_the_code_runs_its_rows_and_victims_again(tmp_path,
 
     monkeypatch.setitem(DEFENSES._entries, "ft", dataclasses.replace(DEFENSES.entry("ft"), obj=LongerFT))
     mtimes = {p: p.stat().st_mtime_ns for p in victims.iterdir()}
-    with caplog.at_level("WARNING", logger="bdbench.runner"):
-        second = run_grid(tiny_grid, out=tmp_path, progress=False)
+    caplog.set_level("INFO", logger="bdbench")
+    second = run_grid(tiny_grid, out=tmp_path, progress=False)
     assert second.experiment_id.tolist() == first.experiment_id.tolist()
-    rerun = second.finished_at != first.finished_at
-    assert rerun.tolist() == (second.defense == "ft").tolist()  # FT rows only
+    assert "4 experiments, 2 stored, 2 to run" in caplog.text  # the two FT rows only
+    assert caplog.text.count(f"(defense.epochs {ft_default} -> {ft_default + 1}): running it again") == 2
     assert {s["defense"]["epochs"] for s in second[second.defense == "ft"].settings} == {ft_default + 1}
-    assert f"defense.epochs {ft_default} -> {ft_default + 1}" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in victims.iterdir()} == mtimes  # the victims' settings hold
 
     badnets_class = ATTACKS.get("badnets")
@@ -169,14 +168,17 @@ def test_a_default_changed_in_the_code_runs_its_rows_and_victims_again(tmp_path,
             super().__init__(patch_size=patch_size, margin=margin)
 
     monkeypatch.setitem(ATTACKS._entries, "badnets", dataclasses.replace(ATTACKS.entry("badnets"), obj=MarginBadNets))
+    caplog.clear()
     third = run_grid(tiny_grid, out=tmp_path, progress=False)
     badnets = third.attack == "badnets"
-    assert (third.finished_at != second.finished_at).tolist() == badnets.tolist()
+    assert "4 experiments, 2 stored, 2 to run" in caplog.text  # the two BadNets rows only
+    assert caplog.text.count("(attack.margin 0 -> 1): running it again") == 2
+    assert "was trained with other defaults than the code's now (attack.margin 0 -> 1); retraining it" in caplog.text
     assert third[badnets].victim_cached.tolist() == [False, True]  # retrained once, then reused
     assert {s["attack"]["margin"] for s in third[badnets].settings} == {1}
-    # A fourth run finds everything current.
-    fourth = run_grid(tiny_grid, out=tmp_path, progress=False)
-    assert fourth.finished_at.tolist() == third.finished_at.tolist()
+    caplog.clear()  # a fourth run finds everything current
+    run_grid(tiny_grid, out=tmp_path, progress=False)
+    assert "4 experiments, 4 stored, 0 to run" in caplog.text
 
 
 def test_same_spec_same_seed_same_numbers(tmp_path, tiny_grid):

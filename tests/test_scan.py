@@ -122,7 +122,7 @@ def test_bad_input_is_one_line_with_exit_status_2(audited, tmp_path):
     assert "a pickled checkpoint; bdbench never unpickles" in _error_line(run(main, _scan_args(pickled)))
     assert _error_line(run(main, _scan_args(weights, "--detectors", "ft"))) == (
         "error: --detectors: ft is a model_repair defense and gives no verdict on a model; scan runs the model "
-        "detectors: mmbd, nc")
+        "detectors: cti, mmbd, nc")
     assert "ac is a training_data_detection defense and needs the training set" in _error_line(
         run(main, _scan_args(weights, "--detectors", "nc,ac")))
     assert "unknown defense 'ncc'" in _error_line(run(main, _scan_args(weights, "--detectors", "ncc")))
