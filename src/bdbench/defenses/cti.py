@@ -39,7 +39,9 @@ Nothing is tuned on test data.
 Measured (`model-defenses`, seed 0, one thread): the BadNets victim is detected with statistic 0.92 on its
 target (label 0), and the clean victim is flagged too, 0.56 on label 3: a false positive at the 0.5
 threshold, which was not moved after seeing it. On the digits models of the tests the Pivotal Tuning repair
-keeps the BadNets backdoor, and CTI finds no gap there (largest statistic 0.31, not the target).
+keeps the BadNets backdoor, and CTI finds no gap there (largest statistic 0.31, not the target); on the
+benign digits model its largest statistic is 0.28 with AVX-512 kernels and 0.61 (flagged) with AVX2 ones:
+its benign verdict sits on the threshold and moves with the CPU's arithmetic.
 
 Cost: Pivotal Tuning (about a fifth of a `model-defenses` victim's training, see `pt`) plus the inversion,
 `steps` x K labels x `batch_size` stamped images through both models, forward and input-gradient:
