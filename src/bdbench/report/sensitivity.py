@@ -62,17 +62,16 @@ def has_sensitivity(rows: pd.DataFrame) -> bool:
 def _settings(group: pd.DataFrame, name: str) -> pd.DataFrame:
     """A defense's settings: variant, short label (the parameters that vary among them, `*` on the default), order
     by those parameters' values, and whether it is the default."""
-    from bdbench.registry import compact_value, plain_value
+    from bdbench.registry import compact_value
     from bdbench.store import params_dict
 
     registry = _registry()
     first = group.drop_duplicates("defense")
     params = {str(v): params_dict(p) for v, p in zip(first["defense"], first["defense_params"])}
     known = name in registry
-    defaults = registry.defaults(name) if known else {}
     changed = {v: registry.non_default(name, p) for v, p in params.items()}
     keys = sorted({k for c in changed.values() for k in c})
-    full = {v: [plain_value(changed[v].get(k, defaults.get(k))) for k in keys] for v in params}
+    full = {v: [registry.settings(name, p).get(k) for k in keys] for v, p in params.items()}
     try:
         ordered = sorted(params, key=lambda v: full[v])
     except TypeError:  # values of mixed types: keep a stable order by name
