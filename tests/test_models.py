@@ -104,3 +104,19 @@ def test_unknown_model_and_option():
         create_model("resnet9000", 10)
     with pytest.raises(ConfigError, match="model 'vgg11-bn' has no parameter 'depth'"):
         create_model("vgg11-bn", 10, depth=3)
+
+
+def test_cnn_small_pools_the_features_to_the_grid_it_is_given():
+    """pool 1 is global average pooling; pool 4 keeps a 4x4 grid of the last feature map (16x the head's inputs),
+    so two images whose features differ only in where they lie can be told apart; pool 0 is refused."""
+    flat = create_model("cnn-small", 10, 3, 32, width=8, norm="group")
+    grid = create_model("cnn-small", 10, 3, 32, width=8, norm="group", pool=4)
+    assert flat.classifier[0].in_features == 16 and grid.classifier[0].in_features == 16 * 16
+    assert grid(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    x = torch.zeros(1, 3, 32, 32)
+    left, right = x.clone(), x.clone()
+    left[..., 8:12, 2:6], right[..., 8:12, 26:30] = 1.0, 1.0  # the same blob, mirrored across the image
+    features = grid.features.eval()
+    assert not torch.allclose(features(left), features(right))
+    with pytest.raises(ConfigError, match="pool"):
+        create_model("cnn-small", 10, 3, 32, pool=0)
