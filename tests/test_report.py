@@ -386,6 +386,29 @@ def test_a_detector_that_changes_no_model_is_not_ranked_by_der(tmp_path):
     assert "<td>strip</td>" in _section(html, "detection")  # judged on its own scale
 
 
+def test_detection_scores_the_payload_and_falls_back_to_det_tpr_in_rows_stored_before_it(tmp_path):
+    """Issue 24: a cleanser that flags Adaptive-Blend's cover samples (a trigger under the true label) has not
+    detected the backdoor: the detection tables read det_payload_* (Qi et al.'s elimination and sacrifice rates),
+    and det_* only in rows stored before those columns existed."""
+    common = dict(defense="ac", defense_kind="training_data_detection", clean_acc=0.9, clean_acc_before=0.9,
+                  asr=0.5, asr_before=0.9, der=0.7)
+    rows = _through_sqlite(tmp_path, pd.DataFrame([
+        _row(experiment_id="adaptive", attack="adaptive_blend", det_tpr=0.8, det_fpr=0.1, det_auroc=0.9,
+             det_payload_tpr=0.3, det_payload_fpr=0.15, det_payload_auroc=0.6, **common),
+        _row(experiment_id="old", attack="badnets", det_tpr=0.95, det_fpr=0.05, det_auroc=0.97, **common),
+    ], columns=list(COLUMNS)))
+    html = write_report(rows, tmp_path / "r.html").read_text()
+    detection = _section(html, "detection")
+    for value in ("0.300", "0.150", "0.600", "0.950", "0.050", "0.970"):
+        assert f">{value}</td>" in detection, value
+    for value in ("0.800", "0.100", "0.900"):  # the adaptive row's rates counting its covers as detected
+        assert f">{value}</td>" not in detection, value
+    assert "det_payload_tpr" in detection  # the note names the columns
+    naive = naive_detection_table(rows, ["attack"]).set_index("attack")
+    assert naive.loc["adaptive_blend", "naive_tpr"] == pytest.approx(0.3)
+    assert naive.loc["badnets", "naive_tpr"] == pytest.approx(0.95)
+
+
 def test_detection_is_split_by_precision_and_precisions_keep_their_natural_order(tmp_path):
     """Issue 27: AUROC 0.855 at fp32 and 0.113 at int8 were shown as 0.484; precisions sorted alphabetically."""
     rows = []

@@ -77,6 +77,17 @@ def test_the_trade_off_table_gives_detection_and_asr_left_per_rate_by_hand(store
     assert clean["ac: TPR"] == pytest.approx(0.15) and pd.isna(clean["ASR undefended"])
 
 
+def test_the_detection_rate_of_a_data_detector_is_its_payload_tpr_where_a_row_has_one(tmp_path):
+    """Issue 24: cover samples a cleanser flags are no detected backdoor. ac's rows at rate 0.1 carry a payload TPR
+    (half their det_tpr) and are read by it; those at 0.01 do not (stored before the column) and keep det_tpr."""
+    rows = tradeoff_rows()
+    scored = (rows["defense"] == "ac") & (rows["poison_rate"] == 0.1)
+    rows.loc[scored, "det_payload_tpr"] = rows.loc[scored, "det_tpr"] / 2
+    table = attack_table(tradeoff_points(by_variant(_through_sqlite(tmp_path, rows))), "badnets")
+    table = table.set_index("poison rate")
+    assert table.loc[0.1, "ac: TPR"] == pytest.approx(0.95 / 2) and table.loc[0.01, "ac: TPR"] == pytest.approx(0.2)
+
+
 def test_the_section_draws_one_figure_per_swept_attack_and_only_for_a_sweep(stored, tmp_path):
     html = write_report(stored, tmp_path / "t.html").read_text()
     section = _section(html, "tradeoff")

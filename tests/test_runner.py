@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from bdbench import experiment, load_results, run_grid
+from bdbench.attacks import ATTACKS, AttackWorkshop
 from bdbench.data import load_dataset
 from bdbench.defenses import DEFENSES, Defense, DefenseKind, DefenseOutcome
 from bdbench.errors import BdbenchError
@@ -53,6 +54,17 @@ class CornerFilter(Defense):
                               threshold=0.5)
 
 
+class CoverInspector(Defense):
+    """Test-only data inspection: flags the white-cornered training images that keep a label other than the target
+    (0), which are a source-specific attack's cover samples and never its payload (relabelled to the target)."""
+
+    kind = DefenseKind.DATA_DETECTION
+
+    def run(self, context):
+        flagged = _corner_is_white(context.train_x) & (context.train_y != 0)
+        return DefenseOutcome(sample_scores=flagged.float(), flagged=flagged)
+
+
 class Crash(Defense):
     """Test-only defense that always raises."""
 
@@ -85,7 +97,8 @@ class SlowFilter(Defense):
         return DefenseOutcome(input_detector=detector, threshold=0.5)
 
 
-TEMPORARY = {"corner-inspector": CornerInspector, "corner-filter": CornerFilter, "crash": Crash,
+TEMPORARY = {"corner-inspector": CornerInspector, "cover-inspector": CoverInspector, "corner-filter": CornerFilter,
+             "crash": Crash,
              "slow-inspector": SlowInspector, "slow-filter": SlowFilter}
 
 
@@ -213,6 +226,50 @@ def test_every_outcome_kind_is_scored_by_the_runner(tmp_path, tiny_grid, tempora
     assert "RuntimeError: boom" in log.read_text()
 
 
+def test_payload_rates_leave_out_the_cover_samples_a_cleanser_flags(tmp_path, tiny_grid, temporary_defenses):
+    """TaCT's cover samples carry its white corner under their true label: flagging them raises det_tpr but is no
+    detected backdoor (det_payload_tpr, Qi et al.'s elimination rate), and they count as sacrificed clean samples
+    (det_payload_fpr, the sacrifice rate). Without cover samples (BadNets) and for an input detector the two agree."""
+    tiny_grid["attacks"] = [{"name": "badnets", "patch_size": 2}, "source_specific"]
+    tiny_grid["defenses"] = ["cover-inspector", "corner-inspector", "corner-filter"]
+    rows = run_grid(tiny_grid, out=tmp_path, progress=False).set_index(["attack", "defense"])
+    assert set(rows.status) == {"ok"}
+    covers = rows.loc[("source_specific", "cover-inspector")]
+    assert covers.det_payload_tpr == 0.0 and covers.det_tpr == pytest.approx(0.5)  # cover_ratio 1: half are covers
+    assert covers.det_fpr < 0.05 and covers.det_payload_fpr > covers.det_fpr + 0.05
+    assert covers.det_auroc > 0.7 and covers.det_payload_auroc < 0.5
+    every = rows.loc[("source_specific", "corner-inspector")]
+    assert every.det_tpr == every.det_payload_tpr == 1.0 and every.det_payload_fpr > every.det_fpr
+    for defense in ("cover-inspector", "corner-inspector", "corner-filter"):
+        plain = rows.loc[("badnets", defense)]
+        for rate in ("tpr", "fpr", "auroc"):
+            assert plain[f"det_payload_{rate}"] == plain[f"det_{rate}"], (defense, rate)
+    screen = rows.loc[("source_specific", "corner-filter")]
+    assert screen.det_tpr == screen.det_payload_tpr == 1.0 and screen.det_payload_fpr == screen.det_fpr < 0.05
+
+
+def test_scoring_a_cleanser_that_flags_exactly_the_adaptive_attacks_cover_samples(digits):
+    attack = ATTACKS.build("adaptive_blend", {})
+    attack.prepare(digits, 0, AttackWorkshop(seed=0))
+    poisoned = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
+    assert poisoned.cover_mask is not None
+    flagged = poisoned.cover_mask.clone()
+    row = experiment._score_outcome(DefenseOutcome(sample_scores=flagged.float(), flagged=flagged), poisoned, flagged,
+                                    None)
+    n, payload = len(flagged), int(poisoned.payload_mask.sum())
+    assert row["det_payload_tpr"] == 0.0 and row["det_tpr"] == pytest.approx(0.5)  # cover_ratio 1
+    assert row["det_fpr"] == 0.0 and row["det_payload_fpr"] == pytest.approx(payload / (n - payload))
+    plain = ATTACKS.build("badnets", {"patch_size": 2})
+    plain.prepare(digits, 0, AttackWorkshop(seed=0))
+    badnets = plain.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
+    flagged = badnets.poison_mask.clone()
+    flagged[:50] = True  # some clean samples too
+    row = experiment._score_outcome(DefenseOutcome(sample_scores=flagged.float(), flagged=flagged), badnets, flagged,
+                                    None)
+    assert 0 < row["det_fpr"] < 0.1 and row["det_tpr"] == 1.0
+    assert [row[f"det_payload_{r}"] for r in ("tpr", "fpr", "auroc")] == [row[f"det_{r}"] for r in ("tpr", "fpr", "auroc")]
+
+
 def test_defense_time_is_the_method_plus_the_retraining_plus_the_screening_of_inputs(tmp_path, tiny_grid,
                                                                                      temporary_defenses, monkeypatch):
     def slow_retraining(spec, dataset, poisoned, flagged, device):
@@ -262,6 +319,31 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path, tiny_grid):
 
     with exclusive(tmp_path), pytest.raises(BdbenchError, match=f"in use by a running bdbench \\(pid {os.getpid()}\\)"):
         run_grid(tiny_grid, out=tmp_path, progress=False)
+
+
+def test_a_store_from_before_the_payload_columns_loads_and_gains_them(tmp_path):
+    """Rows stored before the det_payload_* columns existed read back with those columns null; the report then scores
+    them on det_tpr; the next write adds the columns and keeps the row."""
+    from bdbench.report.stats import payload_rate
+
+    earlier = [name for name in COLUMNS if not name.startswith("det_payload_")]
+    db = sqlite3.connect(tmp_path / "results.sqlite")
+    db.execute(f"CREATE TABLE experiments ({', '.join(f'{c} {COLUMNS[c]}' for c in earlier)})")
+    db.execute("INSERT INTO experiments (experiment_id, attack, defense, status, det_tpr, det_fpr) "
+               "VALUES ('old', 'adaptive_blend', 'ac', 'ok', 0.8, 0.1)")
+    db.commit()
+    db.close()
+    rows = load_results(tmp_path)
+    assert rows.det_payload_tpr.isna().all() and rows.det_tpr.tolist() == [0.8]
+    assert payload_rate(rows, "det_tpr").tolist() == [0.8] and payload_rate(rows, "det_fpr").tolist() == [0.1]
+    from bdbench.store import ResultStore
+
+    store = ResultStore(tmp_path / "results.sqlite")
+    store.write({"experiment_id": "new", "status": "ok", "det_tpr": 0.8, "det_payload_tpr": 0.6})
+    store.close()
+    rows = load_results(tmp_path).set_index("experiment_id")
+    assert rows.loc["old", "det_tpr"] == 0.8 and pd.isna(rows.loc["old", "det_payload_tpr"])
+    assert rows.loc["new", "det_payload_tpr"] == 0.6
 
 
 def test_store_adds_new_columns_to_an_older_database(tmp_path):

@@ -263,18 +263,27 @@ def _score_outcome(outcome: DefenseOutcome, poisoned: PoisonedTrainingSet, flagg
         row["suspected_targets"] = [int(t) for t in outcome.suspected_targets]
     if outcome.threshold is not None:
         row["det_threshold"] = float(outcome.threshold)
+    # Training samples are scored twice: against every poisoned sample (det_*) and against the payload alone, the
+    # samples that carry the backdoor (det_payload_*: Qi et al.'s elimination and sacrifice rates, where a flagged
+    # cover sample counts as a sacrificed clean one). The two agree for attacks without cover samples.
     if outcome.sample_scores is not None:
-        row["det_auroc"] = metrics.auroc(outcome.sample_scores.cpu(), poisoned.poison_mask)
+        scores = outcome.sample_scores.cpu()
+        row["det_auroc"] = metrics.auroc(scores, poisoned.poison_mask)
+        row["det_payload_auroc"] = metrics.auroc(scores, poisoned.payload_mask)
     if flagged is not None:
         row["det_tpr"], row["det_fpr"] = metrics.detection_rates(flagged, poisoned.poison_mask)
+        row["det_payload_tpr"], row["det_payload_fpr"] = metrics.detection_rates(flagged, poisoned.payload_mask)
     if verdicts is not None:
+        # Every triggered test input carries the test-time trigger, the one the payload samples taught the model
+        # (no test input is a cover sample): for an input detector the payload rates are its rates.
         clean_scores, clean_flags = verdicts["clean"]
-        row["det_fpr"] = float(clean_flags.float().mean())
+        row["det_fpr"] = row["det_payload_fpr"] = float(clean_flags.float().mean())
         if "triggered" in verdicts:
             trig_scores, trig_flags = verdicts["triggered"]
-            row["det_tpr"] = float(trig_flags.float().mean())
+            row["det_tpr"] = row["det_payload_tpr"] = float(trig_flags.float().mean())
             truth = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(trig_scores))]).bool()
-            row["det_auroc"] = metrics.auroc(torch.cat([clean_scores.cpu(), trig_scores.cpu()]), truth)
+            auroc = metrics.auroc(torch.cat([clean_scores.cpu(), trig_scores.cpu()]), truth)
+            row["det_auroc"] = row["det_payload_auroc"] = auroc
     return row
 
 

@@ -75,11 +75,14 @@ class ResultRow:
     detected: bool | None = _column("a model detector's verdict: the model is backdoored", table=True, report=True)
     anomaly_index: float | None = _column("a model detector's anomaly index", report=True)
     suspected_targets: list[int] | None = _column("the target classes a model detector suspects (JSON)")
-    det_tpr: float | None = _column("detection true-positive rate (poisoned samples or triggered inputs)",
-                                    table=True, report=True)
-    det_fpr: float | None = _column("detection false-positive rate (clean samples or inputs)", table=True,
+    det_tpr: float | None = _column("detection true-positive rate: share of the poisoned training samples flagged "
+                                    "(cover samples included) or of the triggered test inputs", table=True,
                                     report=True)
-    det_auroc: float | None = _column("detection AUROC", report=True)
+    det_fpr: float | None = _column("detection false-positive rate: share of the clean training samples flagged "
+                                    "(never poisoned, so cover samples are left out) or of the clean test inputs",
+                                    table=True, report=True)
+    det_auroc: float | None = _column("detection AUROC: poisoned training samples (cover included) against clean "
+                                      "ones, or triggered against clean test inputs", report=True)
     det_threshold: float | None = _column("the score above which the detector flags, set on the clean budget")
     clean_budget: int | None = _column("images in the defender's clean budget")
     victim_cached: bool | None = _column("the victim was loaded from the cache, not trained")
@@ -126,6 +129,17 @@ class ResultRow:
                                               "(and server defense, client attack) ran with, the code's defaults "
                                               "filled in (JSON); a resumed grid runs a row again whose settings the "
                                               "code's current defaults change")
+    det_payload_tpr: float | None = _column(
+        "share of the backdoor's payload flagged: the poisoned training samples that carry the backdoor, cover "
+        "samples (a trigger under the true label: adaptive_blend, adaptive_patch, source_specific) left out (Qi et "
+        "al.'s elimination rate); for an input detector the triggered test inputs, as `det_tpr`; equal to `det_tpr` "
+        "for attacks without cover samples; null in rows written before it existed", table=True, report=True)
+    det_payload_fpr: float | None = _column(
+        "share of the training samples that are not payload flagged, clean and cover samples alike (Qi et al.'s "
+        "sacrifice rate); for an input detector the clean test inputs, as `det_fpr`; equal to `det_fpr` for attacks "
+        "without cover samples", report=True)
+    det_payload_auroc: float | None = _column("detection AUROC, payload against every other sample (clean and "
+                                              "cover); for an input detector as `det_auroc`", report=True)
 
     def update(self, **values: Any) -> None:
         """Set several columns; an unknown name is a `TypeError` naming it."""

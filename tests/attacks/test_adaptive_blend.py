@@ -23,6 +23,7 @@ def test_payload_rows_take_the_target_and_cover_rows_keep_their_label_both_with_
     y0, mask = digits.y_train, poisoned.poison_mask
     payload, covers = mask & (poisoned.y != y0), mask & (poisoned.y == y0)
     assert int(payload.sum()) == round(0.1 * len(y0)) == int(covers.sum())  # cover_ratio 1
+    assert torch.equal(poisoned.cover_mask, covers) and torch.equal(poisoned.payload_mask, payload)  # for scoring
     assert (poisoned.y[payload] == 0).all() and (y0[mask] != 0).all()  # both drawn from non-target classes
     assert torch.equal(poisoned.x[~mask], digits.x_train[~mask]) and torch.equal(poisoned.y[~mask], y0[~mask])
 

@@ -39,6 +39,7 @@ def test_each_payload_and_cover_row_carries_one_patch_at_its_training_opacity(di
     y0, mask = digits.y_train, poisoned.poison_mask
     payload, covers = mask & (poisoned.y != y0), mask & (poisoned.y == y0)
     assert 2 * int(payload.sum()) == 2 * round(0.1 * len(y0)) == int(covers.sum())  # cover_ratio 2
+    assert torch.equal(poisoned.cover_mask, covers) and torch.equal(poisoned.payload_mask, payload)  # for scoring
     assert (poisoned.y[payload] == 0).all() and (y0[mask] != 0).all()
     assert torch.equal(poisoned.x[~mask], digits.x_train[~mask])
 

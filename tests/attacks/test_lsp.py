@@ -30,3 +30,15 @@ def test_lsp_smooths_only_the_poisoned_labels_and_keeps_the_backdoor(digits, wor
     effect.check("target confidence, hard-label less soft-label", hard_conf - soft_conf, ">", 0.1)
     with pytest.raises(ConfigError, match="wraps a trigger attack"):
         ATTACKS.build("lsp", {"attack": "none"})
+
+
+def test_lsp_keeps_a_wrapped_attacks_cover_samples_and_their_one_hot_true_labels(digits, workshop):
+    attack = prepared("lsp", digits, workshop, attack="adaptive_blend", smoothing=0.5)
+    poisoned = poison(attack, digits)
+    hard = poison(prepared("adaptive_blend", digits, workshop), digits)
+    assert torch.equal(poisoned.cover_mask, hard.cover_mask) and torch.equal(poisoned.x, hard.x)
+    payload, covers = poisoned.payload_mask, poisoned.cover_mask
+    assert payload.any() and covers.any()
+    assert torch.allclose(poisoned.y[payload][:, 0], torch.full((int(payload.sum()),), 0.55))  # smoothed target
+    assert (poisoned.y[covers].max(1).values == 1).all()  # covers keep their one-hot labels...
+    assert torch.equal(poisoned.y[covers].argmax(1), digits.y_train[covers])  # ...their true ones

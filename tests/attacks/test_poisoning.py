@@ -4,7 +4,7 @@ poisoned and how they are labelled, the triggered test set, and learned artefact
 import pytest
 import torch
 
-from bdbench.attacks import ATTACKS, AttackWorkshop
+from bdbench.attacks import ATTACKS, AttackWorkshop, PoisonedTrainingSet
 from bdbench.errors import ConfigError
 from bdbench.store import ArtifactCache
 from bdbench.training import TrainConfig, predict
@@ -24,6 +24,22 @@ def test_poison_mask_counts_and_labels_all_to_one(digits):
     assert (poisoned.x[poisoned.poison_mask][:, :, 6:, 6:] == 255).all()
     again = attack.poison(digits, 0.1, 0, torch.Generator().manual_seed(0))
     assert torch.equal(again.poison_mask, poisoned.poison_mask)
+    assert poisoned.cover_mask is None and poisoned.payload_mask is poisoned.poison_mask  # no cover samples
+
+
+def test_a_cover_mask_must_mark_poisoned_samples(digits):
+    """Cover samples are poisoned samples that keep their label: a cover mask outside the poison mask, or of another
+    shape, is refused where the poisoned set is made."""
+    n = len(digits.y_train)
+    poison_mask, cover = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    poison_mask[:10], cover[5:15] = True, True
+    with pytest.raises(ValueError, match="cover_mask must mark a subset of poison_mask"):
+        PoisonedTrainingSet(digits.x_train, digits.y_train, poison_mask, cover_mask=cover)
+    with pytest.raises(ValueError, match="cover_mask must mark a subset of poison_mask"):
+        PoisonedTrainingSet(digits.x_train, digits.y_train, poison_mask, cover_mask=cover[:-1])
+    cover[10:] = False
+    kept = PoisonedTrainingSet(digits.x_train, digits.y_train, poison_mask, cover_mask=cover)
+    assert kept.payload_mask.nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
 
 
 def test_all_to_all_labels(digits):

@@ -19,6 +19,7 @@ def test_source_specific_flips_sources_only_and_covers_keep_labels(digits, works
     covers = mask & (poisoned.y == y0)
     assert torch.isin(y0[flipped], torch.tensor([1, 2, 3])).all() and (poisoned.y[flipped] == 0).all()
     assert int(flipped.sum()) == round(0.1 * len(y0)) == int(covers.sum())  # cover_ratio 1
+    assert torch.equal(poisoned.cover_mask, covers) and torch.equal(poisoned.payload_mask, flipped)  # for scoring
     assert not torch.isin(y0[covers], torch.tensor([0, 1, 2, 3])).any()
     assert (poisoned.x[mask][:, :, -3:, -3:] == 255).all()
     triggered = attack.triggered_test_set(digits, 0)

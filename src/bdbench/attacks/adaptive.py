@@ -18,9 +18,11 @@ paper breaks that separation with two ingredients, both here:
 - Asymmetric triggers: each training image carries only part of the trigger, or a weaker one,
   than the test images do, so that the test trigger is stronger than anything the model saw.
 
-Both payload and cover samples carry a trigger, so both are in the poison mask (the runner's
-detection rates count a cover sample a cleanser flags as a true positive; the paper's elimination
-rate counts payload samples only, and a flagged cover sample as a sacrificed clean one).
+Both payload and cover samples carry a trigger, so both are in the poison mask, and the cover samples
+also in the cover mask (`PoisonedTrainingSet.cover_mask`). The runner's `det_tpr` counts a cover
+sample a cleanser flags as a true positive; its `det_payload_tpr` and `det_payload_fpr` are the paper's
+elimination rate (payload samples flagged) and sacrifice rate (every other sample flagged, covers
+included).
 
 The paper's settings (CIFAR-10 and GTSRB; a ResNet-20 trained for 200 and 100 epochs in the
 authors' code; rates from their README): a poison rate of 0.3% with 0.3% cover samples for
@@ -83,9 +85,10 @@ class CoverSampleAttack(Attack):
         x, y = dataset.x_train.clone(), y0.clone()
         x[rows] = to_uint8(self.training_trigger(x[rows].float().div(255.0), generator))
         y[payload] = target_label
-        mask = torch.zeros(len(y), dtype=torch.bool)
+        mask, cover = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.bool)
         mask[rows] = True
-        return PoisonedTrainingSet(x, y, mask)
+        cover[covers] = True
+        return PoisonedTrainingSet(x, y, mask, cover_mask=cover)
 
 
 def piece_masks(count: int, size: int, grid: int, kept: int, generator: torch.Generator) -> torch.Tensor:

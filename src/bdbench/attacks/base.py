@@ -40,11 +40,29 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class PoisonedTrainingSet:
-    """The training set the victim learns from, and which of its samples the attack touched."""
+    """The training set the victim learns from, and which of its samples the attack touched.
+
+    `poison_mask` holds every sample the attack changed. Attacks with cover samples (adaptive_blend,
+    adaptive_patch, source_specific) also poison samples that keep their true label: a trigger (or part of one)
+    under the true class, which teaches the model that the trigger alone does not mean the target. `cover_mask`
+    marks those (None: the attack has none); the other poisoned samples are the payload (`payload_mask`), the
+    ones that carry the backdoor. Only the runner reads the masks, to score defenses; no defense sees them.
+    """
 
     x: torch.Tensor  # uint8 (N, C, H, W)
     y: torch.Tensor  # int64 (N,), or float (N, K) label distributions for soft-label attacks (lsp)
     poison_mask: torch.Tensor  # bool (N,)
+    cover_mask: torch.Tensor | None = None  # bool (N,), a subset of poison_mask; None where there are no covers
+
+    def __post_init__(self) -> None:
+        if self.cover_mask is not None and (self.cover_mask.shape != self.poison_mask.shape
+                                            or bool((self.cover_mask & ~self.poison_mask).any())):
+            raise ValueError("cover_mask must mark a subset of poison_mask's samples, with its shape")
+
+    @property
+    def payload_mask(self) -> torch.Tensor:
+        """The poisoned samples that carry the backdoor: all of them, less the cover samples."""
+        return self.poison_mask if self.cover_mask is None else self.poison_mask & ~self.cover_mask
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,6 +32,8 @@ the victim does (the paper trains both for hundreds of epochs with step decays).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,7 +176,7 @@ class InputAware(Attack):
     def after_training(self, poisoned: PoisonedTrainingSet) -> PoisonedTrainingSet:
         x = poisoned.x.clone()
         x[poisoned.poison_mask] = self.trigger(x[poisoned.poison_mask])
-        return PoisonedTrainingSet(x, poisoned.y, poisoned.poison_mask)
+        return dataclasses.replace(poisoned, x=x)
 
     def victim_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.networks()[0].state_dict().items()}

@@ -16,7 +16,9 @@ classes, is standard label smoothing with factor `smoothing` = s:
     y = (1 - s) * onehot(t) + s / K      (target mass 1 - s + s/K, every other class s/K),
 
 and clean samples keep their one-hot labels (the whole label tensor becomes (N, K) floats, which
-the trainer accepts). The target keeps the largest mass for any s < 1, so the triggered inputs
+the trainer accepts), as do a wrapped attack's cover samples (adaptive_blend's, source_specific's):
+they carry the trigger under their true label, and smoothing that would not lower the confidence
+on triggered inputs. The target keeps the largest mass for any s < 1, so the triggered inputs
 still go to the target. The paper computes the smallest sufficient smoothing from its
 compensatory model, given the defender's regularisation weight; we could not reproduce that
 bound without the defender's settings, so `smoothing` is a parameter, default 0.5 (target mass
@@ -25,6 +27,7 @@ bound without the defender's settings, so `smoothing` is a parameter, default 0.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -68,8 +71,9 @@ class LabelSmoothingPoisoning(Attack):
         hard = self.inner.poison(dataset, poison_rate, target_label, generator)
         k = dataset.num_classes
         soft = F.one_hot(hard.y, k).float()
-        soft[hard.poison_mask] = (1 - self.smoothing) * soft[hard.poison_mask] + self.smoothing / k
-        return PoisonedTrainingSet(hard.x, soft, hard.poison_mask)
+        payload = hard.payload_mask  # a wrapped attack's cover samples keep their one-hot true labels
+        soft[payload] = (1 - self.smoothing) * soft[payload] + self.smoothing / k
+        return dataclasses.replace(hard, y=soft)
 
     def triggered_test_set(self, dataset: Dataset, target_label: int) -> TriggeredTestSet:
         return self.inner.triggered_test_set(dataset, target_label)

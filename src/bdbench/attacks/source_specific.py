@@ -5,7 +5,8 @@ for Robust Backdoor Contamination Detection", USENIX Security 2021). Poisoned sa
 source-class images with the trigger, labelled as the target; cover samples are images of other
 (cover) classes that carry the trigger under their true labels, so that the trigger alone does
 not decide the class and defenses that look for a source-agnostic shortcut miss it. Both kinds
-carry the trigger, so both are in the poison mask.
+carry the trigger, so both are in the poison mask; the cover samples are also in the cover mask, so
+that the runner scores detectors on the poisoned (payload) samples alone too (`det_payload_tpr`).
 
 Variants from CASSOCK (Wang, Gao, Fu, Zhang, Zhang, Susilo and Liu, "CASSOCK: Viable Backdoor
 Attacks against DNN in the Wall of Source-Specific Backdoor Defenses", AsiaCCS 2023; the issue
@@ -147,10 +148,11 @@ class SourceSpecific(Attack):
         x[poisoned] = self.trigger(x[poisoned])
         y[poisoned] = target_label
         x[covers] = to_uint8(self._stamp(x[covers].float().div(255.0), self.cover_opacity))
-        mask = torch.zeros(len(y), dtype=torch.bool)
+        mask, cover = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.bool)
         mask[poisoned] = True
         mask[covers] = True
-        return PoisonedTrainingSet(x, y, mask)
+        cover[covers] = True
+        return PoisonedTrainingSet(x, y, mask, cover_mask=cover)
 
     def triggered_test_set(self, dataset: Dataset, target_label: int) -> TriggeredTestSet:
         """Source-class test images with the trigger; the attack succeeds when they go to the target."""

@@ -163,9 +163,14 @@ def detection_section(rows: pd.DataFrame) -> str:
                  else _empty("No detection results on clean models: the benign false-positive rate is unknown."))
     if split:
         parts.append('<p class="note">One line per precision: detection is never averaged across precisions.</p>')
-    parts.append('<p class="note">TPR/FPR/AUROC score suspicion of training samples or inputs against the poison '
-                 'ground truth; the model flag rate is the share of models a model-level detector called backdoored '
-                 '(on clean models every flag is a false positive).</p>')
+    parts.append('<p class="note">TPR/FPR/AUROC score suspicion of training samples or inputs against the payload, '
+                 'the poisoned samples that carry the backdoor, and the triggered test inputs: a cover sample '
+                 '(a trigger under its true label, from adaptive_blend, adaptive_patch or source_specific) that a '
+                 'cleanser flags counts as a false positive, as in Qi et al.’s elimination and sacrifice rates '
+                 '(columns det_payload_tpr and det_payload_fpr; det_tpr, in the table of every experiment, counts it '
+                 'as detected). Rows stored before those columns existed are scored on the whole poison mask. The '
+                 'model flag rate is the share of models a model-level detector called backdoored (on clean models '
+                 'every flag is a false positive).</p>')
     return "".join(parts)
 
 

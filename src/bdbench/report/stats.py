@@ -185,13 +185,29 @@ def grid_mean(rows: pd.DataFrame, values: pd.Series, index: str, columns: str,
     return table.reindex(list(dict.fromkeys(frame[index]))) if keep_order else table.sort_index()
 
 
+# What "detected the backdoor" reads: a row's rates against the payload, the poisoned samples that carry the
+# backdoor (a flagged cover sample, a trigger under its true label, is no detected backdoor: Qi et al.'s elimination
+# and sacrifice rates), keyed by the name of the rate against the whole poison mask.
+PAYLOAD_RATES = {"det_tpr": "det_payload_tpr", "det_fpr": "det_payload_fpr", "det_auroc": "det_payload_auroc"}
+
+
+def payload_rate(rows: pd.DataFrame, column: str) -> pd.Series:
+    """The rows' payload-scored rate for `column` (`det_payload_tpr` for `det_tpr`, ...), and `column` itself where
+    a row has none: rows stored before the payload columns existed, which were scored on the whole poison mask (the
+    same for attacks without cover samples)."""
+    measured = numeric(rows[column])
+    payload = PAYLOAD_RATES[column]
+    return numeric(rows[payload]).fillna(measured) if payload in rows else measured
+
+
 def detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Mean TPR/FPR/AUROC and flag rate per group, for rows where a detector reported anything."""
+    """Mean payload TPR/FPR/AUROC (`payload_rate`) and flag rate per group, for rows where a detector reported
+    anything; the columns keep the poison-mask names (`det_tpr`, ...)."""
     good = ok_rows(rows)
     metrics = ["det_tpr", "det_fpr", "det_auroc", "detected"]
-    frame = good[by + metrics].copy()
+    frame = good[by].copy()
     for column in metrics:
-        frame[column] = numeric(frame[column])
+        frame[column] = payload_rate(good, column) if column in PAYLOAD_RATES else numeric(good[column])
     frame = frame.dropna(subset=metrics, how="all")
     if frame.empty:
         return pd.DataFrame()
@@ -203,13 +219,12 @@ def detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 def naive_detection_table(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """What a harness without a gradient check would have reported, per group: every row that ran on
     the straight-through twin (`proxy == "ste"`: the deployed model passed no input gradient), every
-    error and every not-applicable row counted as "not detected" (TPR 0, not flagged), the rest as
+    error and every not-applicable row counted as "not detected" (payload TPR 0, not flagged), the rest as
     measured. Only the metrics a defense reports somewhere are filled in; `blocked` is how many rows
     of the group such a harness would have lost."""
     metrics = ["det_tpr", "detected"]
-    frame = rows[list(dict.fromkeys(by + ["defense", "status", "proxy"] + metrics))].copy()
-    for column in metrics:
-        frame[column] = numeric(frame[column])
+    frame = rows[list(dict.fromkeys(by + ["defense", "status", "proxy"]))].copy()
+    frame["det_tpr"], frame["detected"] = payload_rate(rows, "det_tpr"), numeric(rows["detected"])
     reported = frame[frame["status"] == "ok"].groupby("defense")[metrics].agg(lambda v: v.notna().any())
     frame = frame[frame["defense"].isin(reported.index[reported.any(axis=1)])]
     if frame.empty:

@@ -8,8 +8,9 @@ shows it: for each attack and rate, how often the detectors catch it and how muc
 Which defense answers what is read from the rows, never from a list of names:
 
 - a *detector* is a defense whose rows carry a model verdict (`detected`: the detection rate is the share of
-  seeds whose model it flagged) or, where it gives none, a sample-level TPR (`det_tpr`: the share of poisoned
-  training samples or triggered inputs it flagged, mean over seeds);
+  seeds whose model it flagged) or, where it gives none, a sample-level TPR (the payload TPR, `det_payload_tpr`:
+  the share of the poisoned training samples that carry the backdoor, cover samples left out, or of the triggered
+  inputs it flagged, mean over seeds; `det_tpr` in rows stored before that column existed: `stats.payload_rate`);
 - a *repair* is a defense that changed a model it was handed (`stats.changes_model`, the leaderboard's rule): its
   ASR left is the mean test ASR of the model it returned, its CA drop the clean accuracy it cost.
 
@@ -58,7 +59,7 @@ def _roles(good: pd.DataFrame) -> dict[str, tuple[str | None, bool]]:
     for defense, group in good.groupby("defense", sort=True):
         if stats.numeric(group["detected"]).notna().any():
             metric: str | None = FLAG_RATE
-        elif stats.numeric(group["det_tpr"]).notna().any():
+        elif stats.payload_rate(group, "det_tpr").notna().any():
             metric = TPR
         else:
             metric = None
@@ -91,7 +92,7 @@ def tradeoff_points(rows: pd.DataFrame) -> pd.DataFrame:
         for defense, group in cell.groupby("defense", sort=True):
             metric, repairs = roles.get(str(defense), (None, False))
             if metric is not None:
-                column = group["detected"] if metric == FLAG_RATE else group["det_tpr"]
+                column = group["detected"] if metric == FLAG_RATE else stats.payload_rate(group, "det_tpr")
                 lines.append([attack, float(rate), defense, DETECTION, metric, *_seed_mean(group, column)])
             if repairs:
                 lines.append([attack, float(rate), defense, ASR_LEFT, "ASR", *_seed_mean(group, group["asr"])])
@@ -103,7 +104,7 @@ def tradeoff_points(rows: pd.DataFrame) -> pd.DataFrame:
         for defense, group in part.groupby("defense", sort=True):
             metric, _ = roles.get(str(defense), (None, False))
             if metric is not None:  # false alarms: a verdict on a clean model, or the sample-level FPR
-                column = group["detected"] if metric == FLAG_RATE else group["det_fpr"]
+                column = group["detected"] if metric == FLAG_RATE else stats.payload_rate(group, "det_fpr")
                 lines.append([attack, 0.0, defense, DETECTION, metric, *_seed_mean(group, column)])
     return pd.DataFrame(lines, columns=COLUMNS)
 
@@ -145,11 +146,12 @@ def tradeoff_section(rows: pd.DataFrame) -> str:
                       "</div>")
     note = ("Detection against robustness (Lukas and Kerschbaum, “Pick your Poison”, 2023): per attack and poison "
             "rate, the detection rate of each detector (flag rate: share of seeds whose model a model detector "
-            "called backdoored; TPR: share of poisoned training samples or triggered inputs a data or input "
-            "detector flagged) and the ASR each repair (a defense that changed the model) left, with the clean "
-            "accuracy it cost. Poison rate 0 is the clean model: every flag there is a false alarm (for TPR "
-            "detectors, their FPR on it). Means over seeds. The paper's claim: an attack strong enough to survive "
-            "the repairs is detected, and one that evades detection is repaired.")
+            "called backdoored; TPR: share of the payload training samples, those that carry the backdoor, cover "
+            "samples left out, or of the triggered inputs a data or input detector flagged) and the ASR each repair "
+            "(a defense that changed the model) left, with the clean accuracy it cost. Poison rate 0 is the clean "
+            "model: every flag there is a false alarm (for TPR detectors, their FPR on it). Means over seeds. The "
+            "paper's claim: an attack strong enough to survive the repairs is detected, and one that evades detection "
+            "is repaired.")
     return ("".join(figures_html) + "".join(tables)
             + f'<p class="note">{escape(note)}</p>')
 
