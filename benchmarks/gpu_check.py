@@ -1,4 +1,5 @@
-"""GPU check (issue 26): the trainer, batched Neural Cleanse and defense-cost benchmarks on CUDA, in one run.
+"""GPU check (issue 26): the trainer, batched Neural Cleanse, vectorised seeds and defense-cost benchmarks on CUDA, in
+one run.
 
 One short script for any machine with an NVIDIA GPU, not part of CI. It runs, one after another, each
 in its own process with its own time limit so that the whole stays under `--minutes` (default 9.5):
@@ -7,11 +8,14 @@ in its own process with its own time limit so that the whole stays under `--minu
    augmented on the device) against a per-sample DataLoader loop, images per second and their ratio;
 2. `nc_batched_vs_per_label.py --device cuda`: Neural Cleanse's batched inversion at 2,048 and 128
    images a pass against a loop over labels, and their ratios (batching is meant for GPUs);
-3. `defense_cost.py` (its experiments pick CUDA by themselves): each defense's cost divided by the
+3. `vectorised_seeds.py --device cuda`: 3 and 8 seeds of cnn-small and PreAct-ResNet18 (width 0.25)
+   trained as one vmapped computation against one seed at a time, model-steps per second and their
+   ratio (on the CPU it does not pay; a GPU that one small model leaves idle is where it should);
+4. `defense_cost.py` (its experiments pick CUDA by themselves): each defense's cost divided by the
    time to train its victim, on one victim of `model-defenses`, and their median.
 
 At the end it prints every ratio line again, under the step that printed it. It refuses, with one line
-and exit status 2, where torch sees no CUDA device. `--dry-run` prints the three commands and exits.
+and exit status 2, where torch sees no CUDA device. `--dry-run` prints the four commands and exits.
 
     python benchmarks/gpu_check.py [--minutes 9.5] [--defenses ft,nc,mmbd,anp] [--out DIR] [--dry-run]
 """
@@ -27,9 +31,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Each step's share of the time limit (trainer, NC, cost): the cost benchmark trains a victim and runs
-# every asked defense in its own process, so it gets the most.
-SHARES = (0.25, 0.15, 0.60)
+# Each step's share of the time limit (trainer, NC, vectorised seeds, cost): the cost benchmark trains a victim
+# and runs every asked defense in its own process, so it gets the most.
+SHARES = (0.22, 0.13, 0.12, 0.53)
 
 
 def commands(out: Path, defenses: str | None, threads: int) -> list[tuple[str, list[str]]]:
@@ -45,6 +49,9 @@ def commands(out: Path, defenses: str | None, threads: int) -> list[tuple[str, l
           "--subset", "4000", "--threads", str(threads)]),
         ("Neural Cleanse, batched against per label",
          [python, str(HERE / "nc_batched_vs_per_label.py"), "--device", "cuda", "--epochs", "3", "--budget", "320",
+          "--threads", str(threads)]),
+        ("seeds vectorised against one at a time",
+         [python, str(HERE / "vectorised_seeds.py"), "--device", "cuda", "--steps", "20", "--repeats", "2",
           "--threads", str(threads)]),
         ("defense cost / victim training", cost),
     ]

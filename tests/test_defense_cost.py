@@ -116,7 +116,7 @@ def test_the_bfloat16_loops_run_on_every_architecture_and_leave_the_model_as_it_
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the refusal on a machine without CUDA")
-def test_the_gpu_check_refuses_without_cuda_and_names_its_three_benchmarks(tmp_path):
+def test_the_gpu_check_refuses_without_cuda_and_names_its_four_benchmarks(tmp_path):
     script = str(REPO / "benchmarks" / "gpu_check.py")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     refused = subprocess.run([sys.executable, script, "--out", str(tmp_path / "out")], capture_output=True, text=True,
@@ -127,6 +127,6 @@ def test_the_gpu_check_refuses_without_cuda_and_names_its_three_benchmarks(tmp_p
     listed = subprocess.run([sys.executable, script, "--dry-run"], capture_output=True, text=True, env=env, check=True)
     commands = [line.split() for line in listed.stdout.splitlines() if not line.startswith("#")]
     assert [Path(argv[1]).name for argv in commands] == ["trainer_vs_dataloader.py", "nc_batched_vs_per_label.py",
-                                                          "defense_cost.py"]
+                                                          "vectorised_seeds.py", "defense_cost.py"]
     assert all(Path(argv[1]).is_file() for argv in commands)
-    assert ["--device", "cuda"] == commands[0][2:4] == commands[1][2:4]
+    assert ["--device", "cuda"] == commands[0][2:4] == commands[1][2:4] == commands[2][2:4]
