@@ -214,6 +214,9 @@ def test_the_federated_section_expands_into_one_experiment_per_server_defense():
     # how often the curve is scored changes the experiment, not the trained global model
     other = expand(load_grid(FED_GRID, ["federated.eval_every=2"]))
     assert other[0].victim_key == specs[0].victim_key and other[0].experiment_id != specs[0].experiment_id
+    # where the clients train (in this process or on Ray workers) changes no number: same ids and keys
+    on_ray = expand(load_grid(FED_GRID, ["federated.client_workers=2"]))
+    assert [(s.experiment_id, s.victim_key) for s in on_ray] == [(s.experiment_id, s.victim_key) for s in specs]
     # a centralized grid's ids do not move because the federated field exists
     centralized = {k: v for k, v in FED_GRID.items() if k != "federated"}
     assert "federated" not in expand(load_grid(centralized))[0]._fields()
@@ -227,6 +230,7 @@ def test_the_federated_section_expands_into_one_experiment_per_server_defense():
     ("federated.server_defenses=[{name: krum, f: 2}]", "krum f=2 needs more than 2f"),
     ("attacks=[wanet]", "attack wanet controls the victim's training through a hook"),
     ("federated.split={dirichlet: 0}", "federated.split"),
+    ("federated.client_workers=0", "federated.client_workers"),
 ])
 def test_a_bad_federated_section_is_one_line_naming_the_problem(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")) as info:

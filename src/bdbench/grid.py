@@ -215,8 +215,11 @@ class ExperimentSpec(BaseModel):
 
     def _fields(self, include: set[str] | None = None) -> dict[str, Any]:
         """The fields that the hashes cover. Fields added later are left out at their defaults, so
-        that ids and victim keys from before they existed still hold."""
+        that ids and victim keys from before they existed still hold; where a federation's clients train
+        (`client_workers`, in this process or on Ray workers) is left out always: it changes no number."""
         fields = self.model_dump(mode="json", include=include)
+        if fields.get("federated") is not None:
+            del fields["federated"]["client_workers"]
         if fields.get("precision_order") == "quantize_then_defend":
             del fields["precision_order"]
         if "training" in fields and not fields["training"]["cpu_bfloat16"]:

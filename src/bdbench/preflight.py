@@ -3,8 +3,9 @@
 `GridSpec` refuses what the spec alone shows (unknown names, mistyped parameters, repeated seeds).
 What needs the data is refused here: a target label the data set does not have, a data set too
 small for the batch size, the test set or the clean budget, a trigger that does not fit its images,
-a model that cannot take them. Every refusal is one `ConfigError` line naming the key and what it
-accepts; nothing has run and no results database has been opened.
+a model that cannot take them (and, needing no data, Ray missing where `federated.client_workers` asks
+for it). Every refusal is one `ConfigError` line naming the key and what it accepts; nothing has run
+and no results database has been opened.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from bdbench.data import Dataset
 from bdbench.errors import ConfigError
 from bdbench.grid import GridSpec, without_poison_rate
 from bdbench.models import create_model
+from bdbench.ray_support import import_ray
 from bdbench.training import cpu_has_native_bfloat16, default_device
 
 # A test set with fewer images than this per class cannot resolve clean accuracy or ASR to a few
@@ -62,6 +64,8 @@ def check_grid(grid: GridSpec, dataset: Dataset) -> None:
         raise ConfigError(f"{federated.clients} IID clients of {dataset.name} hold {train_size // federated.clients} "
                           f"training images each, fewer than federated.batch_size {federated.batch_size}; lower "
                           "batch_size or use fewer clients")
+    if federated is not None and federated.client_workers is not None:
+        import_ray("federated.client_workers")
     try:
         create_model(grid.model.name, k, dataset.in_channels, dataset.image_size, **grid.model.params)
     except ConfigError:

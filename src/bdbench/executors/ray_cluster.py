@@ -20,11 +20,11 @@ from typing import Any, Generator, Sequence
 
 import torch
 
-from bdbench.errors import ConfigError
 from bdbench.executors.base import EXECUTORS, Resources, lost_row, run_staged
 from bdbench.experiment import run_experiment
 from bdbench.grid import ExperimentSpec
 from bdbench.plugins import import_modules
+from bdbench.ray_support import import_ray, ray_cluster
 from bdbench.seeding import derive_seed
 from bdbench.store import ArtifactCache, MemoryCache
 
@@ -63,31 +63,11 @@ def stored_artifacts(cache: ArtifactCache, spec: ExperimentSpec) -> Artifacts:
     return found
 
 
-def _connect(ray: Any, resources: Resources) -> bool:
-    """Join the cluster or start a local one; True when this run must shut Ray down at the end."""
-    if ray.is_initialized():  # the caller's own ray.init() wins
-        return False
-    if resources.ray_address:
-        try:
-            ray.init(address=resources.ray_address, log_to_driver=False)
-        except ConnectionError as exc:
-            raise ConfigError(f"cannot join the Ray cluster at {resources.ray_address} ({exc}); "
-                              "start it with `ray start --head` or check the address") from None
-    else:
-        ray.init(num_cpus=resources.workers * resources.threads_per_experiment, include_dashboard=False,
-                 log_to_driver=False)
-    return True
-
-
 @EXECUTORS.register("ray")
 def run_ray(specs: Sequence[ExperimentSpec], out: Path, resources: Resources) -> Generator[dict, None, None]:
     """Ray tasks on a cluster (or a local one); a victim's experiments start after it is trained."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--executor ray needs Ray: pip install 'bdbench[ray]'") from None
-    owns_ray = _connect(ray, resources)
-    try:
+    ray = import_ray("--executor ray")
+    with ray_cluster(ray, resources.ray_address, resources.workers * resources.threads_per_experiment):
         threads = resources.threads_per_experiment
         gpus = ray.cluster_resources().get("GPU", 0.0)
         task = ray.remote(_ray_task).options(num_cpus=threads, num_gpus=min(1.0, gpus / resources.workers) if gpus else 0,
@@ -124,6 +104,3 @@ def run_ray(specs: Sequence[ExperimentSpec], out: Path, resources: Resources) ->
             return row, _put({**artifacts, **produced})
 
         yield from run_staged(specs, submit, finished, collect, max_in_flight=resources.workers)
-    finally:
-        if owns_ray:
-            ray.shutdown()

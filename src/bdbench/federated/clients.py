@@ -15,6 +15,7 @@ use a model with GroupNorm or no normalisation (`cnn-small` with `norm: group`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,19 @@ def crop_and_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, p
     return x
 
 
+class Clients(Protocol):
+    """What trains a round's clients: a `ClientTrainer` in this process, or `RayClients` on Ray workers.
+    `in_process` is the trainer in this process (the server's own training, FLTrust's root update, runs there)."""
+
+    @property
+    def in_process(self) -> ClientTrainer: ...
+
+    def train(self, start: Tensors, plans: list[ClientPlan], config: LocalSGD, masks: Tensors | None = None,
+              vectorised: bool = True) -> Tensors: ...
+
+    def gradient_sums(self, start: Tensors, plans: list[ClientPlan], vectorised: bool = True) -> Tensors: ...
+
+
 class ClientTrainer:
     """Trains stacked client weights on a shared uint8 training tensor `x` (N, C, H, W) with labels `y`."""
 
@@ -118,6 +132,10 @@ class ClientTrainer:
 
         self._loss = loss
         self._losses = vmap(loss, in_dims=(0, 0, 0), chunk_size=chunk, randomness="different")
+
+    @property
+    def in_process(self) -> ClientTrainer:
+        return self
 
     def _grads(self, params: Tensors, xb: torch.Tensor, yb: torch.Tensor) -> Tensors:
         """Every client's gradient at once: autograd through the vmapped forward pass of the summed client losses
@@ -220,5 +238,5 @@ def _sgd(p: torch.Tensor, g: torch.Tensor, velocity: Tensors | None, name: str, 
     return p - (step if active is None else step * active)
 
 
-__all__ = ["ClientPlan", "ClientTrainer", "LocalSGD", "check_template", "crop_and_flip"]
+__all__ = ["ClientPlan", "ClientTrainer", "Clients", "LocalSGD", "check_template", "crop_and_flip"]
 

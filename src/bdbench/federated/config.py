@@ -31,7 +31,9 @@ class FederatedConfig(BaseModel):
     `checkpoint_every`: rounds between the checkpoints a killed run resumes from; `vectorised`: clients train
     as one `vmap` computation, or one after another (the same numbers); None picks vectorised on CUDA and one
     after another on the CPU, where `benchmarks/federated_vectorised.py` measured the vmapped convolutions slower;
-    `client_chunk`: clients per vmap chunk (bounds memory; None: all at once). `client_attack`: what the malicious
+    `client_chunk`: clients per vmap chunk (bounds memory; None: all at once); `client_workers`: each round's
+    clients split into that many chunks, each trained as a Ray task (`bdbench.federated.ray_clients`; the same
+    weights as in-process training; None: in this process). `client_attack`: what the malicious
     clients do besides training on their poisoned share (`bdbench.federated.attacks`: `dba`, `scaling`,
     `neurotoxin`, or `{name: ..., <params>}`); None: plain data poisoning."""
 
@@ -52,6 +54,7 @@ class FederatedConfig(BaseModel):
     checkpoint_every: int = Field(5, ge=1)
     vectorised: bool | None = None
     client_chunk: int | None = Field(None, ge=1)
+    client_workers: int | None = Field(None, ge=1)
     client_attack: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -89,9 +92,9 @@ class FederatedConfig(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         """The settings that shape the trained global model (what a victim key hashes): all but the bookkeeping
-        ones (how often to evaluate and checkpoint, vectorised or not, chunking), which change no weight. Without a
+        ones (how often to evaluate and checkpoint, vectorised or not, chunking, Ray workers), which change no weight. Without a
         client attack the key is the one federations had before client attacks existed."""
-        bookkeeping = {"eval_every", "checkpoint_every", "vectorised", "client_chunk"}
+        bookkeeping = {"eval_every", "checkpoint_every", "vectorised", "client_chunk", "client_workers"}
         return self.model_dump(mode="json", exclude=bookkeeping | ({"client_attack"} if self.client_attack is None
                                                                     else set()))
 

@@ -1,7 +1,7 @@
 """One federation, round by round: the global model a federated experiment deploys (its "victim").
 
     split the training set -> malicious clients poison their own share with the grid's attack
-      -> each round: choose clients, train them (vectorised), collect their updates
+      -> each round: choose clients, train them (in this process or on Ray workers), collect their updates
       -> the server defense aggregates -> the global model moves -> score the evaluated model
 
 Threat model: the server defense sees the round's updates and the clients' sample counts only; poisoned
@@ -32,9 +32,10 @@ from bdbench.data import Dataset
 from bdbench.errors import ArtifactError, ConfigError
 from bdbench.federated.aggregation import SERVER_DEFENSES, RoundContext, ServerDefense
 from bdbench.federated.attacks import ClientAttack, CraftContext, MaliciousClients, build_client_attack
-from bdbench.federated.clients import ClientPlan, ClientTrainer, LocalSGD, Tensors, check_template
+from bdbench.federated.clients import ClientPlan, Clients, ClientTrainer, LocalSGD, Tensors, check_template
 from bdbench.federated.config import FederatedConfig
 from bdbench.federated.lockdown import Lockdown, consensus, init_masks, prune, prune_ratio, regrow
+from bdbench.federated.ray_clients import client_trainer
 from bdbench.federated.split import hold_out, split_dirichlet, split_iid
 from bdbench.progress import steps
 from bdbench.seeding import derive_seed
@@ -207,9 +208,10 @@ class Federation:
         trained = trainer.train(_stack(self.weights, 1), [plan], own, None, bool(self.config.vectorised))
         return _flat({n: trained[n] - self.weights[n] for n in self.names}, self.names)[0]
 
-    def run_round(self, trainer: ClientTrainer, shares: list[torch.Tensor], local: LocalSGD,
+    def run_round(self, trainer: Clients, shares: list[torch.Tensor], local: LocalSGD,
                   root: torch.Tensor | None = None) -> dict[str, float]:
-        """One round; `root`: the server's root set (rows of the training tensor) where its defense has one."""
+        """One round, its clients trained by `trainer` (in this process or on Ray workers); `root`: the server's
+        root set (rows of the training tensor) where its defense has one."""
         config, r = self.config, self.round + 1
         order = torch.randperm(config.clients, generator=torch.Generator().manual_seed(
             derive_seed(self.seed, "participants", r)))
@@ -248,7 +250,7 @@ class Federation:
                                torch.Generator().manual_seed(derive_seed(self.seed, "server", r)))
         began = time.perf_counter()
         if root is not None:
-            context.server_update = self.server_update(trainer, root, local, r)
+            context.server_update = self.server_update(trainer.in_process, root, local, r)
         aggregate = self.defense.aggregate(updates, sizes, context)
         seconds = time.perf_counter() - began
         step = _unflat(aggregate.to(updates.dtype), self.weights, self.names)
@@ -305,22 +307,23 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
             log.warning("%s; starting the federation again", exc)
             federation = Federation(config, defense, template, seed, device, build_client_attack(config)
                                     if client_attack is not None else None)
-    trainer = ClientTrainer(template, x, y, device, config.client_chunk)
     if config.vectorised is None:
         config = config.model_copy(update={"vectorised": device.type == "cuda"})
         federation.config = config
-    for index in steps("federated round", config.rounds):
-        if index < federation.round:
-            continue
-        sent = federation.run_round(trainer, shares, local, root)
-        r = federation.round
-        if r % config.eval_every == 0 or r == config.rounds:
-            measured = evaluate(federation.model(), dataset, triggered)
-            federation.curve.append({"round": r, **measured, **sent})
-        if cache is not None and checkpoint_key is not None and r % config.checkpoint_every == 0 and r < config.rounds:
-            cache.save_tensors("federated", checkpoint_key, federation.state(), {"round": r})
-        if stop_after is not None and r >= stop_after:
-            break
+    with client_trainer(ClientTrainer(template, x, y, device, config.client_chunk), config.client_workers) as trainer:
+        for index in steps("federated round", config.rounds):
+            if index < federation.round:
+                continue
+            sent = federation.run_round(trainer, shares, local, root)
+            r = federation.round
+            if r % config.eval_every == 0 or r == config.rounds:
+                measured = evaluate(federation.model(), dataset, triggered)
+                federation.curve.append({"round": r, **measured, **sent})
+            if (cache is not None and checkpoint_key is not None and r % config.checkpoint_every == 0
+                    and r < config.rounds):
+                cache.save_tensors("federated", checkpoint_key, federation.state(), {"round": r})
+            if stop_after is not None and r >= stop_after:
+                break
     model = federation.model()
     rounds = max(1, federation.round)
     return FederationResult(model, federation.curve, federation.bytes[0] / rounds, federation.bytes[1] / rounds,
