@@ -42,6 +42,7 @@ DEFENSE_BUDGETS: dict[str, dict] = {
     "aif": {"steps": 150},
     "anp": {"iterations": 2},
     "awm": {"rounds": 1, "inner": 1},
+    "cetf": {"generations": 5, "region_generations": 3, "epochs": 1},
     "cti": {"steps": 2, "tuning": {"epochs": 1}},
     "ftc": {"steps": 150},
     "ftsam": {"epochs": 1},

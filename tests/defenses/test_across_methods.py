@@ -27,7 +27,10 @@ CHEAP = {"nad": {"teacher_epochs": 1, "epochs": 1, "batch_size": 8},
          "pbe": {"adversarial_epochs": 1, "epochs": 1, "steps": 1, "batch_size": 8},
          "pt": {"epochs": 1, "batch_size": 8},
          "strategic": {"iterations": 1, "seed_images": 4, "mask_steps": 2, "mask_batch_size": 4, "epochs": 1,
-                       "batch_size": 8, "reasr_threshold": 0.0}}
+                       "batch_size": 8, "reasr_threshold": 0.0},
+         # A zero threshold takes every architecture through the Grad-CAM focus, the region search and the repair.
+         "cetf": {"population": 4, "generations": 1, "search_images": 8, "flip_threshold": 0.0,
+                  "region_population": 4, "region_generations": 1, "epochs": 1, "batch_size": 8}}
 
 
 @pytest.mark.parametrize("architecture", MODELS.names())

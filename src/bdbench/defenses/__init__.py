@@ -16,6 +16,7 @@ from bdbench.defenses import (  # noqa: F401
     awm,
     beatrix,
     bnp,
+    cetf,
     clp,
     cti,
     fp,
