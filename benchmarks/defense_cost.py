@@ -185,6 +185,9 @@ def main() -> None:
     for name in wanted:
         row = _run_in_subprocess(by_name[name], out / "cache", args.threads)
         rows[name] = row
+        if args.json:  # after every row, so that a run stopped part way keeps what it measured
+            Path(args.json).write_text(json.dumps({"victim_train_s": victim_s, "victim_train_cpu_s": victim_cpu,
+                                                   "victim_time": how, "rows": rows}, indent=1, default=str))
         if row["status"] != "ok":
             print(f"{name:<{width}}{row['status']}: {row.get('error')}", flush=True)
             continue
@@ -204,10 +207,6 @@ def main() -> None:
         if ratios:
             print(f"cost / victim training ({label} time): median {statistics.median(ratios):.2f}, "
                   f"max {max(ratios):.2f} ({len(ratios)} defenses; goal: median <= 0.25, none above 1.0)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"victim_train_s": victim_s, "victim_train_cpu_s": victim_cpu,
-                                               "victim_time": how, "rows": rows},
-                                              indent=1, default=str))
 
 
 if __name__ == "__main__":
