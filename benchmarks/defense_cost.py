@@ -25,12 +25,21 @@ Wall seconds are what a user waits; CPU seconds (this process's clock, summed ov
 are what a shared core cannot inflate, and their ratio is the one to compare across runs on a busy
 machine. Both are printed.
 
-Not yet measured here in full: in the session that wrote this, the one core it could use was shared with
-up to ten other processes, so that a full table (a victim and 16 defenses, about 40 CPU-minutes) did not
-fit. Rows an earlier session stored on this machine (a 2-core Xeon with AVX-512 and AMX; one thread;
-mnist5k, PreAct-ResNet18 width 0.25, clean victims of seeds 0-2; the load on the core was not recorded)
-give victims 116-126 s, Neural Cleanse 151-178 s (1.27-1.49x) and MM-BD 149-176 s (1.21-1.48x); issue 26
-gives ANP 390-460 s against about 150 s. The command for the table:
+Measured (2026-12-02, issue 26; a 2-core Xeon with AVX-512 and AMX, one thread pinned to a core that up to
+15 other processes shared, load average 5-17, so CPU seconds carry cache contention and are higher than on a
+free core): the BadNets victim of `model-defenses` seed 0 (mnist5k, PreAct-ResNet18 width 0.25) trained in
+152.3 CPU s (653.9 s wall, at load about 5); then, defense by defense, CPU s, its ratio to that victim
+(overstated: the defenses ran at a higher load than the victim), wall s, peak MB, finding:
+
+    nc    main (default layout)   259.0  1.70   2652   754  label 0 flagged alone, CA 0.979, ASR 0.009
+    nc    channels-last loops     213.1  1.40   2071   728  label 0 flagged alone, CA 0.979, ASR 0.009
+    mmbd  main (default layout)   249.0  1.63   1436   712  class 0 detected
+    mmbd  channels-last loops     216.5  1.42   1817   705  class 0 detected
+At that load a defense of 200 CPU s took 35-45 minutes of wall time, so only these rows fit the session; the
+rest of the grid (ibau, sau, strategic, cti, pt, ftsam, npd, pbe, ft, fp, nad, clp, bnp, awm, fst, rnp, anp)
+is still to be measured here. Rows an earlier session stored on this machine (one thread; clean victims of
+seeds 0-2; the load not recorded) give victims 116-126 s, Neural Cleanse 151-178 s (1.27-1.49x) and MM-BD
+149-176 s (1.21-1.48x); issue 26 gives ANP 390-460 s against about 150 s. The command for the table:
 
     python benchmarks/defense_cost.py [--grid model-defenses] [--attack badnets] [--seed 0]
         [--defenses nc,mmbd,anp] [--out DIR] [--threads 1] [--set KEY=VALUE ...] [--json FILE]

@@ -89,9 +89,11 @@ class LoopPrecision:
         """Channels-last, in float32 on the CPU too: a layout, not a precision (the same float32 sums, in
         another order, so equal to rounding), and oneDNN's convolutions run on it without reordering the
         activations every pass: on PreAct-ResNet18 (width 0.25, 28x28, one thread, AVX-512 Xeon) a forward
-        and input-gradient pass costs 0.73x the CPU time of the default layout, a BatchNorm-in-training
-        forward and backward 0.70x (issue 26; `benchmarks/defense_cost.py`). `train` keeps the default
-        layout in float32, so that victims stay bit for bit those trained before."""
+        and input-gradient pass costs 0.64-0.86x the CPU time of the default layout, a BatchNorm-in-training
+        forward and backward 0.70x, on cnn-small 0.69x (with GroupNorm 1.09x); Neural Cleanse on the
+        `model-defenses` BadNets victim 0.82x, MM-BD 0.87x (issue 26; `benchmarks/defense_cost.py`). `train` keeps the
+        default layout in float32 (where its step would take 0.71x too), so that victims stay bit for bit
+        those trained before."""
         return torch.channels_last
 
     def autocast(self) -> torch.autocast:
