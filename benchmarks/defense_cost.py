@@ -25,12 +25,22 @@ Wall seconds are what a user waits; CPU seconds (this process's clock, summed ov
 are what a shared core cannot inflate, and their ratio is the one to compare across runs on a busy
 machine. Both are printed.
 
-Not yet measured here in full: in the session that wrote this, the one core it could use was shared with
-up to ten other processes, so that a full table (a victim and 16 defenses, about 40 CPU-minutes) did not
-fit. Rows an earlier session stored on this machine (a 2-core Xeon with AVX-512 and AMX; one thread;
-mnist5k, PreAct-ResNet18 width 0.25, clean victims of seeds 0-2; the load on the core was not recorded)
-give victims 116-126 s, Neural Cleanse 151-178 s (1.27-1.49x) and MM-BD 149-176 s (1.21-1.48x); issue 26
-gives ANP 390-460 s against about 150 s. The command for the table:
+Measured (2026-12-02, issue 26; a 2-core Xeon with AVX-512 and AMX, one thread pinned to a core that up to
+15 other processes shared, load average 5-17, so CPU seconds carry cache contention and are higher than on a
+free core): the BadNets victim of `model-defenses` seed 0 (mnist5k, PreAct-ResNet18 width 0.25) trained in
+152.3 CPU s (653.9 s wall, at load about 5); then, defense by defense, CPU s, its ratio to that victim
+(overstated: the defenses ran at a higher load than the victim), wall s, peak MB, finding:
+
+    nc    main (default layout)   259.0  1.70   2652   754  label 0 flagged alone, CA 0.979, ASR 0.009
+    nc    channels-last loops     213.1  1.40   2071   728  label 0 flagged alone, CA 0.979, ASR 0.009
+    mmbd  main (default layout)   249.0  1.63   1436   712  class 0 detected
+    mmbd  channels-last loops     216.5  1.42   1817   705  class 0 detected
+    ibau  main                    133.2  0.87    295   917  CA 0.972, ASR 1.000 (the backdoor stays)
+At that load a defense of 200 CPU s took 35-45 minutes of wall time, so only these rows fit the session; the
+rest of the grid (sau, strategic, cti, pt, ftsam, npd, pbe, ft, fp, nad, clp, bnp, awm, fst, rnp, anp)
+is still to be measured here. Rows an earlier session stored on this machine (one thread; clean victims of
+seeds 0-2; the load not recorded) give victims 116-126 s, Neural Cleanse 151-178 s (1.27-1.49x) and MM-BD
+149-176 s (1.21-1.48x); issue 26 gives ANP 390-460 s against about 150 s. The command for the table:
 
     python benchmarks/defense_cost.py [--grid model-defenses] [--attack badnets] [--seed 0]
         [--defenses nc,mmbd,anp] [--out DIR] [--threads 1] [--set KEY=VALUE ...] [--json FILE]
@@ -185,6 +195,9 @@ def main() -> None:
     for name in wanted:
         row = _run_in_subprocess(by_name[name], out / "cache", args.threads)
         rows[name] = row
+        if args.json:  # after every row, so that a run stopped part way keeps what it measured
+            Path(args.json).write_text(json.dumps({"victim_train_s": victim_s, "victim_train_cpu_s": victim_cpu,
+                                                   "victim_time": how, "rows": rows}, indent=1, default=str))
         if row["status"] != "ok":
             print(f"{name:<{width}}{row['status']}: {row.get('error')}", flush=True)
             continue
@@ -204,10 +217,6 @@ def main() -> None:
         if ratios:
             print(f"cost / victim training ({label} time): median {statistics.median(ratios):.2f}, "
                   f"max {max(ratios):.2f} ({len(ratios)} defenses; goal: median <= 0.25, none above 1.0)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"victim_train_s": victim_s, "victim_train_cpu_s": victim_cpu,
-                                               "victim_time": how, "rows": rows},
-                                              indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -13,9 +13,12 @@ import torch
 import yaml
 
 from bdbench.defenses import DEFENSES
+from bdbench.defenses import anp as anp_module
 from bdbench.defenses.anp import AdversarialNeuronPruning
+from bdbench.defenses.mmbd import max_margins
+from bdbench.defenses.nc import reverse_engineer_triggers
 from bdbench.models import MODELS
-from bdbench.training import TrainConfig, images_per_pass, loop_precision
+from bdbench.training import LoopPrecision, TrainConfig, images_per_pass, loop_precision
 
 from defense_fixtures import toy_context, untrained
 
@@ -25,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defense_loops_run_as_the_trainer_would_train_the_victim():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     fp32 = loop_precision(TrainConfig(), cpu)
-    assert not fp32.bf16 and fp32.memory_format == torch.contiguous_format
+    assert not fp32.bf16 and fp32.memory_format == torch.channels_last  # a layout, not a precision: faster on oneDNN
     with fp32.autocast():
         assert not torch.is_autocast_enabled("cpu")
     bf16 = loop_precision(TrainConfig(cpu_bfloat16=True), cpu)
@@ -35,6 +38,36 @@ def test_defense_loops_run_as_the_trainer_would_train_the_victim():
     assert loop_precision(TrainConfig(), cuda).bf16  # CUDA always trains under bfloat16 autocast
     # Small passes on a CPU (cache-sized), big ones on a GPU (a small pass leaves it idle).
     assert images_per_pass(cpu) == 128 and images_per_pass(cuda) == 2048
+
+
+@dataclass(frozen=True)
+class _DefaultLayout(LoopPrecision):
+    """float32 loops in the default (contiguous) layout, as before channels-last became the loops' layout."""
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.contiguous_format
+
+
+def test_float32_loops_in_channels_last_find_what_the_default_layout_finds(badnets, monkeypatch):
+    # Channels-last changes the order of the float32 sums, nothing else: the same triggers, margins and masks
+    # to rounding, which Adam's normalised steps and ANP's signed noise steps carry into the fourth digit (a layout
+    # mix-up, e.g. a permuted image, would move norms by whole units and masks by tenths).
+    context = badnets.context(sees_training_set=False)
+    layouts = (_DefaultLayout("cpu", False), loop_precision(TrainConfig(), torch.device("cpu")))
+    norms = [reverse_engineer_triggers(context.model, context.clean_x, 10, torch.Generator().manual_seed(0),
+                                       epochs=2, precision=layout).norms for layout in layouts]
+    assert torch.allclose(norms[0], norms[1], rtol=1e-3)
+    margins = [max_margins(context.model, 10, (1, 8, 8), torch.Generator().manual_seed(0), restarts=4, steps=20,
+                           precision=layout) for layout in layouts]
+    assert torch.allclose(margins[0], margins[1], rtol=1e-4)
+    masks = []
+    for layout in layouts:
+        monkeypatch.setattr(anp_module, "loop_precision", lambda config, device, layout=layout: layout)
+        neurons = AdversarialNeuronPruning(iterations=20).optimise_masks(context)
+        masks.append(torch.cat([m.detach().flatten() for m in neurons.masks]))
+    assert torch.allclose(masks[0], masks[1], atol=2e-3)  # the noise's signed steps: a flipped sign near zero
+    assert all(p.is_contiguous() for p in context.model.parameters())
 
 
 def _bf16_context(poisoned):

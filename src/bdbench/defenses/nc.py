@@ -39,18 +39,31 @@ clean budget, against the victim's 12 x 5,000 = 60,000 forward, input- and weigh
 in float32 Neural Cleanse costs about as much as training that small victim (1.27-1.49x in rows measured with one
 thread); it is the per-label inversion of the paper (step 1) that demands it, and a victim trained for
 longer on more data (the fidelity grids) shrinks the ratio. The passes run as the trainer trains the
-victim (`training.loop_precision`: bfloat16 autocast and channels-last on CUDA and where the grid sets
+victim (`training.loop_precision`: bfloat16 autocast on CUDA and where the grid sets
 `cpu_bfloat16`, float32 otherwise; masks, patterns, losses and Adam stay float32), and as many images go
 through the model at once as suits the device (`training.images_per_pass`: 128 on a CPU, 2,048 on a
 GPU); label groups add up their gradients before the one step, so the pass size changes the cost,
 never the optimisation (`test_label_groups_give_the_same_optimisation_as_one_batch`; on the clean
 `model-defenses` victim of seed 0 the 40 epochs at 128 images a pass gave the bit-identical anomaly
 index of the former 320 a pass, and the process peaked at 690 MB resident instead of 1,090 MB).
-The early stop (the reference code's: cost moved both ways, then 25 epochs without a smaller best mask)
-cannot shorten the 40 epochs on `model-defenses`: on the clean victim of seed 0 (per-epoch trace, one
-thread) it stopped no label, 7 of the 10 best norms were still falling between epochs 30 and 40 (label 1
+The early stop is the reference code's rule (`bolunwang/backdoor`, visualizer.py: the cost raised and lowered
+at least once, then `early_stop_patience` = 5 x `patience` epochs whose best norm is not below the lowest so far,
+its EARLY_STOP_THRESHOLD of 1.0), with one difference in counting: the reference's epoch is a fixed 1,000 images
+(NB_SAMPLE // BATCH_SIZE = 31 mini-batches of 32, drawn round the data), here it is one pass over the clean
+budget (250 images, 8 mini-batches, on `model-defenses`), so the 5-epoch cost patience is 40 Adam steps here
+against 155 there and the 25-epoch early stop 200 against 775; of its up to 1,000 x 31 = 31,000 steps per label
+the 40 epochs here take 320. The stop cannot shorten the 40 epochs on `model-defenses`: on the clean victim of
+seed 0 (per-epoch trace, one thread) it stopped no label, 7 of the 10 best norms were still falling between epochs 30 and 40 (label 1
 from 148 to 130), and a cut at epoch 10 or 15 would have flagged label 8, a false positive that the full
 40 epochs do not make. The inversion is not converged at 40 epochs, so no stop criterion saves time here.
+What does save time is the layout: in float32 on the CPU the passes run channels-last
+(`LoopPrecision.memory_format`), the same float32 sums in another order, on which oneDNN's convolutions skip
+reordering every activation as they do in the default layout (those reorders, `aten::copy_`, were a tenth of
+a 128-image pass in a torch.profiler trace); on the BadNets victim of `model-defenses` (seed 0, one thread, on a
+core shared with about 15 other processes) Neural Cleanse took 259.0 CPU s in the default layout and 213.1
+channels-last (0.82x, with the unlearning's fine-tuning, in the trainer's default layout, in both), with the
+same finding: label 0 flagged alone, CA 0.979 and ASR 0.009 after the repair
+(`test_float32_loops_in_channels_last_find_what_the_default_layout_finds` holds the norms to rounding).
 """
 
 from __future__ import annotations
