@@ -25,7 +25,7 @@ Wall seconds are what a user waits; CPU seconds (this process's clock, summed ov
 are what a shared core cannot inflate, and their ratio is the one to compare across runs on a busy
 machine. Both are printed.
 
-Measured (2026-12-02, issue 26; a 2-core Xeon with AVX-512 and AMX, one thread pinned to a core that up to
+Measured (2026-12-02, issue 26; a 2-core AMD EPYC with AVX-512, one thread pinned to a core that up to
 15 other processes shared, load average 5-17, so CPU seconds carry cache contention and are higher than on a
 free core): the BadNets victim of `model-defenses` seed 0 (mnist5k, PreAct-ResNet18 width 0.25) trained in
 152.3 CPU s (653.9 s wall, at load about 5); then, defense by defense, CPU s, its ratio to that victim
@@ -38,7 +38,7 @@ free core): the BadNets victim of `model-defenses` seed 0 (mnist5k, PreAct-ResNe
     ibau  main                    133.2  0.87    295   917  CA 0.972, ASR 1.000 (the backdoor stays)
 At that load a defense of 200 CPU s took 35-45 minutes of wall time, so only these rows fit the session; the
 rest of the grid (sau, strategic, cti, pt, ftsam, npd, pbe, ft, fp, nad, clp, bnp, awm, fst, rnp, anp)
-is still to be measured here. Rows an earlier session stored on this machine (one thread; clean victims of
+is still to be measured here. Rows an earlier session stored on a Xeon with AMX (one thread; clean victims of
 seeds 0-2; the load not recorded) give victims 116-126 s, Neural Cleanse 151-178 s (1.27-1.49x) and MM-BD
 149-176 s (1.21-1.48x); issue 26 gives ANP 390-460 s against about 150 s. The command for the table:
 

@@ -88,7 +88,7 @@ class LoopPrecision:
     def memory_format(self) -> torch.memory_format:
         """Channels-last, in float32 on the CPU too: a layout, not a precision (the same float32 sums, in
         another order, so equal to rounding), and oneDNN's convolutions run on it without reordering the
-        activations every pass: on PreAct-ResNet18 (width 0.25, 28x28, one thread, AVX-512 Xeon) a forward
+        activations every pass: on PreAct-ResNet18 (width 0.25, 28x28, one thread, AVX-512 AMD EPYC) a forward
         and input-gradient pass costs 0.64-0.86x the CPU time of the default layout, a BatchNorm-in-training
         forward and backward 0.70x, on cnn-small 0.69x (with GroupNorm 1.09x); Neural Cleanse on the
         `model-defenses` BadNets victim 0.82x, MM-BD 0.87x (issue 26; `benchmarks/defense_cost.py`). `train` keeps the
