@@ -33,7 +33,12 @@ def two_means_clusters(features: np.ndarray, components: int, seed: int) -> np.n
     from sklearn.decomposition import FastICA
     from sklearn.exceptions import ConvergenceWarning
 
+    # Dead ReLU units are constant over a class; FastICA's unit-variance whitening turns them into NaN
+    # (scikit-learn 1.9), and they carry nothing to separate, so they are left out.
+    features = features[:, features.std(0) > 0]
     components = min(components, features.shape[1], len(features) - 1)
+    if components < 1:  # every unit constant over the class: one cluster
+        return np.zeros(len(features), dtype=np.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # ICA on dead ReLU units converges slowly
         reduced = FastICA(n_components=components, random_state=seed, max_iter=400,
