@@ -21,9 +21,9 @@ it is (a second run with the same `--out`), it is trained once more in a throwaw
 its time is measured in this run too (`--cached-victim-time` skips that and uses the time stored
 with the cached victim, marked as such). The defenses always use the victim in `OUT`.
 
-Wall seconds are what a user waits; CPU seconds (this process's clock, summed over the same blocks)
-are what a shared core cannot inflate, and their ratio is the one to compare across runs on a busy
-machine. Both are printed.
+Wall seconds are what a user waits; CPU seconds (the rows' `defense_cpu_s` and `victim_train_cpu_s`: the
+process's CPU clock over the same blocks) are what a shared core cannot inflate, and their ratio is the one
+to compare across runs on a busy machine. Both are printed.
 
 Measured (2026-12-02, issue 26; a 2-core AMD EPYC with AVX-512, one thread pinned to a core that up to
 15 other processes shared, load average 5-17, so CPU seconds carry cache contention and are higher than on a
@@ -56,7 +56,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 _RESULT = "DEFENSE-COST-ROW "
@@ -72,37 +71,28 @@ def _worker(spec_json: str, cache_root: str, threads: int) -> None:
     from bdbench.store import ArtifactCache
 
     torch.set_num_threads(threads)
-    # CPU seconds beside the runner's wall seconds: the same blocks, timed by this process's CPU clock,
-    # which other processes sharing the core do not inflate.
-    defense_cpu: list[float] = []
+    # The process's resident memory when the defense's first part starts (data set, victim and torch loaded):
+    # the first block the runner measures after it has the victim.
     start_rss: list[float] = []
+    victim_ready: list[bool] = []
 
-    class measure_cpu(experiment.measure):
+    class measure_from_start(experiment.measure):
         def __enter__(self):
-            self._cpu_start = time.process_time()
-            start_rss.append(current_rss_mb())
+            if victim_ready and not start_rss:
+                start_rss.append(current_rss_mb())
             return super().__enter__()
 
-        def __exit__(self, *exc):
-            super().__exit__(*exc)
-            defense_cpu.append(time.process_time() - self._cpu_start)
-
-    victim_cpu: list[float] = []
     get_victim = experiment.get_victim
 
-    def get_victim_cpu(*args, **kwargs):
-        start = time.process_time()
+    def get_victim_marked(*args, **kwargs):
         victim = get_victim(*args, **kwargs)
-        if not victim.cached:
-            victim_cpu.append(time.process_time() - start)
+        victim_ready.append(True)
         return victim
 
-    experiment.measure, experiment.get_victim = measure_cpu, get_victim_cpu
+    experiment.measure, experiment.get_victim = measure_from_start, get_victim_marked
     spec = ExperimentSpec.model_validate_json(spec_json)
     row = experiment.run_experiment(spec, ArtifactCache(cache_root))
-    row["defense_cpu_s"] = sum(defense_cpu)
     row["defense_start_rss_mb"] = start_rss[0] if start_rss else None
-    row["victim_train_cpu_s"] = victim_cpu[0] if victim_cpu else None
     row["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -120,8 +110,8 @@ def _run_in_subprocess(spec, cache_root: Path, threads: int) -> dict:
 
 
 def _victim_time(none_spec, out: Path, threads: int, cached_time: bool) -> tuple[float, float | None, str]:
-    """Wall and CPU seconds to train the victim, measured now (or read from the cache with `cached_time`:
-    wall seconds only)."""
+    """Wall and CPU seconds to train the victim, measured now (or read from the cache with `cached_time`; a
+    victim cached before CPU seconds were stored has wall seconds only)."""
     from bdbench.store import ArtifactCache
 
     cache = ArtifactCache(out / "cache")
@@ -130,7 +120,7 @@ def _victim_time(none_spec, out: Path, threads: int, cached_time: bool) -> tuple
         row = _run_in_subprocess(none_spec, out / "cache", threads)
         return row["victim_train_s"], row["victim_train_cpu_s"], "trained now"
     if cached_time:
-        return info["train_s"], None, "stored with the cached victim"
+        return info["train_s"], info.get("train_cpu_s"), "stored with the cached victim"
     with tempfile.TemporaryDirectory() as scratch:
         row = _run_in_subprocess(none_spec, Path(scratch), threads)
     return row["victim_train_s"], row["victim_train_cpu_s"], "trained again now (the defenses use the cached one)"

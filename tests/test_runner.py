@@ -289,6 +289,11 @@ def test_defense_time_is_the_method_plus_the_retraining_plus_the_screening_of_in
     for row in (inspector, screen, none):
         parts = [row.defense_method_s, row.defense_retrain_s, row.defense_scoring_s]
         assert row.defense_s == pytest.approx(sum(part for part in parts if not pd.isna(part)), abs=0.002)
+    # CPU seconds: sleeping costs none, so the slow parts' CPU time stays well below their wall time.
+    assert inspector.defense_cpu_s < inspector.defense_s - 0.9 and screen.defense_cpu_s < screen.defense_s - 0.9
+    assert rows.defense_cpu_s.notna().all() and (rows.defense_cpu_s >= 0).all()
+    trained = rows[rows.victim_train_s.notna()]  # one victim, trained by the first row to need it
+    assert len(trained) == 1 and 0 < trained.victim_train_cpu_s.iloc[0] <= 2 * trained.victim_train_s.iloc[0]
 
 
 def test_error_rows_are_kept_then_retried_on_request(tmp_path, tiny_grid, temporary_defenses):

@@ -28,8 +28,9 @@ COLUMNS_0_1_0 = {
     "robust_acc_before": "REAL", "psnr": "REAL", "ssim": "REAL", "detected": "INTEGER", "anomaly_index": "REAL",
     "suspected_targets": "TEXT", "det_tpr": "REAL", "det_fpr": "REAL", "det_auroc": "REAL",
     "det_threshold": "REAL", "clean_budget": "INTEGER", "victim_cached": "INTEGER", "victim_train_s": "REAL",
+    "victim_train_cpu_s": "REAL",
     "wall_s": "REAL", "defense_s": "REAL", "defense_method_s": "REAL", "defense_retrain_s": "REAL",
-    "defense_scoring_s": "REAL", "peak_rss_mb": "REAL", "device": "TEXT", "torch_threads": "INTEGER",
+    "defense_scoring_s": "REAL", "defense_cpu_s": "REAL", "peak_rss_mb": "REAL", "device": "TEXT", "torch_threads": "INTEGER",
     "train_dtype": "TEXT", "cpu_kernels": "TEXT", "victim_key": "TEXT", "spec": "TEXT", "finished_at": "TEXT",
 }
 

@@ -74,7 +74,7 @@ def clean_budget(dataset: Dataset, budget: CleanBudget, seed: int) -> tuple[torc
 class Victim:
     model: nn.Module
     cached: bool
-    train_s: float | None
+    training: Cost | None  # what training it took; None when loaded from the cache
     federated: dict[str, Any] | None = None  # a federated victim's measurements (FederationResult.summary)
 
 
@@ -109,22 +109,22 @@ def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack,
             cache.discard("victims", spec.victim_key)
             cache.discard("federated", spec.victim_key)  # its checkpoint, from the same settings
             model = new_model(spec, dataset, "victim_init")
-        start = time.perf_counter()
         federation = spec.federated
-        result = run_federation(
-            federation, (federation.server_defense.name, federation.server_defense.params), dataset,
-            None if ATTACKS.is_reference(spec.attack.name) else attack, spec.poison_rate, spec.target_label, model,
-            derive_seed(spec.seed, "federation"), device, cache=cache, checkpoint_key=spec.victim_key)
-        seconds = time.perf_counter() - start
+        with measure() as training:
+            result = run_federation(
+                federation, (federation.server_defense.name, federation.server_defense.params), dataset,
+                None if ATTACKS.is_reference(spec.attack.name) else attack, spec.poison_rate, spec.target_label,
+                model, derive_seed(spec.seed, "federation"), device, cache=cache, checkpoint_key=spec.victim_key)
         summary = result.summary()
         cache.save("victims", spec.victim_key, result.model, {
             "spec": spec.model_dump(mode="json", include={"dataset", "model", "attack", "poison_rate", "target_label",
                                                           "seed", "federated"}),
-            "settings": spec.settings(victim_only=True), "train_s": round(seconds, 3),
-            "poisoned_samples": result.poisoned_samples, "federated": summary,
+            "settings": spec.settings(victim_only=True), "train_s": round(training.seconds, 3),
+            "train_cpu_s": round(training.cpu_seconds, 3), "poisoned_samples": result.poisoned_samples,
+            "federated": summary,
         })
         cache.discard("federated", spec.victim_key)  # the checkpoint, once the finished model is stored
-    return Victim(result.model.eval(), False, seconds, summary)
+    return Victim(result.model.eval(), False, training, summary)
 
 
 def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned: PoisonedTrainingSet,
@@ -150,11 +150,10 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
             log.warning("%s; retraining it", exc)
             cache.discard("victims", spec.victim_key)
             model = new_model(spec, dataset, "victim_init")
-        start = time.perf_counter()
-        train(model, poisoned.x, poisoned.y, spec.training, seed=derive_seed(spec.seed, "victim_train"),
-              crop_padding=dataset.crop_padding, hflip=dataset.allow_hflip, device=device,
-              hook=attack.training_hook())
-        seconds = time.perf_counter() - start
+        with measure() as training:
+            train(model, poisoned.x, poisoned.y, spec.training, seed=derive_seed(spec.seed, "victim_train"),
+                  crop_padding=dataset.crop_padding, hflip=dataset.allow_hflip, device=device,
+                  hook=attack.training_hook())
         if attack.learns_with_victim:  # saved first: a victim file never exists without its trigger
             cache.save_tensors("victims", attack_key, attack.victim_state(), {"victim_key": spec.victim_key,
                                                                              "attack": spec.attack.name})
@@ -162,10 +161,11 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
             "spec": spec.model_dump(mode="json", include={"dataset", "model", "training", "attack", "poison_rate",
                                                           "target_label", "seed"}),
             "settings": spec.settings(victim_only=True),
-            "train_s": round(seconds, 3),
+            "train_s": round(training.seconds, 3),
+            "train_cpu_s": round(training.cpu_seconds, 3),
             "poisoned_samples": int(poisoned.poison_mask.sum()),
         })
-    return Victim(model.eval(), False, seconds)
+    return Victim(model.eval(), False, training)
 
 
 def evaluate(model: nn.Module, dataset: Dataset, triggered: TriggeredTestSet | None) -> dict:
@@ -446,8 +446,11 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device, row: 
                                                                    before["robust_acc"])
     row.quantized_layers, row.proxy = deployed.quantized_layers, proxy
     row.clean_budget, row.victim_cached = len(budget_y), victim.cached
-    row.victim_train_s = None if victim.train_s is None else round(victim.train_s, 3)
+    if victim.training is not None:
+        row.victim_train_s = round(victim.training.seconds, 3)
+        row.victim_train_cpu_s = round(victim.training.cpu_seconds, 3)
     row.defense_s = round(sum(cost.seconds for cost in costs.values()), 3)
+    row.defense_cpu_s = round(sum(cost.cpu_seconds for cost in costs.values()), 3)
     row.defense_method_s, row.defense_retrain_s = _seconds(costs, "method"), _seconds(costs, "retrain")
     row.defense_scoring_s = _seconds(costs, "scoring")
     row.peak_rss_mb = max(c.peak_rss_mb for c in costs.values())

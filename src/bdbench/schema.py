@@ -87,12 +87,16 @@ class ResultRow:
     clean_budget: int | None = _column("images in the defender's clean budget")
     victim_cached: bool | None = _column("the victim was loaded from the cache, not trained")
     victim_train_s: float | None = _column("seconds spent training the victim (null when cached)")
+    victim_train_cpu_s: float | None = _column("CPU seconds of this process training the victim, all its threads "
+                                               "(null when cached)")
     wall_s: float | None = _column("seconds the whole experiment took", report=True)
     defense_s: float | None = _column("all the defense costs its user, in seconds: the three parts below", table=True,
                                       report=True)
     defense_method_s: float | None = _column("seconds of the defense method itself")
     defense_retrain_s: float | None = _column("seconds retraining on the samples a training-data detector kept")
     defense_scoring_s: float | None = _column("seconds an input detector spent scoring the test images")
+    defense_cpu_s: float | None = _column("CPU seconds of this process over the same three parts, all its threads: "
+                                          "what other processes sharing a core cannot inflate")
     peak_rss_mb: float | None = _column("the process's peak resident memory over the defense's parts (MB)",
                                         report=True)
     device: str | None = _column("the torch device the experiment ran on")
