@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.defenses import DEFENSES, DefenseKind
-from bdbench.defenses.adversarial import log_one_minus_softmax
+from bdbench.defenses.adversarial import linf_pgd, log_one_minus_softmax
 from bdbench.defenses.sau import (
+    SharedAdversarialObjective,
     jensen_shannon,
-    shared_adversarial_objective,
     unlearning_loss,
 )
 from bdbench.errors import ConfigError
@@ -59,14 +59,14 @@ def test_shared_adversarial_objective_counts_only_unfooled_entropy_and_unshared_
         _linear([[0.0, 10.0], [10.0, 0.0]])
     x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
     shared = torch.tensor([[0.0, 1.0]])  # both (identical) models move from class 0 to class 1: shared
-    assert float(shared_adversarial_objective(model, same, x, y, 0.01, 1.0)(shared).detach()) == 0.0
+    assert float(SharedAdversarialObjective(model, same, x, y, 0.01, 1.0)(shared).detach()) == 0.0
     unfooled = torch.tensor([[1.0, 0.5]])
     entropy = F.cross_entropy(model(unfooled), y)  # both models still say 0; their predictions agree (JS 0)
-    assert torch.allclose(shared_adversarial_objective(model, same, x, y, 0.01, 1.0)(unfooled), 0.01 * entropy)
+    assert torch.allclose(SharedAdversarialObjective(model, same, x, y, 0.01, 1.0)(unfooled), 0.01 * entropy)
     # `flipped` says 1 on x and 0 on [0, 1]: both models are fooled, into different classes, so only the
     # divergence counts.
     divergence = jensen_shannon(model(shared), flipped(shared))
-    assert torch.allclose(shared_adversarial_objective(model, flipped, x, y, 0.01, 1.0)(shared), -divergence)
+    assert torch.allclose(SharedAdversarialObjective(model, flipped, x, y, 0.01, 1.0)(shared), -divergence)
 
 
 def test_unlearning_loss_unlearns_only_where_the_reference_is_fooled_into_a_new_wrong_class():
@@ -85,3 +85,24 @@ def test_unlearning_loss_unlearns_only_where_the_reference_is_fooled_into_a_new_
 def test_bad_parameters_are_config_errors(params):
     with pytest.raises(ConfigError, match="sau"):
         DEFENSES.build("sau", params)
+
+
+def test_pgd_stops_after_the_step_that_began_with_every_image_shared():
+    # Both models are the same linear map, so an image moved across the boundary fools both into the same class.
+    model = _linear([[10.0, 0.0], [0.0, 10.0]])
+    x, y = torch.tensor([[0.6, 0.5], [0.55, 0.5]]), torch.tensor([0, 0])
+    objective = SharedAdversarialObjective(model, model, x, y, 0.01, 1.0)
+    calls = []
+
+    def counted(z):
+        calls.append(z.detach().clone())
+        return objective(z)
+
+    full = linf_pgd(counted, x, eps=0.2, step_size=0.1, steps=5)
+    assert len(calls) == 5 and objective.all_shared()  # shared from the second step on: 0.6 - 0.1 < 0.5 + 0.1
+    calls.clear()
+    early = linf_pgd(counted, x, eps=0.2, step_size=0.1, steps=5, stop=objective.all_shared)
+    assert len(calls) == 2  # the first step's start is unshared, the second's shared: stop after it
+    # Once every image is shared the objective is flat there (no unfooled image, no unshared one): its gradient
+    # is zero and the later steps cannot move the images, so the stop saves their passes and changes nothing.
+    assert (model(early).argmax(1) == 1).all() and torch.equal(early, full)

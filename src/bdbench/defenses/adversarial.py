@@ -12,13 +12,15 @@ import torch
 
 
 def linf_pgd(objective: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, *, eps: float,
-             step_size: float, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+             step_size: float, steps: int, generator: torch.Generator | None = None,
+             stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Images within `eps` (L-infinity) of `images` (floats in [0, 1]) that maximise `objective`
     (a function of a batch of images to a scalar), by `steps` signed-gradient steps of `step_size`,
     each projected back on the ball and on [0, 1]. With a `generator` the start is uniform in the
     ball (drawn on the CPU, so a seed fixes it on any device); without one it is `images` itself.
     The result is detached; the caller's model is used as it is (its mode and its parameters'
-    gradients are left alone)."""
+    gradients are left alone). `stop`, asked after each step, ends the ascent early when it returns True
+    (what the objective saw at that step decides, e.g. SAU's "every image already shared")."""
     if generator is not None:
         start = torch.rand(images.shape, generator=generator).to(images.device).mul_(2 * eps).sub_(eps)
     else:
@@ -30,6 +32,8 @@ def linf_pgd(objective: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
         with torch.no_grad():
             moved = adversarial + step_size * grad.sign()
             adversarial = torch.min(torch.max(moved, images - eps), images + eps).clamp_(0.0, 1.0)
+        if stop is not None and stop():
+            break
     return adversarial.detach()
 
 

@@ -26,12 +26,17 @@ is configured there but never stepped, so the rate is constant), beta1 = 0.01 (`
 adversarial-training term, which the authors leave off by default).
 As in their code, both models stay in eval mode (BatchNorm keeps its running statistics, which they
 note keeps clean accuracy higher), images are not augmented, and the last ragged batch is kept.
-Deviations: the authors start PGD at the corner +0.2 and stop early once every image is a shared
-adversarial example; here PGD starts at x (with step = radius, its first step lands on a corner chosen by
-the gradient) and always takes its 5 steps; perturbed images are clipped to [0, 1] (the authors leave
-that optional). The training loop is SAU's own rather than the shared trainer, which offers only SGD and
-trains BatchNorm in training mode. Nothing is tuned on data and nothing is scaled down for the CPU, though
-SAU is the costliest repair here: each step runs about 25 forward and backward passes of its batch through
+As in their code, PGD stops early (`early_stop`, on by default): after a step that began with every image
+of the batch a shared adversarial example (their `Shared_PGD.attack`, whose test reads the predictions made
+before that step's update). That changes no result: with every image shared, no image is left for either
+term of the objective, its gradient is zero and the remaining steps could not move the images; it saves
+their passes. Deviations: the authors start PGD at the corner +0.2; here PGD starts at x (with
+step = radius, its first step lands on a corner chosen by the gradient); perturbed images are clipped to
+[0, 1] (the authors leave that optional). The training loop is SAU's own rather than the shared trainer, which offers only SGD and
+trains BatchNorm in training mode. The passes run as the trainer trains the victim (`training.loop_precision`:
+channels-last, bfloat16 autocast where the victim trained so; in float32 on the CPU the same sums in another
+order; see `nc`), and the repaired model is handed back in the default layout. Nothing is tuned on data and
+nothing is scaled down for the CPU, though SAU is the costliest repair here: each step runs about 25 forward and backward passes of its batch through
 the two models (PGD on both, then the update), so 100 epochs of a 200-image budget on a PreAct-ResNet18
 (width 0.25) take 10 to 15 minutes on one CPU core. A budget smaller than a batch gets one Adam step per
 epoch (100 in all, where the paper's 2500 CIFAR-10 images get 1000).
@@ -40,7 +45,6 @@ epoch (100 in all, where the paper's 2500 CIFAR-10 images get 1000).
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +53,7 @@ from torch import nn
 from bdbench.defenses.adversarial import linf_pgd, log_one_minus_softmax
 from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.params import NonNegativeFloat, PositiveFloat, PositiveInt
+from bdbench.training import loop_precision, to_layout
 
 
 def jensen_shannon(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -58,26 +63,34 @@ def jensen_shannon(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((log_p.exp() * (log_p - log_mix)).sum(1) + (log_q.exp() * (log_q - log_mix)).sum(1))
 
 
-def shared_adversarial_objective(model: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                                 adversarial_weight: float,
-                                 share_weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
+class SharedAdversarialObjective:
     """The function of perturbed images that SAU's PGD maximises (for `x`, labels `y`): adversarial_weight x
     the cross-entropy of both models on the images each still predicts as on `x`, minus share_weight x the
-    Jensen-Shannon divergence between them on the images that are not yet shared adversarial examples."""
-    with torch.no_grad():
-        clean_pred, clean_pred_ref = model(x).argmax(1), reference(x).argmax(1)
+    Jensen-Shannon divergence between them on the images that are not yet shared adversarial examples.
+    `all_shared()` says whether every image was a shared adversarial example at the last evaluation."""
 
-    def objective(perturbed: torch.Tensor) -> torch.Tensor:
-        logits, logits_ref = model(perturbed), reference(perturbed)
+    def __init__(self, model: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 adversarial_weight: float, share_weight: float) -> None:
+        self.model, self.reference, self.y, self.n = model, reference, y, len(x)
+        self.weights = (adversarial_weight, share_weight)
+        with torch.no_grad():
+            self.clean_pred, self.clean_pred_ref = model(x).argmax(1), reference(x).argmax(1)
+        self._all_shared = False
+
+    def all_shared(self) -> bool:
+        return self._all_shared
+
+    def __call__(self, perturbed: torch.Tensor) -> torch.Tensor:
+        logits, logits_ref = self.model(perturbed), self.reference(perturbed)
         pred, pred_ref = logits.argmax(1), logits_ref.argmax(1)
-        fooled, fooled_ref = pred != clean_pred, pred_ref != clean_pred_ref
+        fooled, fooled_ref = pred != self.clean_pred, pred_ref != self.clean_pred_ref
         shared = fooled & fooled_ref & (pred == pred_ref)
-        entropy = (F.cross_entropy(logits, y, reduction="none")[~fooled].sum()
-                   + F.cross_entropy(logits_ref, y, reduction="none")[~fooled_ref].sum()) / (2 * len(x))
-        divergence = jensen_shannon(logits, logits_ref)[~shared].sum() / len(x)
+        self._all_shared = bool(shared.all())
+        entropy = (F.cross_entropy(logits, self.y, reduction="none")[~fooled].sum()
+                   + F.cross_entropy(logits_ref, self.y, reduction="none")[~fooled_ref].sum()) / (2 * self.n)
+        divergence = jensen_shannon(logits, logits_ref)[~shared].sum() / self.n
+        adversarial_weight, share_weight = self.weights
         return adversarial_weight * entropy - share_weight * divergence
-
-    return objective
 
 
 def unlearning_loss(model: nn.Module, reference: nn.Module, x: torch.Tensor, perturbed: torch.Tensor,
@@ -105,25 +118,30 @@ class SharedAdversarialUnlearning(Defense):
                  eps: PositiveFloat = 0.2, step_size: PositiveFloat = 0.2, pgd_steps: PositiveInt = 5,
                  beta_adversarial: NonNegativeFloat = 0.01, beta_share: NonNegativeFloat = 1.0,
                  clean_weight: NonNegativeFloat = 1.0, adversarial_weight: NonNegativeFloat = 0.0,
-                 unlearn_weight: NonNegativeFloat = 1.0) -> None:
+                 unlearn_weight: NonNegativeFloat = 1.0, early_stop: bool = True) -> None:
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.eps, self.step_size, self.pgd_steps = eps, step_size, pgd_steps
         self.betas = (beta_adversarial, beta_share)
         self.weights = (clean_weight, adversarial_weight, unlearn_weight)
+        self.early_stop = early_stop
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        reference = copy.deepcopy(context.model).to(context.device).eval().requires_grad_(False)
-        model = copy.deepcopy(context.model).to(context.device).eval()
+        precision = loop_precision(context.train_config, context.device)
+        layout = precision.memory_format
+        reference = to_layout(copy.deepcopy(context.model), layout, context.device).eval().requires_grad_(False)
+        model = to_layout(copy.deepcopy(context.model), layout, context.device).eval()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.lr)
         generator = context.generator("sau_batches")
         x_all, y_all = context.clean_x.to(context.device), context.clean_y.to(context.device)
         for _ in range(self.epochs):
             for idx in torch.randperm(len(y_all), generator=generator).to(context.device).split(self.batch_size):
-                x, y = x_all[idx].float().div_(255.0), y_all[idx]
-                objective = shared_adversarial_objective(model, reference, x, y, *self.betas)
-                perturbed = linf_pgd(objective, x, eps=self.eps, step_size=self.step_size, steps=self.pgd_steps)
-                loss = unlearning_loss(model, reference, x, perturbed, y, self.weights)
+                x, y = x_all[idx].float().div_(255.0).contiguous(memory_format=layout), y_all[idx]
+                with precision.autocast():
+                    objective = SharedAdversarialObjective(model, reference, x, y, *self.betas)
+                    perturbed = linf_pgd(objective, x, eps=self.eps, step_size=self.step_size, steps=self.pgd_steps,
+                                         stop=objective.all_shared if self.early_stop else None)
+                    loss = unlearning_loss(model, reference, x, perturbed, y, self.weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-        return DefenseOutcome(model=model.eval())
+        return DefenseOutcome(model=to_layout(model, torch.contiguous_format).eval())
