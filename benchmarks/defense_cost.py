@@ -25,22 +25,33 @@ Wall seconds are what a user waits; CPU seconds (the rows' `defense_cpu_s` and `
 process's CPU clock over the same blocks) are what a shared core cannot inflate, and their ratio is the one
 to compare across runs on a busy machine. Both are printed.
 
-Measured (2026-12-02, issue 26; a 2-core AMD EPYC with AVX-512, one thread pinned to a core that up to
-15 other processes shared, load average 5-17, so CPU seconds carry cache contention and are higher than on a
-free core): the BadNets victim of `model-defenses` seed 0 (mnist5k, PreAct-ResNet18 width 0.25) trained in
-152.3 CPU s (653.9 s wall, at load about 5); then, defense by defense, CPU s, its ratio to that victim
-(overstated: the defenses ran at a higher load than the victim), wall s, peak MB, finding:
+Measured (2026-12-02, session 13, issue 26; a 2-core AMD EPYC with AVX2 and no native bfloat16, one thread
+pinned to core 0 while the other core ran one other job, so both clocks are near a free core's): the BadNets
+victim of `model-defenses` seed 0 (mnist5k, PreAct-ResNet18 width 0.25, 12 epochs, float32) trained in 247.8
+CPU s (250.1 s wall). Every defense of the grid on it, one run, CPU s, its ratio to the victim, peak MB,
+finding (CA/ASR after a repair; the verdict of a detector):
 
-    nc    main (default layout)   259.0  1.70   2652   754  label 0 flagged alone, CA 0.979, ASR 0.009
-    nc    channels-last loops     213.1  1.40   2071   728  label 0 flagged alone, CA 0.979, ASR 0.009
-    mmbd  main (default layout)   249.0  1.63   1436   712  class 0 detected
-    mmbd  channels-last loops     216.5  1.42   1817   705  class 0 detected
-    ibau  main                    133.2  0.87    295   917  CA 0.972, ASR 1.000 (the backdoor stays)
-At that load a defense of 200 CPU s took 35-45 minutes of wall time, so only these rows fit the session; the
-rest of the grid (sau, strategic, cti, pt, ftsam, npd, pbe, ft, fp, nad, clp, bnp, awm, fst, rnp, anp)
-is still to be measured here. Rows an earlier session stored on a Xeon with AMX (one thread; clean victims of
-seeds 0-2; the load not recorded) give victims 116-126 s, Neural Cleanse 151-178 s (1.27-1.49x) and MM-BD
-149-176 s (1.21-1.48x); issue 26 gives ANP 390-460 s against about 150 s. The command for the table:
+    ft          13.4  0.05   629  CA 0.973 ASR 0.994      pbe         28.1  0.11   763  CA 0.980 ASR 1.000
+    fp          26.2  0.11   722  CA 0.977 ASR 1.000      rnp         26.4  0.11   758  CA 0.959 ASR 0.789
+    nc         240.1  0.97   724  not detected (1.95)     sau        947.3  3.82  1346  CA 0.955 ASR 0.144
+    nad        102.3  0.41   710  CA 0.971 ASR 0.500      pt          44.8  0.18   658  CA 0.974 ASR 0.992
+    anp        566.7  2.29   948  CA 0.976 ASR 1.000      cti        192.7  0.78   708  detected, target 0
+    ibau       185.8  0.75   916  CA 0.954 ASR 1.000      strategic  159.7  0.64   792  CA 0.962 ASR 0.006
+    clp          0.1  0.00   507  CA 0.961 ASR 0.947      cetf        65.1  0.26   583  detected, target 0
+    mmbd       235.4  0.95   704  detected, target 0      awm        184.6  0.74   881  CA 0.973 ASR 0.051
+    bnp          0.5  0.00   707  CA 0.952 ASR 0.003      fst         12.5  0.05   574  CA 0.973 ASR 0.947
+    npd        258.0  1.04   726  CA 0.967 ASR 0.401      ftsam       44.1  0.18   599  CA 0.973 ASR 0.033
+
+Median 0.34x, above 1.0: SAU (3.82x), ANP (2.29x), NPD (1.04x); wall-clock ratios the same to 0.01. After
+SAU's PGD took the authors' early stop and channels-last passes (its docstring), the same victim: 589.4 CPU s
+(0.62x of before, 2.38x the victim), CA 0.958, ASR 0.184 (before 0.955, 0.144: the stop changes nothing, the
+layout rounds differently, and 100 epochs of signed-gradient steps carry that into a 4-point ASR difference).
+Neural Cleanse's index of label 0 was 1.95, under its threshold 2, where on an AVX-512 machine the same
+recipe's victim gave a flagged label 0 (below): the verdict on this victim sits at the threshold, and the
+kernels decide it. Earlier rows (a 2-core AMD EPYC with AVX-512, session 12, a core shared with up to 15
+processes): victim 152.3 CPU s, Neural Cleanse 259.0 CPU s in the default layout and 213.1 channels-last
+(label 0 flagged alone, CA 0.979, ASR 0.009 after unlearning), MM-BD 249.0 and 216.5 (class 0 detected),
+I-BAU 133.2 (ASR 1.000). The command for the table:
 
     python benchmarks/defense_cost.py [--grid model-defenses] [--attack badnets] [--seed 0]
         [--defenses nc,mmbd,anp] [--out DIR] [--threads 1] [--set KEY=VALUE ...] [--json FILE]
