@@ -24,26 +24,26 @@ is configured there but never stepped, so the rate is constant), beta1 = 0.01 (`
 = 1 (`beta_share`), L-inf radius 0.2 on images in [0, 1] with step 0.2 and 5 steps, lambda1 = 1
 (`clean_weight`), lambda3 = 1 (`unlearn_weight`) and lambda2 = 0 (`adversarial_weight`: the plain
 adversarial-training term, which the authors leave off by default).
-As in their code, both models stay in eval mode (BatchNorm keeps its running statistics, which they
-note keeps clean accuracy higher), images are not augmented, and the last ragged batch is kept.
-As in their code, PGD stops early (`early_stop`, on by default): after a step that began with every image
-of the batch a shared adversarial example (their `Shared_PGD.attack`, whose test reads the predictions made
-before that step's update). That changes no result: with every image shared, no image is left for either
-term of the objective, its gradient is zero and the remaining steps could not move the images; it saves
-their passes. Deviations: the authors start PGD at the corner +0.2; here PGD starts at x (with
-step = radius, its first step lands on a corner chosen by the gradient); perturbed images are clipped to
-[0, 1] (the authors leave that optional). The training loop is SAU's own rather than the shared trainer, which offers only SGD and
-trains BatchNorm in training mode. The passes run as the trainer trains the victim (`training.loop_precision`:
-channels-last, bfloat16 autocast where the victim trained so; in float32 on the CPU the same sums in another
-order; see `nc`), and the repaired model is handed back in the default layout. Nothing is tuned on data and
-nothing is scaled down for the CPU, though SAU is the costliest repair here: each step runs about 25 forward and backward passes of its batch through
-the two models (PGD on both, then the update), so 100 epochs of a 200-image budget on a PreAct-ResNet18
-(width 0.25) take about 10 minutes on one CPU core: on the `model-defenses` BadNets victim (seed 0, one thread,
-AVX2 AMD EPYC) 947.3 CPU s before the early stop and the channels-last passes and 589.4 after (the victim
-trained in 247.8: 3.82x, then 2.38x), CA 0.955 / ASR 0.144 before, 0.958 / 0.184 after (the layout's
-rounding, carried through 100 epochs of signed-gradient steps; `benchmarks/defense_cost.py`). The paper's
-procedure demands this cost: 100 epochs of a PGD inner loop on two models. A budget smaller than a batch gets one Adam step per
-epoch (100 in all, where the paper's 2500 CIFAR-10 images get 1000).
+As in their code, both models stay in eval mode (BatchNorm keeps its running statistics, which they note keeps
+clean accuracy higher), images are not augmented, and the last ragged batch is kept. Also as in their code, PGD
+stops early (`early_stop`, on by default): after a step that began with every image of the batch a shared
+adversarial example (their `Shared_PGD.attack`, whose test reads the predictions made before that step's
+update). That changes no result: with every image shared, no image is left for either term of the objective,
+its gradient is zero and the remaining steps could not move the images; it saves their passes. Deviations: the
+authors start PGD at the corner +0.2; here PGD starts at x (with step = radius, its first step lands on a
+corner chosen by the gradient); perturbed images are clipped to [0, 1] (the authors leave that optional). The
+training loop is SAU's own rather than the shared trainer, which offers only SGD and trains BatchNorm in
+training mode. The passes run as the trainer trains the victim (`training.loop_precision`: channels-last,
+bfloat16 autocast where the victim trained so; in float32 on the CPU the same sums in another order; see
+`nc`), and the repaired model is handed back in the default layout. Nothing is tuned on data and nothing is
+scaled down for the CPU, though SAU is the costliest repair here: each step runs about 25 forward and backward
+passes of its batch through the two models (PGD on both, then the update), so 100 epochs of a 200-image budget
+on a PreAct-ResNet18 (width 0.25) take about 10 minutes on one CPU core: on the `model-defenses` BadNets
+victim (seed 0, one thread, AVX2 AMD EPYC) 947.3 CPU s before the early stop and the channels-last passes and
+589.4 after (the victim trained in 247.8: 3.82x, then 2.38x), CA 0.955 / ASR 0.144 before, 0.958 / 0.184 after
+(the layout's rounding, carried through 100 epochs of signed-gradient steps; `benchmarks/defense_cost.py`).
+The paper's procedure demands this cost: 100 epochs of a PGD inner loop on two models. A budget smaller than a
+batch gets one Adam step per epoch (100 in all, where the paper's 2500 CIFAR-10 images get 1000).
 """
 
 from __future__ import annotations
