@@ -6,7 +6,7 @@ def test_activation_clustering_flags_the_small_poisoned_cluster(sparse_badnets, 
     # On this 128-feature model a part of the poisons often shares the clean target images' cluster: AC
     # caught 37-81% of them across seeds 0-5 and one or two threads (AVX2), 42-100% at width 16, where
     # the paper reports near 100%. What holds everywhere is that its flags are poisons several times more
-    # often than clean samples (TPR / FPR 4.2-11).
+    # often than clean samples (TPR / FPR 4.2-12.4).
     outcome, tpr, fpr, _ = sparse_badnets.detect_poisons("ac")
     effect.check("TPR", tpr, ">=", 0.3)
     effect.check("TPR / FPR", tpr / max(fpr, 1e-9), ">=", 3.0)
