@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -19,6 +20,7 @@ from bdbench import experiment, load_results, run_grid
 from bdbench.attacks import ATTACKS, AttackWorkshop
 from bdbench.data import load_dataset
 from bdbench.defenses import DEFENSES, Defense, DefenseKind, DefenseOutcome
+from bdbench.defenses.scoring import anomaly_index
 from bdbench.errors import BdbenchError
 from bdbench.store import COLUMNS
 
@@ -579,6 +581,12 @@ def test_results_as_csv_and_parquet_read_back_to_the_stored_values(tmp_path, tin
     run_grid(tiny_grid, out=tmp_path / "out", progress=False)
     stored = load_results(tmp_path / "out")
     assert stored.defense_params.map(lambda v: isinstance(v, dict)).all()
+    # NC's per-class norms are stored, and its anomaly index is recomputed from them (labels below the median).
+    for nc_row in stored[stored.defense == "nc"].itertuples():
+        norms = torch.tensor(nc_row.class_statistics, dtype=torch.float64)
+        assert len(norms) == 10
+        below = norms < float(np.median(norms.numpy()))
+        assert nc_row.anomaly_index == pytest.approx(float(anomaly_index(norms).abs()[below].max()))
     for fmt in ("csv", "parquet"):
         path = tmp_path / f"rows.{fmt}"
         result = CliRunner().invoke(main, ["results", "--out", str(tmp_path / "out"), "--format", fmt,

@@ -41,7 +41,7 @@ def test_the_database_columns_derive_from_the_schema_and_keep_every_earlier_colu
     assert {name: COLUMNS[name] for name in COLUMNS_0_1_0} == COLUMNS_0_1_0
     assert schema.BOOL_COLUMNS == ("detected", "victim_cached")
     assert schema.JSON_COLUMNS == ("attack_params", "defense_params", "suspected_targets", "server_defense_params",
-                                   "round_metrics", "settings")
+                                   "round_metrics", "settings", "class_statistics")
 
 
 def test_cli_and_report_columns_come_from_the_schema():
