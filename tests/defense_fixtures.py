@@ -72,13 +72,15 @@ class Poisoned:
         tpr, fpr = metrics.detection_rates(outcome.flagged, mask)
         return outcome, tpr, fpr, metrics.auroc(outcome.sample_scores, mask)
 
-    def screen_inputs(self, name: str, **params) -> tuple[DefenseOutcome, float, float, float]:
-        """Run input detector `name` on the clean and the triggered test images: its outcome, the share of
-        clean images it flags (FPR), the share of triggered ones (TPR), and the AUROC of its scores."""
+    def screen_inputs(self, name: str, images: int | None = None, **params) -> tuple[DefenseOutcome, float, float,
+                                                                                      float]:
+        """Run input detector `name` on the clean and the triggered test images (the first `images` of each, or
+        all): its outcome, the share of clean images it flags (FPR), the share of triggered ones (TPR), and the
+        AUROC of its scores."""
         defense, outcome = self.defend(name, params)
         assert defense.kind is DefenseKind.INPUT_DETECTION
-        clean_scores, clean_flags = outcome.input_detector(self.dataset.x_test)
-        trig_scores, trig_flags = outcome.input_detector(self.triggered.x)
+        clean_scores, clean_flags = outcome.input_detector(self.dataset.x_test[:images])
+        trig_scores, trig_flags = outcome.input_detector(self.triggered.x[:images])
         truth = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(trig_scores))]).bool()
         auroc = metrics.auroc(torch.cat([clean_scores, trig_scores]), truth)
         return outcome, float(clean_flags.float().mean()), float(trig_flags.float().mean()), auroc
@@ -111,7 +113,8 @@ class Poisoned:
 
 
 def poisoned_digits(dataset: Dataset, attack: str, params: dict, poison_rate: float,
-                    architecture: str = "cnn-small", model_params: dict | None = None) -> Poisoned:
+                    architecture: str = "cnn-small", model_params: dict | None = None,
+                    training: TrainConfig = TRAINING) -> Poisoned:
     """A model (default: cnn-small, width 16) trained on digits poisoned by `attack` (target class 0)."""
     chosen = ATTACKS.build(attack, params)
     chosen.prepare(dataset, 0, 0)
@@ -119,7 +122,7 @@ def poisoned_digits(dataset: Dataset, attack: str, params: dict, poison_rate: fl
     result = Poisoned(dataset, chosen, poisoned, chosen.triggered_test_set(dataset, 0), None,  # type: ignore[arg-type]
                       architecture, {"width": 16} if model_params is None else model_params)
     torch.manual_seed(test_seed())
-    result.model = train(result.new_model(), poisoned.x, poisoned.y, TRAINING, seed=test_seed(), crop_padding=1)
+    result.model = train(result.new_model(), poisoned.x, poisoned.y, training, seed=test_seed(), crop_padding=1)
     return result
 
 
