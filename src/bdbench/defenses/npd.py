@@ -36,6 +36,16 @@ its target, its start at x + eps (here PGD starts at x), and its 5 warm-up epoch
 cross-entropy at lr 1e-4 (a step of the code, not of the paper's objective). Nothing is tuned on data and nothing
 needed scaling down for the CPU (one small layer trains, though every PGD step runs the whole network:
 4 to 7 minutes on one shared CPU thread for the model-defenses grid's PreAct-ResNet18 of width 0.25).
+
+Cost (issue 26): 258.0 CPU s on the `model-defenses` BadNets victim of seed 0, 1.04x the 247.8 CPU s that
+trained it (`benchmarks/defense_cost.py`, one AVX2 thread). The paper's procedure demands it: every step
+builds a targeted adversarial example of each image by 10 PGD steps, each a forward and an input-gradient
+pass through the whole network (the frozen layers before the polarizer too), then runs the two forward passes
+and the backward of the loss, about eight times the work of a training step per image; the 50 epochs see
+6,400 images (one full batch of 128 an epoch from the 200-image budget), an eighth of the 48,000 the victim
+trained on.
+The authors' code stops PGD once 60% of a batch reaches its target; that changes the examples, not only the
+cost, and is left out with its other code-only steps (above).
 """
 
 from __future__ import annotations
