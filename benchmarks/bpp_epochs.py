@@ -2,14 +2,18 @@
 
 A controlled measurement of why BppAttack (Wang et al., CVPR 2022) takes hold slowly: each variant
 changes one setting of the default (8 levels with dithering, negative samples on 20% of each batch,
-10% poisoned) and trains the same victim (the grids' recipe: PreAct-ResNet18 at `--width`, one-cycle
+10% poisoned) and trains the same victim (the grids' recipe: `--model`, one-cycle
 lr 0.05, batch 128, bfloat16 on the CPU when it has native support) on the first `--train` images of
 an .npz data set for `--epochs` epochs, printing clean accuracy and ASR on the first `--test` test
 images after each epoch (one-cycle: the curve of one run of that length, not of shorter runs).
 The victim's test-time evaluation never feeds back into training.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bpp_epochs.py --data ../shared/data/cifar10.npz \\
-        [--train 10000] [--test 2000] [--epochs 15] [--variants default,no-negatives,...]
+        [--train 10000] [--test 2000] [--epochs 15] [--variants default,no-negatives,...] \\
+        [--model '{name: cnn-small, width: 16, pool: 4}']
+
+`--model` is any registered model as a grid names it (default: PreAct-ResNet18 at width 0.25; the
+`attacks-gtsrb` victim is the example above).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from bdbench.attacks import ATTACKS
 from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import load_dataset
 from bdbench.data.dataset import Dataset, channel_stats
-from bdbench.models import create_model, with_normalization
+from bdbench.grid import MODEL_SHAPE, Component
+from bdbench.models import MODELS, create_model, with_normalization
 from bdbench.training import TrainConfig, cpu_has_native_bfloat16, predict, train
+from bdbench.triggers import parse_component
 
 VARIANTS: dict[str, tuple[dict, float]] = {  # name -> (bpp parameters, poison rate)
     "default": ({}, 0.1),
@@ -57,15 +63,15 @@ class EpochProbe:
         return self.inner(x, y, generator, index) if self.inner is not None else (x, y)
 
 
-def run(name: str, dataset: Dataset, epochs: int, width: float) -> None:
+def run(name: str, dataset: Dataset, epochs: int, model_spec: Component) -> None:
     params, rate = VARIANTS[name]
     attack = ATTACKS.get("bpp")(**params)
     attack.prepare(dataset, 0, AttackWorkshop(seed=0))
     poisoned = attack.poison(dataset, rate, 0, torch.Generator().manual_seed(0))
     triggered = attack.triggered_test_set(dataset, 0)
     torch.manual_seed(0)
-    model = with_normalization(create_model("preact-resnet18", dataset.num_classes, dataset.in_channels,
-                                            dataset.image_size, width=width), dataset.mean, dataset.std)
+    model = with_normalization(create_model(model_spec.name, dataset.num_classes, dataset.in_channels,
+                                            dataset.image_size, **model_spec.params), dataset.mean, dataset.std)
     config = TrainConfig(epochs=epochs, batch_size=128, lr=0.05, schedule="onecycle",
                          cpu_bfloat16=cpu_has_native_bfloat16())
     start = time.process_time()
@@ -90,13 +96,17 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=10000)
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--model", default="{name: preact-resnet18, width: 0.25}",
+                        help="a registered model as a grid names it, e.g. '{name: cnn-small, width: 16, pool: 4}'")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     dataset = sliced(load_dataset("npz", path=args.data, allow_hflip=args.hflip), args.train, args.test)
     print(dataset.describe(), f"| bfloat16: {cpu_has_native_bfloat16()}", flush=True)
+    model_spec = parse_component(args.model, "--model")
+    MODELS.check(model_spec.name, model_spec.params, supplied=MODEL_SHAPE)
+    print(f"model {model_spec.name} {model_spec.params}", flush=True)
     for name in args.variants.split(","):
-        run(name, dataset, args.epochs, args.width)
+        run(name, dataset, args.epochs, model_spec)
 
 
 if __name__ == "__main__":
