@@ -43,8 +43,7 @@ builds a targeted adversarial example of each image by 10 PGD steps, each a forw
 pass through the whole network (the frozen layers before the polarizer too), then runs the two forward passes
 and the backward of the loss, about eight times the work of a training step per image; the 50 epochs see
 6,400 images (one full batch of 128 an epoch from the 200-image budget), an eighth of the 48,000 the victim
-trained on.
-The authors' code stops PGD once 60% of a batch reaches its target; that changes the examples, not only the
+trained on. The authors' code stops PGD once 60% of a batch reaches its target; that changes the examples, not only the
 cost, and is left out with its other code-only steps (above).
 """
 
