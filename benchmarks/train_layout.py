@@ -2,8 +2,9 @@
 
 `bdbench.training.train` lays a model out channels-last under bfloat16 autocast only; in float32 it keeps the
 default layout, while the defenses' own loops run channels-last always (`LoopPrecision.memory_format`). This
-prints what channels-last would buy the float32 trainer per model: the median time of a training step (forward, cross-entropy, backward, SGD with
-momentum, on one batch of `--batch-size` random images) in each layout, and their ratio. The layouts are
+prints what channels-last would buy the float32 trainer per model: the median time of a training step
+(forward, cross-entropy, backward, SGD with momentum, on one batch of `--batch-size` random images) in each
+layout, and their ratio. The layouts are
 timed alternately, `--rounds` times each after one untimed warm-up step each (oneDNN picks its kernels on
 the first call), so that load from other processes on a shared machine falls on both alike. Both use the
 same initial weights and images; only the layout of the weights and of the batch differs.

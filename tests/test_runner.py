@@ -582,7 +582,9 @@ def test_results_as_csv_and_parquet_read_back_to_the_stored_values(tmp_path, tin
     stored = load_results(tmp_path / "out")
     assert stored.defense_params.map(lambda v: isinstance(v, dict)).all()
     # NC's per-class norms are stored, and its anomaly index is recomputed from them (labels below the median).
-    for nc_row in stored[stored.defense == "nc"].itertuples():
+    nc_rows = stored[stored.defense == "nc"]
+    assert len(nc_rows) > 0
+    for nc_row in nc_rows.itertuples():
         norms = torch.tensor(nc_row.class_statistics, dtype=torch.float64)
         assert len(norms) == 10
         below = norms < float(np.median(norms.numpy()))
