@@ -23,14 +23,21 @@ and 0.1 wrecks a model fine-tuned on a few hundred images. Both stages go throug
 the student with a `loss_fn` that runs the frozen teacher on the same augmented batch. As in the
 authors' code the student trains in training mode and the teacher runs in eval mode.
 
-Beta, checked on the clean budget: the attention loss is a mean over the map's positions, so a map
-smaller than the paper's 8 x 8 (4 x 4 at the end of a ResNet on 28 x 28 digits) weighs it more, and
-at beta 5000 the distillation can diverge: measured on a clean PreAct-ResNet18 (width 0.25) on
-mnist5k, clean accuracy fell from 0.985 to 0.12. The defender sees such a collapse on their own
-clean budget, so NAD checks it there: when the student's accuracy on the clean budget falls more
-than `max_accuracy_drop` (0.1) below the deployed model's, it halves every beta and distils again
+Beta and the map's size: the paper's beta was set on its WideResNet's last group, an 8 x 8 map
+(`reference_positions` 64). An L2-normalised map of P positions has entries of order 1/sqrt(P), so
+the mean squared difference of two of them is of order 1/P: the same disagreement costs 4x as much
+on a 4 x 4 map (the end of a pre-activation ResNet on 28 x 28 digits or 32 x 32 images) as on the
+paper's. Each layer's beta is therefore multiplied by P / `reference_positions`, which keeps the
+paper's weight of the attention term at any map size (4 x 4: 5000 -> 1250, near BackdoorBench's 1000
+for PreAct-ResNet18's 4 x 4 layer4); `reference_positions: null` uses the betas as given. Without it,
+at beta 5000 on 4 x 4 maps the distillation diverged (a clean PreAct-ResNet18 width 0.25 on mnist5k
+fell from 0.985 to 0.12 clean accuracy) and the back-off below halved beta twice, to the same 1250,
+at three students' cost.
+
+Back-off, checked on the clean budget: when the student's accuracy on the clean budget falls more
+than `max_accuracy_drop` (0.1) below the deployed model's, NAD halves every beta and distils again
 from the deployed model with the same teacher, at most `backoffs` (4) times, and logs the beta it
-kept. Test data is never used.
+kept. The defender sees such a collapse on their own clean budget; test data is never used.
 """
 
 from __future__ import annotations
@@ -58,6 +65,19 @@ def attention_map(activation: torch.Tensor, power: float) -> torch.Tensor:
     energy = activation.float().abs().pow(power)
     energy = energy.mean(1) if activation.ndim == 4 else energy.mean(-1)
     return F.normalize(energy.flatten(1), dim=1)
+
+
+def map_positions(model: nn.Module, layers: list[str], x: torch.Tensor) -> list[int]:
+    """Positions of the attention map of each of `layers` for the images `x` (H x W, or tokens); one forward
+    pass in eval mode, so that no BatchNorm statistics change."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), capture_outputs(model, layers) as seen:
+            model(x)
+    finally:
+        model.train(was_training)
+    return [attention_map(outputs[-1], 2.0).shape[1] for outputs in seen]
 
 
 def distillation_loss(teacher: nn.Module, layers: list[str], betas: list[float], power: float) -> LossFn:
@@ -89,8 +109,8 @@ class NeuralAttentionDistillation(Defense):
     def __init__(self, teacher_epochs: PositiveInt = 10, epochs: PositiveInt = 20, lr: PositiveFloat = 0.01,
                  batch_size: BatchSize = 64, weight_decay: float = 1e-4,
                  beta: NonNegativeFloat | Sequence[NonNegativeFloat] = (0.0, 0.0, 5000.0),
-                 power: PositiveFloat = 2.0, layers: PositiveInt = 3, max_accuracy_drop: UnitInterval = 0.1,
-                 backoffs: NonNegativeInt = 4) -> None:
+                 power: PositiveFloat = 2.0, layers: PositiveInt = 3, reference_positions: PositiveInt | None = 64,
+                 max_accuracy_drop: UnitInterval = 0.1, backoffs: NonNegativeInt = 4) -> None:
         betas = [float(beta)] * layers if isinstance(beta, (int, float)) else [float(b) for b in beta]
         if len(betas) != layers:  # the one check that relates two parameters
             raise ConfigError(f"defense 'nad' parameter 'beta' is {beta!r}: give one value, or one per layer "
@@ -98,6 +118,7 @@ class NeuralAttentionDistillation(Defense):
         self.max_accuracy_drop, self.backoffs = max_accuracy_drop, backoffs
         self.teacher_epochs, self.epochs, self.lr, self.batch_size = teacher_epochs, epochs, lr, batch_size
         self.weight_decay, self.betas, self.power, self.layers = weight_decay, betas, power, layers
+        self.reference_positions = reference_positions
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         settings = {"lr": self.lr, "schedule": "cosine", "batch_size": self.batch_size,
@@ -110,6 +131,9 @@ class NeuralAttentionDistillation(Defense):
         sample = context.clean_x[:2].to(context.device).float().div_(255.0)
         layers = stage_outputs(context.model, sample, self.layers)
         betas = self.betas[len(self.betas) - len(layers):]  # a shallow network may have fewer stages: keep the deepest
+        if self.reference_positions is not None:
+            betas = [beta * positions / self.reference_positions
+                     for beta, positions in zip(betas, map_positions(context.model, layers, sample))]
 
         def distil(scale: float) -> nn.Module:
             return context.fit(copy.deepcopy(context.model).to(context.device), context.clean_x, context.clean_y,
