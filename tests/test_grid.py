@@ -246,8 +246,8 @@ def test_the_tradeoff_grids_sweep_badnets_and_blended_from_under_to_over_poisoni
     assert all(len(r) >= 4 and r[0] <= 0.005 and r[-1] >= 0.1 for r in rates.values())
     assert "none" in {s.attack.name for s in specs}  # the clean model: the detectors' false alarms
     if name == "tradeoff-gtsrb":
-        shared = {s.victim_key for s in expand(load_grid("fidelity-gtsrb"))} & {s.victim_key for s in specs}
-        assert len(shared) == 3  # fidelity-gtsrb's clean, BadNets and Blended victims at 10%
+        shared = {s.victim_key for s in expand(load_grid("attacks-gtsrb"))} & {s.victim_key for s in specs}
+        assert len(shared) == 3  # attacks-gtsrb's clean, BadNets and Blended victims at 10%
         if not (SHARED_DATA / "gtsrb32.npz").is_file():
             pytest.skip("../shared/data/gtsrb32.npz is absent")
         monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the grid's data path is relative to the repository
