@@ -58,11 +58,13 @@ from bdbench.training import default_device
 
 @dataclass
 class Flags:
-    """What one method flagged: training samples (or test inputs) as a bool vector, and its seconds."""
+    """What one method flagged: training samples (or test inputs) as a bool vector, and its seconds; or, where
+    the method raised, its error (a peer library failing on a victim is a result too)."""
 
     method: str
-    flagged: np.ndarray
+    flagged: np.ndarray | None
     seconds: float
+    error: str = ""
 
 
 class Penultimate(nn.Module):
@@ -98,7 +100,10 @@ def as_float(x: torch.Tensor) -> np.ndarray:
 
 def timed(method: str, run) -> Flags:
     start = time.perf_counter()
-    flagged = np.asarray(run(), dtype=bool)
+    try:
+        flagged = np.asarray(run(), dtype=bool)
+    except Exception as exc:  # reported in the method's row; the other methods still run
+        return Flags(method, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}".splitlines()[0])
     return Flags(method, flagged, time.perf_counter() - start)
 
 
@@ -179,7 +184,7 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int)
                 timed("SS (ART, centred input)", art_ss_centred)]
     print(f"\n## {spec.describe()}")
     table("Training-set cleansers", training, poisoned.poison_mask.numpy(),
-          {r.method.split()[0]: r.flagged for r in training if "ours" in r.method})
+          {r.method.split()[0]: r.flagged for r in training if "ours" in r.method and r.flagged is not None})
 
     # STRIP on the same clean and triggered test images.
     pick = torch.Generator().manual_seed(0)
@@ -224,7 +229,7 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int)
     screening = [timed("STRIP (ours)", our_strip), timed("STRIP (ART)", art_strip),
                  timed("STRIP (ART, per-prediction)", art_strip_per_prediction)]
     table("Run-time input detection (test images)", screening, is_triggered,
-          {r.method.split()[0]: r.flagged for r in screening if "ours" in r.method})
+          {r.method.split()[0]: r.flagged for r in screening if "ours" in r.method and r.flagged is not None})
 
 
 def table(title: str, runs: list[Flags], positive: np.ndarray, reference: dict[str, np.ndarray]) -> None:
@@ -232,9 +237,12 @@ def table(title: str, runs: list[Flags], positive: np.ndarray, reference: dict[s
     print(f"| {'method':<27} | {'TPR':>6} | {'FPR':>6} | {'flagged':>8} | {'Jaccard with ours':>17} | {'seconds':>8} |")
     print(f"|{'-' * 29}|{'-' * 7}:|{'-' * 7}:|{'-' * 9}:|{'-' * 18}:|{'-' * 9}:|")
     for run in runs:
-        ours = reference[run.method.split()[0]]
-        union = (ours | run.flagged).sum()
-        jaccard = (ours & run.flagged).sum() / union if union else 1.0
+        if run.flagged is None:
+            print(f"| {run.method:<27} | failed: {run.error} |")
+            continue
+        ours = reference.get(run.method.split()[0])  # absent where ours failed
+        union = 0 if ours is None else (ours | run.flagged).sum()
+        jaccard = float("nan") if ours is None else (ours & run.flagged).sum() / union if union else 1.0
         tpr = (run.flagged & positive).sum() / max(1, positive.sum())
         fpr = (run.flagged & ~positive).sum() / max(1, (~positive).sum())
         print(f"| {run.method:<27} | {tpr:6.3f} | {fpr:6.3f} | {int(run.flagged.sum()):8d} | {jaccard:17.3f} | "
