@@ -9,7 +9,11 @@ clients, the other runs each client's steps with ordinary autograd. Runs alterna
 second of each and the ratio.
 
     python benchmarks/federated_vectorised.py [--dataset mnist5k] [--clients 40] [--width 8] [--norm group]
-                                              [--batch 64] [--steps 4] [--repeats 2] [--threads N] [--device cpu]
+                                              [--pool 1] [--batch 64] [--steps 4] [--repeats 2] [--threads N]
+                                              [--device cpu]
+
+`--dataset` is a built-in name or an .npz file (the `federated` grid's model and data:
+`--dataset ../shared/data/gtsrb32.npz --width 8 --pool 4`).
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from bdbench.models import create_model, with_normalization
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist5k")
+    parser.add_argument("--dataset", default="mnist5k", help="a built-in data set's name or an .npz file")
     parser.add_argument("--clients", type=int, default=40)
     parser.add_argument("--model", default="cnn-small")
     parser.add_argument("--width", type=float, default=8)
     parser.add_argument("--norm", default="group")
+    parser.add_argument("--pool", type=int, default=1, help="cnn-small's pooled grid side before its head")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4, help="local steps per client (a round's share of them)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -42,9 +47,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    data = load_dataset(args.dataset)
+    data = load_dataset("npz", path=args.dataset) if args.dataset.endswith(".npz") else load_dataset(args.dataset)
     width = int(args.width) if args.model == "cnn-small" else args.width
-    options = {"width": width, **({"norm": args.norm} if args.model == "cnn-small" else {})}
+    options = {"width": width, **({"norm": args.norm, "pool": args.pool} if args.model == "cnn-small" else {})}
     torch.manual_seed(0)
     net = with_normalization(create_model(args.model, data.num_classes, data.in_channels, data.image_size, **options),
                              data.mean, data.std)
@@ -74,7 +79,7 @@ def main() -> None:
         together.append(timed(True))
         apart.append(timed(False))
     t, a = statistics.median(together), statistics.median(apart)
-    print(f"{args.model} (width {width}, norm {args.norm}) on {args.dataset}, {args.clients} clients x {args.steps} "
+    print(f"{args.model} (width {width}, norm {args.norm}, pool {args.pool}) on {args.dataset}, {args.clients} clients x {args.steps} "
           f"steps of {args.batch} on {device} with {torch.get_num_threads()} torch thread(s):")
     print(f"  vectorised        {images / t:9.0f} images/s ({t:.2f} s)")
     print(f"  one at a time     {images / a:9.0f} images/s ({a:.2f} s)")
