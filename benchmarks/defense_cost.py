@@ -51,7 +51,13 @@ recipe's victim gave a flagged label 0 (below): the verdict on this victim sits 
 kernels decide it. Earlier rows (a 2-core AMD EPYC with AVX-512, session 12, a core shared with up to 15
 processes): victim 152.3 CPU s, Neural Cleanse 259.0 CPU s in the default layout and 213.1 channels-last
 (label 0 flagged alone, CA 0.979, ASR 0.009 after unlearning), MM-BD 249.0 and 216.5 (class 0 detected),
-I-BAU 133.2 (ASR 1.000). The command for the table:
+I-BAU 133.2 (ASR 1.000).
+
+NAD after it scaled its betas by the attention map's positions (session 15; its docstring), the same victim,
+before and after side by side on a loaded machine (one thread, four other processes on the two cores): 60.5 ->
+25.8 CPU s (0.43x: one student instead of the three that the back-off ran), CA 0.971 / ASR 0.500 both. Scaled
+into the table above (0.41 x 0.43 = 0.17x the victim), the median becomes 0.22x (the mean of PT's 0.18 and
+CETF's 0.26); a whole-table re-run on a quiet machine has not confirmed it yet. The command for the table:
 
     python benchmarks/defense_cost.py [--grid model-defenses] [--attack badnets] [--seed 0]
         [--defenses nc,mmbd,anp] [--out DIR] [--threads 1] [--set KEY=VALUE ...] [--json FILE]
