@@ -5,10 +5,11 @@ ResNets on CIFAR with thousands of clean images; where a paper default does noth
 test says which setting it uses and why.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from bdbench.defenses import DEFENSES, DefenseKind
+from bdbench.defenses import DEFENSES, DefenseKind, nad
 from bdbench.defenses.layers import stage_outputs
 from bdbench.defenses.nad import attention_map, map_positions
 from bdbench.models import create_model
@@ -35,6 +36,21 @@ def test_map_positions_of_a_preact_resnets_stages_and_no_statistics_change():
     before = {name: buffer.clone() for name, buffer in net.named_buffers()}
     assert map_positions(net, stage_outputs(net, x, 3), x) == [256, 64, 16]  # layer2..4: 16x16, 8x8, 4x4
     assert net.training and all(torch.equal(before[name], buffer) for name, buffer in net.named_buffers())
+
+
+@pytest.mark.parametrize("reference, expected", [(64, [0.0, 0.0, 312.5]), (None, [0.0, 0.0, 5000.0])])
+def test_nad_distils_with_each_beta_scaled_by_its_maps_positions(badnets, monkeypatch, reference, expected):
+    # cnn-small on 8x8 digits: stage maps of 8x8, 4x4 and 2x2; the authors' [0, 0, 5000] at 2x2 is 5000 x 4 / 64.
+    distilled_with = []
+    real = nad.distillation_loss
+
+    def recording(teacher, layers, betas, power):
+        distilled_with.append(betas)
+        return real(teacher, layers, betas, power)
+
+    monkeypatch.setattr(nad, "distillation_loss", recording)
+    badnets.repair("nad", {"teacher_epochs": 1, "epochs": 1, "backoffs": 0, "reference_positions": reference})
+    assert distilled_with == [expected]
 
 
 def test_repair_lowers_badnets_asr_and_keeps_clean_accuracy(badnets, effect):
