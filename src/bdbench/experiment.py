@@ -262,7 +262,7 @@ def _score_outcome(outcome: DefenseOutcome, poisoned: PoisonedTrainingSet, flagg
     if outcome.suspected_targets is not None:
         row["suspected_targets"] = [int(t) for t in outcome.suspected_targets]
     if outcome.class_statistics is not None:
-        row["class_statistics"] = [float(v) for v in outcome.class_statistics.flatten().tolist()]
+        row["class_statistics"] = outcome.class_statistics_list()
     if outcome.threshold is not None:
         row["det_threshold"] = float(outcome.threshold)
     # Training samples are scored twice: against every poisoned sample (det_*) and against the payload alone, the

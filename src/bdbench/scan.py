@@ -343,8 +343,7 @@ def _run_detector(component: Component, network: torch.nn.Module, clean_x: torch
             verdict.anomaly_index = None if outcome.anomaly_index is None else float(outcome.anomaly_index)
             verdict.threshold = None if outcome.threshold is None else float(outcome.threshold)
             verdict.suspected_targets = tuple(int(t) for t in outcome.suspected_targets or ())
-            if outcome.class_statistics is not None:
-                verdict.class_statistics = [float(v) for v in outcome.class_statistics.flatten().tolist()]
+            verdict.class_statistics = outcome.class_statistics_list()
             verdict.images = {k: v.detach().float().cpu() for k, v in (outcome.pictures or {}).items()}
     verdict.seconds = time.perf_counter() - start
     return verdict

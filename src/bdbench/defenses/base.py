@@ -131,6 +131,12 @@ class DefenseOutcome:
     class_statistics: torch.Tensor | None = None
     pictures: dict[str, torch.Tensor] | None = None
 
+    def class_statistics_list(self) -> list[float] | None:
+        """`class_statistics` as plain floats, one per class (as rows and scan reports store them)."""
+        if self.class_statistics is None:
+            return None
+        return [float(v) for v in self.class_statistics.flatten().tolist()]
+
 
 class Defense(ABC):
     """Base class. Subclasses set `kind` and `citation` and implement `run`."""
