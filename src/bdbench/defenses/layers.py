@@ -205,6 +205,13 @@ def stage_outputs(model: nn.Module, x: torch.Tensor, count: int = 3) -> list[str
     return ends[-count:]
 
 
+def output_shapes(model: nn.Module, x: torch.Tensor, names: list[str]) -> list[torch.Size]:
+    """The output shape of each of the modules `names` (as in `model.named_modules()`) in one traced pass of the
+    float images `x` (eval mode, no gradients, so no BatchNorm statistics change)."""
+    shapes = {call.name: call.output.shape for call in _trace(model, x) if call.output is not None}
+    return [shapes[name] for name in names]
+
+
 def conv_norm_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Conv2d, nn.Module | None]]:
     """Every `nn.Conv2d` that runs on the float images `x`, with the normalisation layer that reads
     its output directly (the very tensor, unchanged in between), or None where something else does

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.defenses.layers import capture_outputs, stage_outputs
+from bdbench.defenses.layers import capture_outputs, output_shapes, stage_outputs
 from bdbench.errors import ConfigError
 from bdbench.params import BatchSize, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval
 from bdbench.training import LossFn
@@ -69,16 +69,9 @@ def attention_map(activation: torch.Tensor, power: float) -> torch.Tensor:
 
 
 def map_positions(model: nn.Module, layers: list[str], x: torch.Tensor) -> list[int]:
-    """Positions of the attention map of each of `layers` for the images `x` (H x W, or tokens); one forward
-    pass in eval mode, so that no BatchNorm statistics change."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), capture_outputs(model, layers) as seen:
-            model(x)
-    finally:
-        model.train(was_training)
-    return [attention_map(outputs[-1], 2.0).shape[1] for outputs in seen]
+    """Positions of the attention map of each of `layers` for the images `x`: H x W of an (N, C, H, W) output,
+    T of (N, T, D) tokens, as `attention_map` flattens them (one traced pass, `layers.output_shapes`)."""
+    return [shape[2] * shape[3] if len(shape) == 4 else shape[1] for shape in output_shapes(model, x, layers)]
 
 
 def distillation_loss(teacher: nn.Module, layers: list[str], betas: list[float], power: float) -> LossFn:
