@@ -7,7 +7,7 @@ from bdbench.training import cross_entropy, predict
 
 def test_abl_stages_train_as_the_authors_code_does(badnets, monkeypatch):
     # The authors' isolation and unlearning loaders apply no augmentation, their tuning loader crop and
-    # flip (and Cutout). Each stage is cut to one epoch here.
+    # flip (and Cutout); every stage uses weight decay 1e-4. Each stage is cut to one epoch here.
     seen = {}
     fit = DefenseContext.fit
 
@@ -23,16 +23,17 @@ def test_abl_stages_train_as_the_authors_code_does(badnets, monkeypatch):
     assert (isolation.crop_padding, isolation.hflip) == (0, False)
     assert (unlearning.crop_padding, unlearning.hflip) == (0, False)
     assert (tuning.crop_padding, tuning.hflip) == (None, None)  # the data set's augmentation
+    assert {isolation.weight_decay, tuning.weight_decay, unlearning.weight_decay} == {1e-4}
 
 
 def test_abl_isolates_its_share_of_low_loss_samples_and_keeps_clean_accuracy(badnets, effect):
     # ABL's premise is that poisons are learned first, so that the 1% of lowest-loss samples after the
     # flooded isolation stage is mostly poison. On these 8x8 digits the poisons do reach a far lower median
     # loss than clean samples, but a tail of very easy clean digits competes for the lowest 1%. Over 12 runs
-    # of this procedure (seeds 0-3, three initialisations each) the 14 isolated samples were 69% poison on
-    # average (0% to 100% per run) and the ASR after ABL was below 0.2 in 8 runs, up to 0.87 where the
-    # isolation failed; with the victim's augmentation in isolation and unlearning (before they followed
-    # the authors' code) 39% and 5 runs. Removal is therefore not asserted here.
+    # of this procedure (seeds 0-3, three initialisations each) the 14 isolated samples were 66% poison on
+    # average (0% to 100% per run) and the ASR after ABL was below 0.2 in 10 runs, up to 0.94 where the
+    # isolation failed; with the victim's augmentation in isolation and unlearning and its weight decay
+    # (before they followed the authors' code) 39% and 5 runs. Removal is therefore not asserted here.
     defense = DEFENSES.build("abl", {"isolation_epochs": 20, "tuning_epochs": 5, "unlearning_epochs": 20})
     context = badnets.context(sees_training_set=True)
     _, isolated = defense.isolate(context)
@@ -40,4 +41,4 @@ def test_abl_isolates_its_share_of_low_loss_samples_and_keeps_clean_accuracy(bad
     model = defense.run(context).model
     assert model is not badnets.model
     clean_acc = metrics.accuracy(predict(model, badnets.dataset.x_test), badnets.dataset.y_test)
-    effect.check("clean accuracy after", clean_acc, ">", 0.5)  # measured 0.75-0.83 (seeds 0-3)
+    effect.check("clean accuracy after", clean_acc, ">", 0.5)  # measured 0.66-0.84 over those runs

@@ -22,9 +22,9 @@ trainer with its `loss_fn` hook:
    without augmentation as in the authors' backdoor_unlearning.py (BackdoorBench augments here). The model
    after the last epoch is the result; neither code picks an epoch by test numbers.
 
-SGD with Nesterov momentum; momentum, weight decay and batch size are the victim's (the authors' 0.9,
-1e-4 and 128; BackdoorBench's 0.9, 1e-4 and 256). The authors' `Flooding` loss |L - gamma| + gamma
-has the same gradient as the paper's form used here.
+SGD with Nesterov momentum 0.9 (the victim's momentum) and weight decay `weight_decay` (1e-4 in both
+codes) in every stage; batch size is the victim's (the authors' 128; BackdoorBench 256). The authors'
+`Flooding` loss |L - gamma| + gamma has the same gradient as the paper's form used here.
 
 Deliberate departures, for the CPU and for the one trainer: the tuning stage anneals lr 0.1 on a cosine
 schedule rather than the authors' step (0.1, then 0.01 from epoch 40), so that it still ends annealed
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
-from bdbench.params import NonNegativeInt, OpenRate, PositiveInt
+from bdbench.params import NonNegativeFloat, NonNegativeInt, OpenRate, PositiveInt
 from bdbench.training import TrainConfig, predict_logits
 
 
@@ -76,14 +76,15 @@ class AntiBackdoorLearning(Defense):
 
     def __init__(self, isolation_epochs: PositiveInt = 20, tuning_epochs: NonNegativeInt = 60,
                  unlearning_epochs: PositiveInt = 20, isolation_rate: OpenRate = 0.01, gamma: float = 0.5,
-                 lr: float = 0.1, unlearning_lr: float = 5e-4) -> None:
+                 lr: float = 0.1, unlearning_lr: float = 5e-4,
+                 weight_decay: NonNegativeFloat = 1e-4) -> None:
         self.isolation_epochs, self.tuning_epochs, self.unlearning_epochs = isolation_epochs, tuning_epochs, unlearning_epochs
         self.isolation_rate = float(isolation_rate)
-        self.gamma, self.lr, self.unlearning_lr = gamma, lr, unlearning_lr
+        self.gamma, self.lr, self.unlearning_lr, self.weight_decay = gamma, lr, unlearning_lr, weight_decay
 
     def stage_config(self, context: DefenseContext, stage: str) -> TrainConfig:
         """The trainer settings of one stage ("isolation", "tuning" or "unlearning"): the victim's batch
-        size, momentum and weight decay, and no augmentation outside tuning (see the module doc)."""
+        size and momentum, ABL's weight decay, and no augmentation outside tuning (see the module doc)."""
         settings: dict[str, object] = {
             "isolation": {"epochs": self.isolation_epochs, "lr": self.lr, "schedule": "constant",
                           "crop_padding": 0, "hflip": False},
@@ -91,7 +92,7 @@ class AntiBackdoorLearning(Defense):
             "unlearning": {"epochs": self.unlearning_epochs, "lr": self.unlearning_lr, "schedule": "constant",
                            "crop_padding": 0, "hflip": False},
         }[stage]
-        return context.train_config.model_copy(update=settings)
+        return context.train_config.model_copy(update={**settings, "weight_decay": self.weight_decay})
 
     def isolate(self, context: DefenseContext) -> tuple[nn.Module, torch.Tensor]:
         """Stage 1: a fresh model trained with loss flooding, and the mask of the `isolation_rate` of
