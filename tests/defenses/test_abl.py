@@ -1,24 +1,44 @@
 """Anti-Backdoor Learning (ABL), robust training on a tiny poisoned digits set."""
 
 from bdbench import metrics
-from bdbench.defenses import DEFENSES
-from bdbench.training import predict
-
-from defense_fixtures import poisoned_digits
+from bdbench.defenses import DEFENSES, DefenseContext
+from bdbench.training import cross_entropy, predict
 
 
-def test_abl_isolates_its_share_of_low_loss_samples_and_keeps_clean_accuracy(digits, effect):
+def test_abl_stages_train_as_the_authors_code_does(badnets, monkeypatch):
+    # The authors' isolation and unlearning loaders apply no augmentation, their tuning loader crop and
+    # flip (and Cutout); every stage uses weight decay 1e-4. Each stage is cut to one epoch here.
+    seen = {}
+    fit = DefenseContext.fit
+
+    def recording_fit(self, model, x, y, config, purpose="fit", loss_fn=cross_entropy):
+        seen[purpose] = config
+        return fit(self, model, x, y, config.model_copy(update={"epochs": 1}), purpose, loss_fn)
+
+    monkeypatch.setattr(DefenseContext, "fit", recording_fit)
+    DEFENSES.build("abl").run(badnets.context(sees_training_set=True))
+    isolation, tuning, unlearning = seen["abl_isolation"], seen["abl_tuning"], seen["abl_unlearning"]
+    assert (isolation.epochs, tuning.epochs, unlearning.epochs) == (20, 60, 20)
+    assert (isolation.lr, tuning.lr, unlearning.lr) == (0.1, 0.1, 5e-4)
+    assert (isolation.crop_padding, isolation.hflip) == (0, False)
+    assert (unlearning.crop_padding, unlearning.hflip) == (0, False)
+    assert (tuning.crop_padding, tuning.hflip) == (None, None)  # the data set's augmentation
+    assert {isolation.weight_decay, tuning.weight_decay, unlearning.weight_decay} == {1e-4}
+
+
+def test_abl_isolates_its_share_of_low_loss_samples_and_keeps_clean_accuracy(badnets, effect):
     # ABL's premise is that poisons are learned first, so that the 1% of lowest-loss samples after the
-    # flooded isolation stage is mostly poison. On this tiny model it does not hold steadily: after 5
-    # isolation epochs the 14 isolated samples are 57% poison on AVX-512 kernels and 29% on AVX2 (0% on
-    # both after the paper's 20), and the unlearning's ASR drop ranges from 0.05 to 0.63 across kernel
-    # sets and threads (0.10 to 0.63 with 40 unlearning epochs). Removal is therefore not asserted here.
-    badnets = poisoned_digits(digits, "badnets", {"patch_size": 2}, 0.1)
-    defense = DEFENSES.build("abl", {"isolation_epochs": 5, "tuning_epochs": 5, "unlearning_epochs": 20})
+    # flooded isolation stage is mostly poison. On these 8x8 digits the poisons do reach a far lower median
+    # loss than clean samples, but a tail of very easy clean digits competes for the lowest 1%. Over 12 runs
+    # of this procedure (seeds 0-3, three initialisations each) the 14 isolated samples were 66% poison on
+    # average (0% to 100% per run) and the ASR after ABL was below 0.2 in 10 runs, up to 0.94 where the
+    # isolation failed; with the victim's augmentation in isolation and unlearning and its weight decay
+    # (before they followed the authors' code) 39% and 5 runs. Removal is therefore not asserted here.
+    defense = DEFENSES.build("abl", {"isolation_epochs": 20, "tuning_epochs": 5, "unlearning_epochs": 20})
     context = badnets.context(sees_training_set=True)
     _, isolated = defense.isolate(context)
     assert int(isolated.sum()) == round(0.01 * len(isolated))
     model = defense.run(context).model
     assert model is not badnets.model
     clean_acc = metrics.accuracy(predict(model, badnets.dataset.x_test), badnets.dataset.y_test)
-    effect.check("clean accuracy after", clean_acc, ">", 0.5)  # measured 0.52 (seed 1) to 0.91
+    effect.check("clean accuracy after", clean_acc, ">", 0.5)  # measured 0.66-0.84 over those runs
