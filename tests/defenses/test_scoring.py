@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import median_abs_deviation
 
-from bdbench.defenses.beatrix import GramBounds
+from bdbench.defenses.beatrix import GramBounds, typical_size
 from bdbench.defenses.nc import anomaly_indices
 from bdbench.defenses.scoring import anomaly_index, median, scaled_mad
 
@@ -29,11 +29,11 @@ def test_anomaly_index_of_the_small_outlier_uses_the_mean_of_the_two_middle_norm
     assert float(anomaly_indices(norms)[0]) == pytest.approx(3.372, abs=1e-3)  # the lower median gives 4.05
 
 
-def test_beatrix_bounds_are_the_median_plus_minus_scaled_mads_of_an_even_count():
+def test_beatrix_bounds_are_the_median_plus_minus_raw_mads_of_an_even_count():
     features = torch.randn(10, 4, generator=torch.Generator().manual_seed(0)).double()
-    bounds = GramBounds(features, torch.zeros(10, dtype=torch.long), num_classes=1, mad_scale=2.0)
+    bounds = GramBounds(features, torch.zeros(10, dtype=torch.long), 1, 2.0, typical_size(features))
     centre = np.median(features.numpy(), axis=0)
-    spread = 2.0 * median_abs_deviation(features.numpy(), axis=0, scale="normal")
+    spread = 2.0 * median_abs_deviation(features.numpy(), axis=0)
     assert torch.allclose(bounds.low[0], torch.from_numpy(centre - spread))
     assert torch.allclose(bounds.high[0], torch.from_numpy(centre + spread))
     typical = np.median(np.abs(features.numpy()), axis=0)

@@ -4,19 +4,34 @@ Security 2021).
 
 A representation is modelled as r = mu_class + e, with identity vectors mu ~ N(0, S_mu) and
 within-class variation e ~ N(0, S_e). 1. The global model (S_mu, S_e) is fitted by EM (the
-joint-Bayesian decomposition) on the defender's clean budget; S_e is estimated with Ledoit-Wolf
-shrinkage, because a budget of tens of images per class cannot give a well-conditioned
-covariance of the representation (an adaptation; the paper assumes a larger clean set). 2. For each class of the training
-set (plus the clean budget's samples of that class), the untangling step splits the class into
-two subgroups with identities mu_1, mu_2 by alternating the means and the linear discriminant
-under S_e. 3. The test statistic J_c is the mean log-likelihood gain (x2) of two identities
-over one; classes are compared by the one-sided anomaly index (J_c - median) / (1.4826 MAD),
-and a class whose index exceeds e (`threshold`) is contaminated. 4. In a contaminated class the
-subgroup holding fewer of the clean budget's samples is the poison (the smaller one when the
-budget has none of that class).
+joint-Bayesian decomposition) on the defender's clean budget, centred on the budget's mean. 2. For
+each class of the training set (plus the clean budget's samples of that class, all centred on
+their common mean), the untangling step splits the class into two subgroups with identities mu_1,
+mu_2 by alternating the subgroup means and the assignment to the nearer one under S_e^-1. 3. The
+test statistic J_c is the mean log-likelihood gain (x2) of two identities over one (the one being
+the posterior identity S_mu (n S_mu + S_e)^-1 sum r). Classes are compared by the anomaly index
+J* = (J_c - median) / (1.4826 MAD), and a class whose J* exceeds `threshold` is contaminated.
+4. In a contaminated class the subgroup holding fewer of the clean budget's samples is the poison
+(the smaller one when the budget has none of that class or splits evenly).
 
-Scores: the class's anomaly index for samples in its suspicious subgroup, and a value below
-every index for the rest, so flagged <=> score > threshold.
+The threshold is e^2 = 7.389, the paper's, which its first author's own later implementation uses
+too (`threshold = np.exp(2)` in BackdoorBench's detection_pretrain/scan.py). Qi et al.'s
+reimplementation (backdoor-toolbox, cleansers_tool_box/scan.py), whose adaptive attacks are reported
+to defeat SCAn, flags at e = 2.718 instead, which flags every class whose J* lies between the two;
+`threshold=math.e` reproduces their setting.
+
+Where this differs from the authors' code (Demon-in-the-Variant, pysrc/SCAn.py), on purpose:
+- S_e is estimated with Ledoit-Wolf shrinkage, because a budget of tens of images per class cannot
+  give a well-conditioned covariance of the representation, and an ill-conditioned S_e makes every
+  class look split (the paper assumes a larger clean set).
+- The untangling starts from the sign of the leading principal direction of the class (whitened by
+  S_e), not from a random split, so that the result does not depend on a draw.
+- J* is one-sided: the authors' code takes |J_c - median|, which would also call contaminated a
+  class that is unusually well explained by a single identity (a J_c far below the others), which
+  is no evidence of a second identity.
+
+Scores: the class's J* for samples in its suspicious subgroup, and a value below every J* for the
+rest, so flagged <=> score > threshold.
 """
 
 from __future__ import annotations
@@ -108,7 +123,7 @@ class SCAn(Defense):
     citation = ("Tang, Wang, Tang, Zhang. Demon in the Variant: Statistical Analysis of DNNs for Robust "
                 "Backdoor Contamination Detection. USENIX Security 2021.")
 
-    def __init__(self, threshold: float = math.e) -> None:
+    def __init__(self, threshold: float = math.exp(2)) -> None:
         self.threshold = float(threshold)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
