@@ -15,9 +15,10 @@ trained victim from the grid's cache in `--out`, the clean budget) and runs:
 - **SS**: ours (`defenses.ss`) beside ART's `SpectralSignatureDefense` with the same epsilon
   (`expected_pp_poison` 0.1, `eps_multiplier` 1.5: both remove the top 15% of each class), and
   a control: ART's scoring function handed centred features (see `art_ss_centred`).
-- **STRIP**: ours (`defenses.strip`, 100 overlays, the paper's pixel-wise sum, threshold at the 1%
-  quantile of the budget's entropies) beside ART's `STRIP` fitted on the same clean budget (its
-  defaults: 20 overlays, 0.5/0.5 blending, a normal fit at 1% false acceptance), on `--strip-images`
+- **STRIP**: ours (`defenses.strip`, 100 overlays drawn per input, the authors' unclipped pixel-wise
+  sum, a normal fitted to the budget's entropies and cut at 1%) beside ART's `STRIP` fitted on the
+  same clean budget (its defaults: 20 overlays, 0.5/0.5 blending, a normal fit at 1% false
+  acceptance), on `--strip-images`
   clean test images and as many triggered ones (the attack's triggered test set); and a control:
   ART's procedure with the paper's entropy statistic (see `art_strip_per_prediction`).
 

@@ -1,4 +1,4 @@
-"""SCALE-UP (Guo, Li, Chen, Wang, Ma and Xia, "SCALE-UP: An Efficient Black-box Input-level Backdoor
+"""SCALE-UP (Guo, Li, Chen, Guo, Sun and Liu, "SCALE-UP: An Efficient Black-box Input-level Backdoor
 Detection via Analyzing Scaled Prediction Consistency", ICLR 2023).
 
 Multiplying a triggered image's pixel values (then clipping) keeps the backdoor's prediction,
@@ -7,6 +7,16 @@ share of amplified copies (factors 3, 5, 7, 9, 11) predicted as x itself is. As 
 data-limited setting, SPC is standardised with the mean and standard deviation of the clean
 budget's SPC for the predicted class, so that classes that are naturally scale-stable do not
 raise alarms. Threshold: the clean budget's standardised SPC at a `false_rejection` rate of 5%.
+
+Beside the authors' two implementations:
+- BackdoorBox's `core/defenses/SCALE_UP.py` (maintained by the second author) uses the same
+  factors and clipping but standardises with one mean and standard deviation over all of its
+  benign samples (their SPC taken against their true labels), and flags a standardised SPC at or
+  above a fixed T = 0.5. Ours keeps per-class statistics and sets the threshold on the budget.
+- The paper's repository (github:JunfengGo/SCALE-UP, `torch_model_wrapper.py`, `test.py`) adds
+  uniform noise of amplitude 0.02 to every input, scales by every integer 1..11 and reports AUROC
+  of the unstandardised share agreeing with the factor-1 prediction; we use neither the noise nor
+  the even factors.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ class ScaleUp(Defense):
 
     kind = DefenseKind.INPUT_DETECTION
     needs_internals = False  # only queries predictions
-    citation = ("Guo, Li, Chen, Wang, Ma, Xia. SCALE-UP: An Efficient Black-box Input-level Backdoor Detection "
+    citation = ("Guo, Li, Chen, Guo, Sun, Liu. SCALE-UP: An Efficient Black-box Input-level Backdoor Detection "
                 "via Analyzing Scaled Prediction Consistency. ICLR 2023.")
 
     def __init__(self, false_rejection: OpenRate = 0.05) -> None:

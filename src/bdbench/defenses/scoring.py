@@ -34,7 +34,8 @@ def anomaly_index(values: torch.Tensor) -> torch.Tensor:
 
 def clean_threshold(clean_scores: torch.Tensor, false_rejection: float) -> float:
     """The threshold that flags (score > threshold) at most `false_rejection` of the clean budget's
-    scores: their (1 - false_rejection) quantile, the rule STRIP uses to fix its false rejection rate."""
+    scores: their empirical (1 - false_rejection) quantile, which assumes nothing about their distribution
+    (STRIP's paper fits a normal instead; `defenses.strip.entropy_boundary`)."""
     scores = clean_scores.double().flatten()
     if not len(scores):
         raise ValueError("the clean budget gave no scores to set a threshold on")
