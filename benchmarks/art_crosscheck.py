@@ -28,7 +28,7 @@ ART's flagged set with ours (Jaccard), and seconds. ART is an optional extra
 (`pip install adversarial-robustness-toolbox`), never a run-time dependency of bdbench.
 
     python benchmarks/art_crosscheck.py [--grid fidelity-cifar10] [--out OUT] [--attacks badnets,blended]
-           [--set KEY=VALUE ...] [--strip-images 1000]
+           [--set KEY=VALUE ...] [--strip-images 1000] [--methods ac,ss,strip]
 
 The victims are trained (and cached in `--out`) if the grid has not trained them yet.
 """
@@ -108,9 +108,9 @@ def timed(method: str, run) -> Flags:
     return Flags(method, flagged, time.perf_counter() - start)
 
 
-def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int) -> None:
-    """Ours and ART's on one victim: prints the training-set table as soon as it is measured, then
-    the input-detection table."""
+def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int, methods: set[str]) -> None:
+    """Ours and ART's on one victim, for `methods` (of ac, ss, strip): prints the training-set table as soon as
+    it is measured, then the input-detection table."""
     from art.defences.detector.poison import ActivationDefence, SpectralSignatureDefense
     from art.defences.transformer.poisoning import STRIP
 
@@ -179,13 +179,19 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int)
             flagged[members] = score >= np.quantile(score, 1 - 1.5 * 0.1)
         return flagged
 
-    training = [timed("AC (ours: ICA)", ours("ac")), timed("AC (ART: defaults)", art_ac_defaults),
-                timed("AC (ART: ICA, rel. size)", art_ac_relative_size),
-                timed("SS (ours)", ours("ss")), timed("SS (ART)", art_ss),
-                timed("SS (ART, centred input)", art_ss_centred)]
     print(f"\n## {spec.describe()}")
-    table("Training-set cleansers", training, poisoned.poison_mask.numpy(),
-          {r.method.split()[0]: r.flagged for r in training if "ours" in r.method and r.flagged is not None})
+    training = []
+    if "ac" in methods:
+        training += [timed("AC (ours: ICA)", ours("ac")), timed("AC (ART: defaults)", art_ac_defaults),
+                     timed("AC (ART: ICA, rel. size)", art_ac_relative_size)]
+    if "ss" in methods:
+        training += [timed("SS (ours)", ours("ss")), timed("SS (ART)", art_ss),
+                     timed("SS (ART, centred input)", art_ss_centred)]
+    if training:
+        table("Training-set cleansers", training, poisoned.poison_mask.numpy(),
+              {r.method.split()[0]: r.flagged for r in training if is_reference(r) and r.flagged is not None})
+    if "strip" not in methods:
+        return
 
     # STRIP on the same clean and triggered test images.
     pick = torch.Generator().manual_seed(0)
@@ -194,9 +200,11 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int)
     inputs = torch.cat([clean_x, trig_x])
     is_triggered = np.r_[np.zeros(len(clean_x), bool), np.ones(len(trig_x), bool)]
 
-    def our_strip():
-        detector = DEFENSES.build("strip", {}).run(context("strip")).input_detector
-        return detector(inputs)[1].numpy()
+    def our_strip(params: dict | None = None):
+        def run() -> np.ndarray:
+            detector = DEFENSES.build("strip", params or {}).run(context("strip")).input_detector
+            return detector(inputs)[1].numpy()
+        return run
 
     def art_strip():
         np.random.seed(derive_seed(spec.seed, "art_strip") % 2**32)
@@ -227,10 +235,20 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int)
         threshold = norm.ppf(0.01, *norm.fit(statistic(pool)))
         return statistic(as_float(inputs)) <= threshold
 
-    screening = [timed("STRIP (ours)", our_strip), timed("STRIP (ART)", art_strip),
+    # Control: ours before session 16 took its authors' procedure, in its two verdict-changing parts (the sum
+    # clipped at 255, the budget's empirical 1% quantile as the boundary).
+    screening = [timed("STRIP (ours)", our_strip()),
+                 timed("STRIP (ours, clipped, quantile)", our_strip({"superimposition": "clipped_sum",
+                                                                      "boundary": "quantile"})),
+                 timed("STRIP (ART)", art_strip),
                  timed("STRIP (ART, per-prediction)", art_strip_per_prediction)]
     table("Run-time input detection (test images)", screening, is_triggered,
-          {r.method.split()[0]: r.flagged for r in screening if "ours" in r.method and r.flagged is not None})
+          {r.method.split()[0]: r.flagged for r in screening if is_reference(r) and r.flagged is not None})
+
+
+def is_reference(run: Flags) -> bool:
+    """Whether `run` is ours at its defaults, the row the Jaccard column compares the others with."""
+    return "(ours)" in run.method or "(ours:" in run.method
 
 
 def table(title: str, runs: list[Flags], positive: np.ndarray, reference: dict[str, np.ndarray]) -> None:
@@ -258,6 +276,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strip-images", type=int, default=1000)
+    parser.add_argument("--methods", default="ac,ss,strip", help="which of ac, ss, strip to compare")
     args = parser.parse_args()
     grid = load_grid(args.grid, args.overrides)
     wanted = args.attacks.split(",")
@@ -268,7 +287,7 @@ def main() -> None:
     print(f"ART cross-check on {grid.name} ({grid.dataset.name} {grid.dataset.params.get('path', '')}), seed "
           f"{args.seed}, {device}, {torch.get_num_threads()} threads")
     for spec in specs:
-        compare(spec, cache, device, args.strip_images)
+        compare(spec, cache, device, args.strip_images, set(args.methods.split(",")))
 
 
 if __name__ == "__main__":
