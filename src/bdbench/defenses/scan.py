@@ -16,9 +16,10 @@ J* = (J_c - median) / (1.4826 MAD), and a class whose J* exceeds `threshold` is 
 
 The threshold is e^2 = 7.389, the paper's, which its first author's own later implementation uses
 too (`threshold = np.exp(2)` in BackdoorBench's detection_pretrain/scan.py). Qi et al.'s
-reimplementation (backdoor-toolbox, cleansers_tool_box/scan.py), whose adaptive attacks are reported
-to defeat SCAn, flags at e = 2.718 instead, which flags every class whose J* lies between the two;
-`threshold=math.e` reproduces their setting.
+reimplementation (backdoor-toolbox, cleansers_tool_box/scan.py, as read in session 16), whose adaptive
+attacks are reported to defeat SCAn, flags at e = 2.718 instead, which flags every class whose J* lies
+between the two (other copies of the same code in public repositories use e^2); `threshold=math.e` gives
+that setting.
 
 Where this differs from the authors' code (Demon-in-the-Variant, pysrc/SCAn.py), on purpose:
 - S_e is estimated with Ledoit-Wolf shrinkage, because a budget of tens of images per class cannot
