@@ -7,7 +7,7 @@ from scipy.stats import median_abs_deviation
 
 from bdbench.defenses.beatrix import GramBounds, typical_size
 from bdbench.defenses.nc import anomaly_indices
-from bdbench.defenses.scoring import anomaly_index, median, scaled_mad
+from bdbench.defenses.scoring import anomaly_index, mad, median, scaled_mad
 
 # Ten mask norms, one small outlier: the median of an even count is the mean of the two middle values.
 NORMS = [1.0, 10, 11, 12, 13, 14, 15, 16, 17, 18]
@@ -20,6 +20,8 @@ def test_median_and_scaled_mad_match_numpy_and_scipy_on_odd_and_even_counts(coun
         assert torch.allclose(median(values, dim), torch.from_numpy(np.median(values.numpy(), axis=dim)))
         expected = median_abs_deviation(values.numpy(), axis=dim, scale="normal")
         assert torch.allclose(scaled_mad(values, dim), torch.from_numpy(expected))
+        raw = median_abs_deviation(values.numpy(), axis=dim)  # scale 1.0: the unscaled MAD Beatrix's bounds use
+        assert torch.allclose(mad(values, dim), torch.from_numpy(raw))
 
 
 def test_anomaly_index_of_the_small_outlier_uses_the_mean_of_the_two_middle_norms():

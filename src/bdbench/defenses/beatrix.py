@@ -41,7 +41,7 @@ import torch
 
 from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import read_activations
-from bdbench.defenses.scoring import median
+from bdbench.defenses.scoring import mad, median
 from bdbench.params import OpenRate, PositiveInt
 from bdbench.training import predict
 
@@ -73,8 +73,7 @@ class GramBounds:
         self.high = torch.full((num_classes, dim), float("inf"), dtype=torch.float64)
         for label in labels.unique():
             rows = features[labels == label].double()
-            centre = median(rows)
-            spread = mad_scale * median((rows - centre).abs())
+            centre, spread = median(rows), mad_scale * mad(rows)
             self.low[label], self.high[label] = centre - spread, centre + spread
 
     def deviation(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

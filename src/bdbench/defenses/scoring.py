@@ -20,10 +20,15 @@ def median(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return (ordered.select(dim, (count - 1) // 2) + ordered.select(dim, count // 2)) / 2
 
 
+def mad(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The median absolute deviation from the median along `dim`, unscaled."""
+    centre = median(values, dim).unsqueeze(dim)
+    return median((values.double() - centre).abs(), dim)
+
+
 def scaled_mad(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The median absolute deviation along `dim`, times MAD_CONSISTENCY (a robust standard deviation)."""
-    centre = median(values, dim).unsqueeze(dim)
-    return MAD_CONSISTENCY * median((values.double() - centre).abs(), dim)
+    return MAD_CONSISTENCY * mad(values, dim)
 
 
 def anomaly_index(values: torch.Tensor) -> torch.Tensor:
