@@ -20,7 +20,8 @@ trained victim from the grid's cache in `--out`, the clean budget) and runs:
   same clean budget (its defaults: 20 overlays, 0.5/0.5 blending, a normal fit at 1% false
   acceptance), on `--strip-images`
   clean test images and as many triggered ones (the attack's triggered test set); and a control:
-  ART's procedure with the paper's entropy statistic (see `art_strip_per_prediction`).
+  ART's procedure with the paper's entropy statistic (see `art_strip_per_prediction`); and ours with our
+  former choices (the sum clipped at 255, the budget's 1% quantile as the boundary), together and each alone.
 
 Prints, per victim and method: TPR (share of the poisoned training samples, or triggered test
 inputs, flagged), FPR (share of the clean ones flagged), how many were flagged, the overlap of
@@ -60,12 +61,14 @@ from bdbench.training import default_device
 @dataclass
 class Flags:
     """What one method flagged: training samples (or test inputs) as a bool vector, and its seconds; or, where
-    the method raised, its error (a peer library failing on a victim is a result too)."""
+    the method raised, its error (a peer library failing on a victim is a result too). `reference` marks ours at
+    its defaults, the row its family's (the method name's first word's) Jaccard column compares the others with."""
 
     method: str
     flagged: np.ndarray | None
     seconds: float
     error: str = ""
+    reference: bool = False
 
 
 class Penultimate(nn.Module):
@@ -99,13 +102,14 @@ def as_float(x: torch.Tensor) -> np.ndarray:
     return (x.float() / 255.0).numpy()
 
 
-def timed(method: str, run) -> Flags:
+def timed(method: str, run, reference: bool = False) -> Flags:
     start = time.perf_counter()
     try:
         flagged = np.asarray(run(), dtype=bool)
     except Exception as exc:  # reported in the method's row; the other methods still run
-        return Flags(method, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}".splitlines()[0])
-    return Flags(method, flagged, time.perf_counter() - start)
+        return Flags(method, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}".splitlines()[0],
+                     reference)
+    return Flags(method, flagged, time.perf_counter() - start, reference=reference)
 
 
 def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int, methods: set[str]) -> None:
@@ -182,14 +186,13 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int,
     print(f"\n## {spec.describe()}")
     training = []
     if "ac" in methods:
-        training += [timed("AC (ours: ICA)", ours("ac")), timed("AC (ART: defaults)", art_ac_defaults),
+        training += [timed("AC (ours: ICA)", ours("ac"), reference=True), timed("AC (ART: defaults)", art_ac_defaults),
                      timed("AC (ART: ICA, rel. size)", art_ac_relative_size)]
     if "ss" in methods:
-        training += [timed("SS (ours)", ours("ss")), timed("SS (ART)", art_ss),
+        training += [timed("SS (ours)", ours("ss"), reference=True), timed("SS (ART)", art_ss),
                      timed("SS (ART, centred input)", art_ss_centred)]
     if training:
-        table("Training-set cleansers", training, poisoned.poison_mask.numpy(),
-              {r.method.split()[0]: r.flagged for r in training if is_reference(r) and r.flagged is not None})
+        table("Training-set cleansers", training, poisoned.poison_mask.numpy())
     if "strip" not in methods:
         return
 
@@ -235,36 +238,33 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int,
         threshold = norm.ppf(0.01, *norm.fit(statistic(pool)))
         return statistic(as_float(inputs)) <= threshold
 
-    # Control: ours before session 16 took its authors' procedure, in its two verdict-changing parts (the sum
-    # clipped at 255, the budget's empirical 1% quantile as the boundary).
-    screening = [timed("STRIP (ours)", our_strip()),
+    # Controls: ours before session 16 took its authors' procedure (the sum clipped at 255, the budget's
+    # empirical 1% quantile as the boundary), and each of those two parts alone, to tell which one moves a verdict.
+    screening = [timed("STRIP (ours)", our_strip(), reference=True),
                  timed("STRIP (ours, clipped, quantile)", our_strip({"superimposition": "clipped_sum",
                                                                       "boundary": "quantile"})),
+                 timed("STRIP (ours, clipped)", our_strip({"superimposition": "clipped_sum"})),
+                 timed("STRIP (ours, quantile)", our_strip({"boundary": "quantile"})),
                  timed("STRIP (ART)", art_strip),
                  timed("STRIP (ART, per-prediction)", art_strip_per_prediction)]
-    table("Run-time input detection (test images)", screening, is_triggered,
-          {r.method.split()[0]: r.flagged for r in screening if is_reference(r) and r.flagged is not None})
+    table("Run-time input detection (test images)", screening, is_triggered)
 
 
-def is_reference(run: Flags) -> bool:
-    """Whether `run` is ours at its defaults, the row the Jaccard column compares the others with."""
-    return "(ours)" in run.method or "(ours:" in run.method
-
-
-def table(title: str, runs: list[Flags], positive: np.ndarray, reference: dict[str, np.ndarray]) -> None:
+def table(title: str, runs: list[Flags], positive: np.ndarray) -> None:
+    reference = {r.method.split()[0]: r.flagged for r in runs if r.reference and r.flagged is not None}
     print(f"\n{title}: {int(positive.sum())} positives of {len(positive)}")
-    print(f"| {'method':<27} | {'TPR':>6} | {'FPR':>6} | {'flagged':>8} | {'Jaccard with ours':>17} | {'seconds':>8} |")
-    print(f"|{'-' * 29}|{'-' * 7}:|{'-' * 7}:|{'-' * 9}:|{'-' * 18}:|{'-' * 9}:|")
+    print(f"| {'method':<31} | {'TPR':>6} | {'FPR':>6} | {'flagged':>8} | {'Jaccard with ours':>17} | {'seconds':>8} |")
+    print(f"|{'-' * 33}|{'-' * 7}:|{'-' * 7}:|{'-' * 9}:|{'-' * 18}:|{'-' * 9}:|")
     for run in runs:
         if run.flagged is None:
-            print(f"| {run.method:<27} | failed: {run.error} |")
+            print(f"| {run.method:<31} | failed: {run.error} |")
             continue
         ours = reference.get(run.method.split()[0])  # absent where ours failed
         union = 0 if ours is None else (ours | run.flagged).sum()
         jaccard = float("nan") if ours is None else (ours & run.flagged).sum() / union if union else 1.0
         tpr = (run.flagged & positive).sum() / max(1, positive.sum())
         fpr = (run.flagged & ~positive).sum() / max(1, (~positive).sum())
-        print(f"| {run.method:<27} | {tpr:6.3f} | {fpr:6.3f} | {int(run.flagged.sum()):8d} | {jaccard:17.3f} | "
+        print(f"| {run.method:<31} | {tpr:6.3f} | {fpr:6.3f} | {int(run.flagged.sum()):8d} | {jaccard:17.3f} | "
               f"{run.seconds:8.1f} |")
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from bdbench.defenses import strip
 from bdbench.defenses.strip import Strip
+from bdbench.errors import ConfigError
 
 from defense_fixtures import toy_context
 
@@ -72,6 +73,12 @@ def test_strip_boundary_is_the_normal_percentile_of_clean_entropies(monkeypatch)
     assert Strip().run(context).threshold == pytest.approx(-normal)
     assert Strip(boundary="quantile").run(context).threshold == pytest.approx(
         -float(torch.quantile(entropies, 0.01)))
+
+
+def test_strip_refuses_a_single_image_budget_naming_the_setting_to_raise():
+    budget = torch.zeros((1, 1, 4, 4), dtype=torch.uint8)
+    with pytest.raises(ConfigError, match="at least 2 clean budget images.*clean_budget.per_class"):
+        Strip().run(toy_context(Brightness(), budget, torch.zeros(1, dtype=torch.long), num_classes=2))
 
 
 def test_strip_normal_boundary_can_fall_below_zero():

@@ -39,6 +39,7 @@ import torch
 
 from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.scoring import ThresholdDetector, clean_threshold
+from bdbench.errors import ConfigError
 from bdbench.params import OpenRate, PositiveInt
 from bdbench.training import predict_logits
 
@@ -99,7 +100,8 @@ class Strip(Defense):
     def run(self, context: DefenseContext) -> DefenseOutcome:
         model, budget = context.model, context.clean_x
         if len(budget) < 2:
-            raise ValueError("STRIP needs at least two clean budget images: one to score, one to superimpose")
+            raise ConfigError(f"strip needs at least 2 clean budget images (one to score, one to superimpose), not "
+                              f"{len(budget)}: raise clean_budget.per_class or clean_budget.fraction")
         generator = context.generator("strip")
         count = min(self.overlays, len(budget) - 1)  # the calibration leaves each image out of its own overlays
         clean = superimposed_entropy(model, budget, budget, count, generator, self.superimposition,
