@@ -145,9 +145,9 @@ class ResultRow:
     det_payload_auroc: float | None = _column("detection AUROC, payload against every other sample (clean and "
                                               "cover); for an input detector as `det_auroc`", report=True)
     class_statistics: list[float] | None = _column(
-        "a model detector's per-class statistic behind its verdict, indexed by class (JSON): Neural Cleanse's "
-        "reversed-mask norms, MM-BD's largest margins, CTI's success gaps, CETF's flip rates; another outlier rule "
-        "can be applied to it afterwards")
+        "a detector's per-class statistic behind its verdict, indexed by class (JSON): Neural Cleanse's "
+        "reversed-mask norms, MM-BD's largest margins, CTI's success gaps, CETF's flip rates, SCAn's J*; another "
+        "outlier rule or threshold can be applied to it afterwards")
 
     def update(self, **values: Any) -> None:
         """Set several columns; an unknown name is a `TypeError` naming it."""

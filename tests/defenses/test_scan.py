@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from bdbench.defenses import DEFENSES
 
@@ -14,6 +15,13 @@ def test_scan_flags_the_poisons_of_the_target_class_only(sparse_badnets, effect)
     # samples, FPR 0.05, J* 4.1) was flagged in one of 12 runs (seeds 0-5, one or two threads, AVX2).
     effect.check("FPR", fpr, "<=", 0.1)
     assert outcome.threshold == pytest.approx(7.389, abs=1e-3)
+    # Every class's J* is reported by label: the target's is the largest and over the threshold, and each flagged
+    # sample scores its own class's J*.
+    statistics = outcome.class_statistics
+    assert statistics is not None and len(statistics) == int(sparse_badnets.poisoned.y.max()) + 1
+    assert int(statistics.argmax()) == 0 and statistics[0] > outcome.threshold
+    flagged_labels = sparse_badnets.poisoned.y[outcome.flagged]
+    assert torch.equal(outcome.sample_scores[outcome.flagged], statistics[flagged_labels])
 
 
 def test_scan_flags_at_the_papers_threshold_e_squared_by_default():

@@ -115,8 +115,8 @@ class DefenseOutcome:
     - `input_detector`: a run-time filter, which the runner applies to clean and triggered test images.
     - `threshold`: the score above which a detector flags (set on the defender's own data), where it
       has one threshold; reported as `det_threshold`.
-    - `class_statistics`: the per-class statistic behind a model-level verdict (Neural Cleanse's mask norms,
-      MM-BD's maximum margins), and `pictures`: images for a person to look at (each label's reversed
+    - `class_statistics`: the per-class statistic behind a class-level verdict (Neural Cleanse's mask norms,
+      MM-BD's maximum margins, SCAn's J*), and `pictures`: images for a person to look at (each label's reversed
       trigger), name -> (C, H, W) in [0, 1]. Neither is scored; `bdbench scan` shows them.
     """
 

@@ -32,7 +32,8 @@ Where this differs from the authors' code (Demon-in-the-Variant, pysrc/SCAn.py),
   is no evidence of a second identity.
 
 Scores: the class's J* for samples in its suspicious subgroup, and a value below every J* for the
-rest, so flagged <=> score > threshold.
+rest, so flagged <=> score > threshold. Every class's J* is reported too (`class_statistics`, by label, where
+every label has training samples), so that a row can be read again at another threshold.
 """
 
 from __future__ import annotations
@@ -153,4 +154,6 @@ class SCAn(Defense):
         scores = torch.full((len(train),), float(index.min()) - 1.0, dtype=torch.float64)
         for label, value in zip(classes.tolist(), index.tolist()):
             scores[suspicious[label]] = value
-        return DefenseOutcome(sample_scores=scores, flagged=scores > self.threshold, threshold=self.threshold)
+        by_label = index if torch.equal(classes, torch.arange(context.num_classes)) else None
+        return DefenseOutcome(sample_scores=scores, flagged=scores > self.threshold, threshold=self.threshold,
+                              class_statistics=by_label)
