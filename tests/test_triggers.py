@@ -50,3 +50,31 @@ def test_triggers_dataset_takes_a_mapping_as_set_dataset_does(tmp_path):
     assert result.exit_code == 2 and "pth" in result.output and len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(main, ["triggers", "--attack", "blended", "--dataset", "{path: x.npz}", "-o", str(out)])
     assert result.exit_code == 2 and "--dataset" in result.output and "needs a 'name'" in result.output
+
+
+def test_triggers_draws_a_victim_learned_trigger_from_the_grids_cached_victim_or_leaves_it_out(tmp_path,
+                                                                                                 tiny_grid):
+    import sqlite3
+
+    from bdbench.runner import run_grid
+
+    tiny_grid.update(attacks=[{"name": "inputaware", "mask_epochs": 2}, {"name": "badnets", "patch_size": 2}],
+                     defenses=["none"], training={"epochs": 4, "batch_size": 64, "lr": 0.05})
+    run_grid(tiny_grid, out=tmp_path / "run", progress=False)
+    with sqlite3.connect(tmp_path / "run" / "results.sqlite") as db:
+        psnr = db.execute("SELECT psnr FROM experiments WHERE attack = 'inputaware'").fetchone()[0]
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(tiny_grid))
+    out = tmp_path / "grid.png"
+    # The grid's cached victim holds the generator it trained: the row shows that trigger, as the result row does.
+    result = CliRunner().invoke(main, ["triggers", str(config), "--out", str(tmp_path / "run"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"inputaware (mask_epochs=2): PSNR {psnr:.2f} dB"), (psnr, result.output)
+    # No cached victim: the row is left out with the reason, never drawn with an untrained generator.
+    result = CliRunner().invoke(main, ["triggers", str(config), "--out", str(tmp_path / "empty"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("badnets (patch_size=2): PSNR")
+    assert "inputaware (mask_epochs=2): not drawn: its trigger is learned with the victim" in result.output
+    result = CliRunner().invoke(main, ["triggers", "--attack", "{name: inputaware, mask_epochs: 2}", "--dataset",
+                                       "digits", "--out", str(tmp_path / "run"), "-o", str(out)])
+    assert result.exit_code == 2 and "give the grid that trained its victim" in result.output

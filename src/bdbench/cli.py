@@ -171,11 +171,13 @@ def triggers(config: str | None, attacks: tuple[str, ...], output: str, dataset:
 
     if config is None and not attacks:
         raise ConfigError("bdbench triggers needs a CONFIG or at least one --attack NAME")
-    rows = write_trigger_picture(output, config, attacks, dataset, out, images, overrides)
-    for row in rows:
+    picture = write_trigger_picture(output, config, attacks, dataset, out, images, overrides)
+    for row in picture.rows:
         psnr = "n/a" if row.psnr is None else f"{row.psnr:.2f}"
         ssim = "n/a" if row.ssim is None else f"{row.ssim:.4f}"
         click.echo(f"{row.label}: PSNR {psnr} dB, SSIM {ssim}")
+    for note in picture.left_out:
+        click.echo(note)
     click.echo(output)
 
 
