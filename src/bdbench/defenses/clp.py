@@ -18,14 +18,15 @@ squeeze-excitation gate; ConvNeXt's depthwise convolution, read by a LayerNorm a
 a ViT's patch embedding; a convolution read by a GroupNorm or a channel LayerNorm, whose scale
 depends on the data) has no data-free per-channel scale to fold, so with `unpaired: conv` (the
 default) its UCLC is the spectral norm of W_k alone, the paper's bound before the BatchNorm fold;
-neither the paper nor the authors' code prunes such convolutions (see below). Its pruned channels are silenced where the channel leaves the pair: a
-normalisation layer that reads the convolution has its per-channel scale and shift zeroed (or, where
-it has none, its output channel masked), since zeroing the convolution's channel would leave a
-normaliser's output at -gamma mu / sigma + beta, not zero, and would shift its group's statistics;
-a convolution read by anything else has that output channel's weights and bias zeroed. That zero
-is what the next layer sees, which is not always a silenced channel: a squeeze-excitation gate
-opens to sigmoid(0) = 1/2, and ConvNeXt's depthwise channel still leaves the LayerNorm (which the
-trace does not see through the permutation) as beta_k - gamma_k mu / sigma.
+the authors' code never prunes such convolutions (see below). A pruned channel is silenced where it
+leaves the pair: a normalisation layer that reads the convolution has its per-channel scale and
+shift zeroed (or, where it has none, as in a BatchNorm without affine, its output channel masked),
+since zeroing the convolution's channel would leave the normaliser's output at beta - gamma mu /
+sigma, not zero, and would shift its group's statistics; a convolution read by anything else has
+that output channel's weights and bias zeroed. That zero is what the next layer sees, which is not
+always a silenced channel: a squeeze-excitation gate opens to sigmoid(0) = 1/2, and ConvNeXt's
+depthwise channel still leaves its LayerNorm (which the trace does not see through the permutation)
+as beta_k - gamma_k mu / sigma.
 `unpaired: skip` leaves all such convolutions alone. Linear layers are never pruned (the paper's
 bound is for convolutions). No clean data is used: nothing here is tuned.
 
