@@ -153,6 +153,13 @@ def to_layout(model: nn.Module, memory_format: torch.memory_format, device: torc
     return model.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """The optimiser steps `train` takes in one epoch over `n` examples at `batch_size`: full batches
+    only (the ragged last one is dropped, since BatchNorm needs full ones), one batch of all `n` when
+    `n` is below `batch_size`."""
+    return max(1, n // min(batch_size, n))
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -183,18 +190,18 @@ def train(
     x_dev, y_dev = x.to(device), y.to(device)
     n = len(x_dev)
     batch_size = min(config.batch_size, n)
-    steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch: BatchNorm needs full ones
+    per_epoch = steps_per_epoch(n, config.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)
-    scheduler = _scheduler(optimizer, config, config.epochs * steps_per_epoch)
+    scheduler = _scheduler(optimizer, config, config.epochs * per_epoch)
     # Random layers (dropout, stochastic depth) draw from the global generators: seed those from
     # `seed` for the length of training, so that the experiment's seed fixes them too.
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.manual_seed(derive_seed(seed, "random_layers"))
         for _ in steps("training epoch", config.epochs):
             order = torch.randperm(n, generator=generator).to(device)
-            for step in range(steps_per_epoch):
+            for step in range(per_epoch):
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 xb = x_dev[idx].float().div_(255.0)
                 xb = augment_batch(xb, crop_padding, hflip, generator)
