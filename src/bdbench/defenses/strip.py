@@ -25,7 +25,9 @@ boundary; an input whose entropy falls below it is flagged. This is the authors'
 the clean entropies pile up near zero the boundary can fall below 0 and nothing is flagged: the
 paper's Table 3 footnote reports exactly this. `boundary="quantile"` takes the empirical
 `false_rejection` quantile of the clean entropies instead (BackdoorBench's choice), which holds
-the budget's false rejection rate at the nominal value whatever the shape.
+the budget's false rejection rate at the nominal value whatever the shape. Measured on GTSRB's Blended
+victim (docs/fidelity.md): the normal boundary flags none of 1,000 triggered inputs, the quantile boundary
+99.9% at FPR 0.009, with the same entropies; the clipped sum with the normal boundary flags none either.
 Each budget image's clean entropy is measured against N overlays drawn from the rest of the
 budget (never itself), the same procedure as for a test input.
 """
