@@ -12,6 +12,12 @@ def test_ibau_is_a_model_repair():
     assert DEFENSES.get("ibau").kind is DefenseKind.MODEL_REPAIR
 
 
+def test_the_outer_loss_perturbs_one_percent_of_each_batch_as_the_authors_code_does():
+    # The paper's objective perturbs every image; the authors' code and BackdoorBench's perturb `portion = 0.01`.
+    assert DEFENSES.build("ibau", {}).perturbed_fraction == 0.01
+    assert DEFENSES.build("ibau", {"perturbed_fraction": 1.0}).perturbed_fraction == 1.0
+
+
 def test_a_setting_that_wrecks_clean_budget_accuracy_is_halved(badnets, effect):
     badnets.check_backoff("ibau", {"lr": 0.05, "rounds": 1}, 12, effect)  # halves the Adam step
 
