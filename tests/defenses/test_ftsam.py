@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.defenses import DEFENSES, DefenseKind
-from bdbench.defenses.ftsam import sam_perturbation, sharpness_aware_loss
+from bdbench.defenses.ftsam import sam_perturbation, sharpness_aware_loss, smoothed_cross_entropy
 from bdbench.errors import ConfigError
 
 
@@ -75,3 +75,51 @@ def test_adaptive_perturbation_has_radius_rho_in_the_weight_scaled_norm():
     assert torch.allclose(torch.cat([(ei / wi.abs()).flatten() for ei, wi in zip(e, w)]).norm(), torch.tensor(0.3))
     plain = sam_perturbation(w, g, rho=0.3, adaptive=False)
     assert torch.allclose(torch.cat([p.flatten() for p in plain]).norm(), torch.tensor(0.3))
+
+
+def _authors_smoothed_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """The authors' objective written out by hand: KL divergence from targets with 1 - s on the true class and
+    s / (K - 1) on each other class, summed over classes, averaged over the batch."""
+    k = logits.shape[1]
+    target = torch.full_like(logits, smoothing / (k - 1))
+    target[torch.arange(len(y)), y] = 1.0 - smoothing
+    return (target * (target.log() - logits.log_softmax(1))).sum(1).mean()
+
+
+def test_defense_trains_on_the_authors_label_smoothing(monkeypatch):
+    # Capture the objective the defense hands to the trainer; at rho 0 it is the smoothed loss at w itself.
+    import bdbench.defenses.ftsam as ftsam
+
+    captured = {}
+
+    def fake_fine_tune(context, model, x, y, **settings):
+        captured.update(settings)
+        return model
+
+    monkeypatch.setattr(ftsam, "fine_tune", fake_fine_tune)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 10)).train()
+    context = type("Context", (), {"model": model, "device": torch.device("cpu"), "clean_x": None, "clean_y": None})
+    DEFENSES.build("ftsam", {"rho": 0.0, "label_smoothing": 0.1}).run(context)
+    x, y = torch.randn(6, 3), torch.tensor([0, 3, 9, 1, 1, 5])
+    trained = copy.deepcopy(model)
+    captured["loss_fn"](trained, x, y).backward()
+    reference = copy.deepcopy(model)
+    _authors_smoothed_loss(reference(x), y, 0.1).backward()
+    for p, q in zip(trained.parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_smoothed_cross_entropy_keeps_one_minus_s_on_the_true_class():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]], requires_grad=True)
+    y = torch.tensor([2])
+    loss = smoothed_cross_entropy(logits, y, 0.3)
+    # d loss / d logits = softmax - target, target = [0.1, 0.1, 0.7, 0.1].
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.allclose(grad, logits.detach().softmax(1) - torch.tensor([[0.1, 0.1, 0.7, 0.1]]), atol=1e-6)
+    # PyTorch's label_smoothing at s K / (K - 1) is the same target, so the same loss.
+    assert torch.allclose(loss, F.cross_entropy(logits, y, label_smoothing=0.3 * 4 / 3))
+    assert torch.allclose(smoothed_cross_entropy(logits, y, 0.0), F.cross_entropy(logits, y))
+    # Soft labels are smoothed alike: a one-hot distribution gives the loss of its index.
+    assert torch.allclose(smoothed_cross_entropy(logits, F.one_hot(y, 4).float(), 0.3), loss)
+
