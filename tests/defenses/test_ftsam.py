@@ -123,3 +123,15 @@ def test_smoothed_cross_entropy_keeps_one_minus_s_on_the_true_class():
     # Soft labels are smoothed alike: a one-hot distribution gives the loss of its index.
     assert torch.allclose(smoothed_cross_entropy(logits, F.one_hot(y, 4).float(), 0.3), loss)
 
+
+@pytest.mark.parametrize("grid, settings", [
+    ("fidelity-cifar10", {"epochs": 100, "batch_size": 256, "rho": 2.0, "label_smoothing": 0.1}),
+    ("fidelity-gtsrb", {"epochs": 50, "batch_size": 256, "rho": 8.0, "label_smoothing": 0.0})])
+def test_fidelity_grids_run_ftsam_at_the_authors_settings_for_their_data_set(grid, settings):
+    # BackdoorBench's config/defense/ft-sam/{cifar10,gtsrb}.yaml: GTSRB has its own rho, smoothing and length.
+    from bdbench.grid import load_grid
+
+    (entry,) = [d for d in load_grid(grid).defenses if d.name == "ftsam"]
+    defense = DEFENSES.build("ftsam", entry.params)
+    assert {key: getattr(defense, key) for key in settings} == settings
+    assert defense.adaptive and defense.lr == 0.01 and defense.weight_decay == 5e-4

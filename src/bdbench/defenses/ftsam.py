@@ -28,16 +28,17 @@ Defaults are the authors' released configuration for CIFAR-10 (BackdoorBench, wh
 its code: `config/defense/ft-sam/cifar10.yaml`): adaptive SAM with rho = 2 (constant: rho_min = rho_max,
 so their rho scheduler never moves it), label smoothing 0.1 in their form (`smoothed_cross_entropy`:
 1 - s on the true class, s / (K - 1) on each other), SGD (momentum 0.9, weight decay 5e-4) at lr 0.01.
-Their `gtsrb.yaml` and `tiny.yaml` set rho = 8, no label smoothing, and (GTSRB) 50 epochs. (Their
-script lets argparse defaults, rho_max = rho_min = 2 and label_smoothing 0.1, override the YAML file, so
-those per-data-set values take effect only when also given on the command line; we follow the files, which
-state the per-data-set intent.)
+Their `gtsrb.yaml` and `tiny.yaml` set rho = 8, no label smoothing, and (GTSRB) 50 epochs: the
+`fidelity-gtsrb` grid passes those. (Their script lets argparse defaults, rho_max = rho_min = 2 and
+label_smoothing 0.1, override the YAML file, so those per-data-set values take effect only when also given
+on the command line; we follow the files, which state the per-data-set intent.)
 
 Scaled for the CPU and for a small clean budget: the authors fine-tune for 100 epochs at batch size
 256 on 5% of CIFAR-10 (2500 images, about 1000 steps). Batch size 256 on a budget of a few hundred
 images would be one step an epoch, so the default here is 32, as for `ft`, and the length is 20 epochs:
 on a 200-image budget 120 steps, each costing two forward and backward passes, so that FT-SAM costs about
-four times `ft` (10 epochs). Nothing is tuned: the settings are fixed before seeing data.
+four times `ft` (10 epochs). The `fidelity-*` grids, whose budget is BackdoorBench's 5%, pass the authors'
+epochs and batch size 256. Nothing is tuned: the settings are fixed before seeing data.
 
 Left as they are, from the shared trainer (`bdbench.training.train`, which every fine-tuning defense uses):
 - the schedule is one cosine decay from lr to 0 over all steps. The authors step PyTorch's
