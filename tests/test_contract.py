@@ -50,7 +50,7 @@ DEFENSE_BUDGETS: dict[str, dict] = {
     "mmbd": {"restarts": 2, "steps": 2},
     "nad": {"teacher_epochs": 1, "epochs": 1},
     "nc": {"epochs": 1, "unlearning_epochs": 1},
-    "npd": {"epochs": 1, "steps": 1},
+    "npd": {"epochs": 1, "warm_epochs": 1, "steps": 1},
     "pt": {"epochs": 1},
     "sau": {"epochs": 1, "pgd_steps": 1},
     "strategic": {"iterations": 1, "mask_steps": 20, "epochs": 1},

@@ -1,7 +1,8 @@
 """Projected gradient ascent on input images within an L-infinity ball (Madry, Makelov, Schmidt,
 Tsipras and Vladu, "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018): the
-one adversarial-example routine of the defenses that unlearn adversarial examples (PBE, SAU, NPD),
-and the loss term that pushes a class's probability down on them.
+adversarial-example routine of the defenses that unlearn adversarial examples (PBE, SAU; NPD has its
+authors' signed-step variant with an L2 ball, in `npd.py`), and the loss term that pushes a class's
+probability down on them.
 """
 
 from __future__ import annotations
