@@ -10,14 +10,18 @@ from bdbench.defenses import DEFENSES, DefenseKind
 from bdbench.defenses.awm import WeightMasks, l1_ball
 from bdbench.errors import ConfigError
 
+from defense_fixtures import toy_context
+
 
 def test_repair_lowers_badnets_asr_and_keeps_clean_accuracy(badnets, effect):
     assert DEFENSES.get("awm").kind is DefenseKind.MODEL_REPAIR
     repaired = badnets.repair("awm", {})  # the authors' defaults
     assert not repaired.training and repaired.state_dict().keys() == badnets.model.state_dict().keys()  # no module added
-    # Measured with one and with two torch threads: 0.97-0.98 / 0.27-0.28; across kernel sets, threads and seeds 0-2
-    # the drop is 0.27-0.68.
-    badnets.check_repair(repaired, effect, 0.2, 0.1)
+    # ASR drop / clean accuracy drop measured (AVX2): one thread, seeds 0-5: 0.89-1.00 / 0.008-0.069; two threads,
+    # seed 0: 0.96 / 0.019. The earlier inner step, which clipped x + Delta to [0, 1] (neither the paper nor the
+    # authors do), dropped it by 0.54 at seed 0 (0.27-0.68 recorded across seeds): the clip stops the gradient of
+    # the digits' many saturated pixels. The mask lr schedule matters little here (0.99 with or without decay).
+    badnets.check_repair(repaired, effect, 0.7, 0.1)
 
 
 def test_awm_bakes_masks_in_zero_one_into_the_conv_weights_only(badnets):
@@ -51,6 +55,48 @@ def test_weight_masks_apply_through_functional_call_and_bake_to_the_same_functio
     assert torch.equal(model[0].weight, WeightMasks(model, "conv").bake(model)[0].weight)  # all-ones mask: identity
     assert list(WeightMasks(model, "all").masks) == ["0.weight", "3.weight"]
     assert math.isclose(float(masks.l1().detach()), 0.5 * 9 + 0.0)  # channel 0 at 0.5, channel 1 at 0
+
+
+def _toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
+
+
+def test_mask_learning_rate_is_constant_by_default_and_decays_only_on_request(monkeypatch):
+    # Algorithm 1 has no schedule and the authors' main.py steps its ExponentialLR(0.9) only under --lr-decay
+    # (off by default); the first upload stepped it every round, which lr_decay 0.9 restores.
+    seen: list[float] = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    x = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8)
+    y = torch.arange(8) % 3
+    context = toy_context(_toy_model(), x, y)
+    DEFENSES.build("awm", {"rounds": 3, "inner": 1, "batch_size": 8}).run(context)
+    assert seen == [0.01] * 3
+    seen.clear()
+    DEFENSES.build("awm", {"rounds": 3, "inner": 1, "batch_size": 8, "lr_decay": 0.9}).run(context)
+    assert seen == pytest.approx([0.01, 0.009, 0.0081])
+
+
+def test_inner_maximisation_adds_the_perturbation_unclipped_and_the_outer_step_clips_it():
+    # Black and white images: any nonzero Delta pushes one of them out of [0, 1]. The paper and the authors'
+    # code feed x + Delta to the model unclipped while recovering the trigger, and clip only in the mask step.
+    model = _toy_model()
+    inputs: list[torch.Tensor] = []
+    model[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    x = torch.cat([torch.zeros(4, 1, 4, 4), torch.full((4, 1, 4, 4), 255.0)]).to(torch.uint8)
+    y = torch.arange(8) % 3
+    DEFENSES.build("awm", {"rounds": 1, "inner": 2, "batch_size": 8}).run(toy_context(model, x, y))
+    # Per step two forward passes: inner (own labels on x, then x + Delta) x 2 steps, then outer (x, clipped) x 2.
+    assert len(inputs) == 8
+    second_inner = inputs[3]
+    assert second_inner.min() < 0 or second_inner.max() > 1  # Delta after one step, not clipped
+    assert all(float(batch.min()) >= 0 and float(batch.max()) <= 1 for batch in inputs[4:])
 
 
 def test_l1_ball_scales_an_outside_perturbation_onto_the_ball_and_leaves_an_inside_one():
