@@ -63,6 +63,7 @@ def test_bnp_scores_the_kl_divergence_from_the_running_statistics_and_prunes_the
         model[0].running_var.copy_(var)
         model[0].running_mean[5] += 2 * var[5].sqrt()  # neuron 5's statistics were pulled two std away
         model[0].running_var[2] *= 4.0  # neuron 2's spread was doubled
+        model[0].bias.fill_(0.5)  # a shift that zeroing would change
     eps = model[0].eps
     (layer, divergence), = preactivation_divergences(model, x, 0, False, torch.Generator())
     expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, (var + eps).sqrt()),
@@ -76,3 +77,19 @@ def test_bnp_scores_the_kl_divergence_from_the_running_statistics_and_prunes_the
     repaired = DEFENSES.build("bnp", {"u": 2.0}).run(toy_context(model, x, torch.zeros(64, dtype=torch.long))).model
     scale = repaired[0].weight.detach()
     assert scale[5] == 0 and (scale[torch.arange(8) != 5] == 1).all()  # 7/sqrt(8) = 2.47 std: only 5 exceeds 2
+    # The authors' code zeroes the BatchNorm weight only (BackdoorBench zeroes the bias too): the shift stays.
+    assert torch.equal(repaired[0].bias.detach(), model[0].bias.detach())
+
+
+def test_bnp_pools_the_moments_over_every_batch_of_the_budget():
+    # More images than one forward pass takes (256): the moments are those of all of them, not of the last
+    # batch (which is what BackdoorBench's BatchNorm keeps when it is run over several batches).
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (300, 4, 2, 2), dtype=torch.uint8)
+    x[256:] //= 4  # the last batch is darker than the rest
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2)).eval()
+    (layer, divergence), = preactivation_divergences(model, x, 0, False, torch.Generator())
+    pixels = x.double().div(255).transpose(0, 1).reshape(4, -1)
+    expected = gaussian_kl(pixels.mean(1).float(), pixels.var(1).float() + layer.eps, layer.running_mean,
+                           layer.running_var + layer.eps)
+    assert torch.allclose(divergence, expected, atol=1e-5)

@@ -1,5 +1,6 @@
-"""BatchNorm-statistics-based neuron pruning, BNP (Zheng, Tang, Li and Liu, "Pre-activation Distributions
-Expose Backdoor Neurons", NeurIPS 2022).
+"""BatchNorm-statistics-based neuron pruning, BNP (Runkai Zheng, Rongjun Tang, Jianze Li and Li Liu,
+"Pre-activation Distributions Expose Backdoor Neurons", NeurIPS 2022, vol. 35, pp. 18667-18680;
+openreview.net/forum?id=wwW-1k1ljIg; code github.com/RJ-T/NIPS2022_EP_BNP, `defense.py`, `BNP`).
 
 A backdoor neuron's pre-activation (the input of its BatchNorm) has different moments on poisoned and on
 benign images. A BatchNorm layer's running mean and variance were gathered on the poisoned training set,
@@ -10,24 +11,54 @@ images. Every neuron (channel) of every BatchNorm layer is scored by the Kullbac
     KL(N(mu, sigma^2) || N(running_mean, running_var))
         = log(sd_running / sigma) + (sigma^2 + (mu - running_mean)^2) / (2 running_var) - 1/2,
 
-and within each layer the neurons whose divergence exceeds the layer's mean + u x std (u = 3, the
-default of the authors' code and of BackdoorBench) are pruned by setting their BatchNorm scale to zero,
-as in the authors' code (the shift stays, so the neuron outputs a constant).
+and within each layer the neurons whose divergence exceeds the layer's mean + u x std (the sample
+standard deviation, strict `>`; u = 3) are pruned by setting their BatchNorm scale to zero, as in the
+authors' code (the shift stays, so the neuron outputs a constant). All layers are scored on the unpruned
+model before any is pruned.
 
 Data: the paper's BNP is not data-free. It needs a few benign images, without labels (the authors use a
 held-out 1% of the training set, 500 CIFAR-10 images, with the training augmentation, in one batch, model
 in eval mode). Here those are the clean budget's images, all of them, with the victim's augmentation
 (the running statistics were gathered on augmented batches); the labels are never read. The moments are
-the per-channel mean and unbiased variance of each BatchNorm's input over images and positions, with
-the model in eval mode. BatchNorm's own eps is added to both variances so that a dead channel (variance
-0) gets a finite score. Nothing is tuned: u is fixed before seeing data. A layer of n neurons cannot hold
-a value more than (n - 1) / sqrt(n) std above its mean (3.75 at n = 16), so on narrow networks u = 3
-prunes little; `u` is a parameter. (BackdoorBench zeroes the shift too, and writes the log term with the
-variance ratio instead of the standard deviations'.)
+the per-channel mean and unbiased variance of each BatchNorm's input over images and positions, pooled
+over all the budget's batches, with the model in eval mode. Nothing is tuned: u is fixed before seeing
+data. A layer of n neurons cannot hold a value more than (n - 1) / sqrt(n) std above its mean (3.75 at
+n = 16), so on narrow networks u = 3 prunes little; `u` is a parameter.
 
 Only BatchNorm layers keep running statistics, so a model without them (a ConvNeXt or a ViT, whose norms
-are LayerNorms) is refused with `NotApplicable` (a `not_applicable` row), naming the norm layers it has
-(BackdoorBench's LayerNorm variant compares clean with poisoned batches, which a defender does not have).
+are LayerNorms) is refused with `NotApplicable` (a `not_applicable` row), naming the norm layers it has.
+
+Against the authors' release (`defense.py`, `BNP`, lines 142-178 at commit af5150d; `test.py`, `data.py`),
+the direction and form of the divergence (their `measure`, line 160: benign batch statistics first,
+log of the standard deviations' ratio), the per-layer threshold (line 161: `measure.std()`, the sample
+one, strict `>`), the eval mode (line 146), the unbiased per-channel variance of the BatchNorm's input
+over images and positions (`BatchNorm2d_gau`, line 31), pruning the BatchNorm weight only (line 173), the
+training augmentation of the benign images (`data.py` lines 99-100, 133) and u = 3 (`test.py` line 95)
+are followed. Where this differs:
+
+- Epsilon. BatchNorm's own eps is added to both variances here (it is what the BatchNorm divides by);
+  the authors use the raw variances. On a channel that is constant on the benign images (variance 0, as
+  a backdoor neuron silent on benign images can be) their score is infinite, the layer's mean becomes
+  infinite and its std NaN, and that layer prunes nothing; here the score is finite and large. Elsewhere
+  the difference is eps / variance: on the test suite's digits models (eps 1e-5, variances >= 0.13) the
+  scores moved by at most 0.15% and the pruned neurons were the same at u = 2 and u = 3, at 10% and 15%
+  poison. Our MobileNet's BatchNorms have eps = 1e-3, where channels of variance near 1e-3 would move.
+- Data. They use one batch of 500 held-out images; here the whole clean budget, with exactly pooled
+  moments (the batching is for memory only).
+- Layers. They score every `nn.BatchNorm2d` (and would fail on one without affine scale); here every
+  BatchNorm that keeps running statistics and has an affine scale (ours has no BatchNorm1d/3d).
+
+BackdoorBench (`defense/bnp.py`, `bnp_defense`, commit f02e353) differs from the authors in ways not
+followed here: it zeroes the shift too (line 99); it writes the log term with the variances' ratio, not
+the standard deviations' (line 95), so log(running_var / sigma^2) counts twice; and its BatchNorm keeps
+the statistics of its last forward pass (`mbns_batchnorm.py`, `collect_stats`), which is the batch of
+the poisoned training set it runs after the clean batch (lines 82 and 88), so it scores a poisoned
+training batch, not clean images, against the running statistics. Its `u` sweep passes `self.args.u`, not
+the swept value (line 352). Its u is 3 (4 for Tiny-ImageNet, `config/defense/bnp/tiny.yaml`). The
+16-defense study's copy (WhoDunnett/BackdoorBenchmark `defense/bnp.py`) drops the poisoned pass and runs
+every clean batch, but still keeps the last batch's statistics only, and keeps the shift zeroing and the
+variance ratio. Its LayerNorm variant (compare clean with poisoned batches) needs poisoned images a
+defender does not have, so it is not offered.
 """
 
 from __future__ import annotations
