@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.defenses import DEFENSES, DefenseKind
+from bdbench.defenses import DEFENSES, DefenseKind, sau
 from bdbench.defenses.adversarial import linf_pgd, log_one_minus_softmax
 from bdbench.defenses.sau import (
     SharedAdversarialObjective,
@@ -76,7 +76,7 @@ def test_unlearning_loss_unlearns_only_where_the_reference_is_fooled_into_a_new_
     y = torch.tensor([0, 1])  # for the second image class 1 is the true label: nothing to unlearn there
     loss = unlearning_loss(model, reference, x, perturbed, y, (0.0, 0.0, 1.0))
     p1 = F.softmax(model(perturbed[:1]), 1)[0, 1]
-    assert torch.allclose(loss, -torch.log(1 - p1) / 2)
+    assert torch.allclose(loss, -torch.log(1e-6 + 1 - p1) / 2)
     full = unlearning_loss(model, reference, x, perturbed, y, (1.0, 2.0, 1.0))
     assert torch.allclose(full, F.cross_entropy(model(x), y) + 2 * F.cross_entropy(model(perturbed), y) + loss)
 
@@ -106,3 +106,61 @@ def test_pgd_stops_after_the_step_that_began_with_every_image_shared():
     # Once every image is shared the objective is flat there (no unfooled image, no unshared one): its gradient
     # is zero and the later steps cannot move the images, so the stop saves their passes and changes nothing.
     assert (model(early).argmax(1) == 1).all() and torch.equal(early, full)
+
+
+def test_unlearning_term_is_bounded_as_in_the_authors_code():
+    # The authors' -log(1 - p) drops the images h gives c0 a probability under 0.001 (a constant, no gradient)
+    # and adds 1e-6 inside the logarithm, so a saturated image costs at most -log(1e-6) = 13.8, not -log(1 - p).
+    model, reference = _linear([[1.0, 0.0], [0.0, 1.0]]), _linear([[10.0, 0.0], [0.0, 10.0]])
+    x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    saturated = torch.tensor([[0.0, 25.0]])  # the reference says 1; h gives class 1 p = 1 - 1.4e-11
+    loss = unlearning_loss(model, reference, x, saturated, y, (0.0, 0.0, 1.0))
+    complement = torch.sigmoid(torch.tensor(-25.0))
+    assert torch.allclose(loss, -torch.log(1e-6 + complement), rtol=1e-5)  # 13.8, where -log(1 - p) is 25
+    logits = torch.tensor([[9.0, 0.0], [0.0, 9.0]], requires_grad=True)  # p of class 1: 1.2e-4, then 0.9999
+    term = sau.bounded_unlearning_term(logits, torch.tensor([1, 1]))
+    term.sum().backward()
+    assert torch.allclose(term[0], -torch.log(torch.tensor(1e-6 + 0.999)))
+    assert logits.grad is not None and torch.equal(logits.grad[0], torch.zeros(2)) and logits.grad[1].abs().min() > 0.5
+
+
+def _first_sau_step(badnets, monkeypatch) -> dict:
+    """What one Adam step of SAU (1 epoch of 150 images, one batch, one PGD step) saw: the first images its
+    attack evaluated, the perturbed images and clean batch its update used, and its optimiser's arguments."""
+    seen: dict = {}
+    objective_call, update = SharedAdversarialObjective.__call__, sau.unlearning_loss
+
+    def first_evaluation(self, perturbed):
+        seen.setdefault("start", perturbed.detach().clone())
+        return objective_call(self, perturbed)
+
+    def spied_update(model, reference, x, perturbed, y, weights):
+        seen.update(x=x.detach().clone(), perturbed=perturbed.detach().clone())
+        return update(model, reference, x, perturbed, y, weights)
+
+    class SpiedAdam(torch.optim.Adam):
+        def __init__(self, params, **kwargs):
+            seen["adam"] = kwargs
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(SharedAdversarialObjective, "__call__", first_evaluation)
+    monkeypatch.setattr(sau, "unlearning_loss", spied_update)
+    monkeypatch.setattr(torch.optim, "Adam", SpiedAdam)
+    badnets.repair("sau", {"epochs": 1, "pgd_steps": 1})
+    return seen
+
+
+def test_pgd_starts_at_the_corner_and_is_not_clipped_to_the_image_range(badnets, monkeypatch):
+    seen = _first_sau_step(badnets, monkeypatch)
+    x, start, perturbed = seen["x"], seen["start"], seen["perturbed"]
+    # The authors' init_type 'max': the first gradient is taken at x + 0.2, above 1 where x is white.
+    assert torch.allclose(start, x + 0.2) and start.max() > 1.1
+    # One step of 0.2 from +0.2 leaves each pixel at +0.2 or 0, and nothing clamps the result to [0, 1].
+    delta = perturbed - x
+    assert torch.all(((delta - 0.2).abs() < 1e-6) | (delta.abs() < 1e-6)) and (delta.abs() < 1e-6).any()
+    assert perturbed.max() > 1.1
+
+
+def test_adam_uses_amsgrad_as_backdoorbench_builds_it(badnets, monkeypatch):
+    seen = _first_sau_step(badnets, monkeypatch)
+    assert seen["adam"].get("amsgrad") is True and seen["adam"]["lr"] == 1e-4
