@@ -95,7 +95,8 @@ def test_anp_masks_in_bfloat16_follow_the_float32_masks(badnets, effect):
     # EPYC (AVX-512) and on its AVX2 kernels the float32 runs put different neurons below ANP's 0.2 threshold
     # ({82} against {74, 88, 94}), and the ranks of the bulk of masks (0.7-0.9, near-ties) against bfloat16 correlate
     # 0.58 / 0.69 (the bar 0.8 held only on a Xeon with AMX). What does not move: the mask values correlate
-    # (measured 0.85 AVX-512, 0.68 AVX2; independent masks would give about 0) and the lowest masks share a neuron.
+    # (measured 0.85 AVX-512, 0.68 AVX2; independent masks would give about 0) and the lowest masks overlap. Those
+    # figures predate the unprojected noise step; with it, AVX2, one thread, seeds 0/1/2: 0.60/0.83/0.77.
     anp = AdversarialNeuronPruning(iterations=100)
     masks = []
     for context in (badnets.context(sees_training_set=False), _bf16_context(badnets)):
@@ -104,8 +105,11 @@ def test_anp_masks_in_bfloat16_follow_the_float32_masks(badnets, effect):
     fp32, bf16 = masks
     effect.check("correlation of ANP mask values, bfloat16 vs float32", torch.corrcoef(torch.stack(masks))[0, 1],
                  ">", 0.5)
-    effect.check("shared among the 3 lowest masks", len(set(fp32.argsort()[:3].tolist()) & set(bf16.argsort()[:3].tolist())),
-                 ">=", 1)
+    # Since the noise step follows the authors' code (no projection back to [-eps, eps]), more masks fall low and
+    # the lowest three need not share a neuron (AVX2, one thread, seeds 0/1/2: 0/1/2 shared); the eight lowest
+    # shared 5/5/6, where independent masks would share 8 x 8 / 96 = 0.67 on average.
+    shared = set(fp32.argsort()[:8].tolist()) & set(bf16.argsort()[:8].tolist())
+    effect.check("shared among the 8 lowest masks", len(shared), ">=", 3)
 
 
 def test_the_cost_benchmark_prints_each_defense_over_its_victims_training_time(tmp_path, tiny_grid):
