@@ -158,3 +158,11 @@ def check_input_filter_repair(badnets: Any, effect: Any, name: str, steps: int) 
     # 0.053. An 8x8 digit rebuilt through a VAE trained on 150 images loses strokes: the cost FtC avoids.
     effect.check("clean accuracy drop", clean_before - clean_after, "<", 0.08)
     assert isinstance(repaired, Filtered) and not repaired.training
+
+
+def grid_defense(grid: str, name: str):
+    """The built-in grid's single entry of defense `name`, built with its parameters as the grid gives them."""
+    from bdbench.grid import load_grid
+
+    (entry,) = [d for d in load_grid(grid).defenses if d.name == name]
+    return DEFENSES.build(name, entry.params)

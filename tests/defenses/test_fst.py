@@ -15,7 +15,7 @@ from bdbench.defenses.layers import classifier_layer
 from bdbench.errors import ConfigError
 from bdbench.training import TrainConfig
 
-from defense_fixtures import toy_context
+from defense_fixtures import grid_defense, toy_context
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +99,6 @@ def test_fst_takes_its_first_step_on_the_fresh_head_and_projects_every_step_afte
 def test_fidelity_grids_run_fst_at_the_papers_settings_for_their_data_set(grid, settings):
     # The paper's setup: alpha 0.2 and 10 epochs on CIFAR-10, 0.1 and 15 on GTSRB, lr 0.01; the authors' ft.py
     # batch 128. The default batch of 32 is for budgets of a few hundred images, not these grids' 5%.
-    from bdbench.grid import load_grid
-
-    (entry,) = [d for d in load_grid(grid).defenses if d.name == "fst"]
-    defense = DEFENSES.build("fst", entry.params)
+    defense = grid_defense(grid, "fst")
     assert {key: getattr(defense, key) for key in settings} == settings
     assert defense.weight_decay == 0.0

@@ -13,6 +13,8 @@ from bdbench.defenses import DEFENSES, DefenseKind
 from bdbench.defenses.ftsam import sam_perturbation, sharpness_aware_loss, smoothed_cross_entropy
 from bdbench.errors import ConfigError
 
+from defense_fixtures import grid_defense
+
 
 def test_ftsam_is_a_model_repair_and_rejects_bad_settings():
     assert DEFENSES.get("ftsam").kind is DefenseKind.MODEL_REPAIR
@@ -129,9 +131,6 @@ def test_smoothed_cross_entropy_keeps_one_minus_s_on_the_true_class():
     ("fidelity-gtsrb", {"epochs": 50, "batch_size": 256, "rho": 8.0, "label_smoothing": 0.0})])
 def test_fidelity_grids_run_ftsam_at_the_authors_settings_for_their_data_set(grid, settings):
     # BackdoorBench's config/defense/ft-sam/{cifar10,gtsrb}.yaml: GTSRB has its own rho, smoothing and length.
-    from bdbench.grid import load_grid
-
-    (entry,) = [d for d in load_grid(grid).defenses if d.name == "ftsam"]
-    defense = DEFENSES.build("ftsam", entry.params)
+    defense = grid_defense(grid, "ftsam")
     assert {key: getattr(defense, key) for key in settings} == settings
     assert defense.adaptive and defense.lr == 0.01 and defense.weight_decay == 5e-4

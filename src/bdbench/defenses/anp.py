@@ -194,17 +194,23 @@ class AdversarialNeuronPruning(Defense):
             loss = self.alpha * F.cross_entropy(natural.float(), y)
             if perturbed is not None:
                 loss = loss + (1 - self.alpha) * F.cross_entropy(perturbed.float(), y)
-            mask_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            mask_optimizer.step()
-            with torch.no_grad():
-                for mask in neurons.masks:
-                    mask.clamp_(0.0, 1.0)
+            step_masks(mask_optimizer, loss, neurons.masks)
         return neurons
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
         return DefenseOutcome(model=prune_by_mask(context, self.optimise_masks(context), self.threshold,
                                                   self.max_accuracy_drop, self.selection_steps, self.fraction))
+
+
+def step_masks(optimizer: torch.optim.Optimizer, loss: torch.Tensor, masks: list[torch.Tensor]) -> None:
+    """One optimiser step of the neuron masks on `loss`, each mask clipped to [0, 1] after it (ANP's and RNP's
+    mask update alike)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        for mask in masks:
+            mask.clamp_(0.0, 1.0)
 
 
 def prune_by_mask(context: DefenseContext, neurons: NeuronPerturbation, threshold: float, max_accuracy_drop: float,

@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.defenses.anp import NeuronPerturbation, prune_by_mask
+from bdbench.defenses.anp import NeuronPerturbation, prune_by_mask, step_masks
 from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.params import BatchSize, NonNegativeFloat, OpenRate, PositiveFloat, PositiveInt, UnitInterval, UpToOne
 from bdbench.training import augment_batch, loop_precision, to_layout
@@ -172,13 +172,7 @@ class ReconstructiveNeuronPruning(Defense):
             for x, y in self._batches(context, generator):
                 with precision.autocast():
                     logits = neurons(x.contiguous(memory_format=precision.memory_format), perturbed=False)
-                loss = self.alpha * F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    for mask in neurons.masks:
-                        mask.clamp_(0.0, 1.0)
+                step_masks(optimizer, self.alpha * F.cross_entropy(logits.float(), y), neurons.masks)
         neurons.masks = [mask.detach() for mask in neurons.masks]
         to_layout(model, torch.contiguous_format).eval()
         return neurons
