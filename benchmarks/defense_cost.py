@@ -25,39 +25,41 @@ Wall seconds are what a user waits; CPU seconds (the rows' `defense_cpu_s` and `
 process's CPU clock over the same blocks) are what a shared core cannot inflate, and their ratio is the one
 to compare across runs on a busy machine. Both are printed.
 
-Measured (2026-12-02, session 13, issue 26; a 2-core AMD EPYC with AVX2 and no native bfloat16, one thread
-pinned to core 0 while the other core ran one other job, so both clocks are near a free core's): the BadNets
-victim of `model-defenses` seed 0 (mnist5k, PreAct-ResNet18 width 0.25, 12 epochs, float32) trained in 247.8
-CPU s (250.1 s wall). Every defense of the grid on it, one run, CPU s, its ratio to the victim, peak MB,
-finding (CA/ASR after a repair; the verdict of a detector):
+Measured (2026-12-03, session 17, issue 26; a 2-core AMD EPYC with AVX2 and no native bfloat16, one thread, on a
+loaded machine: four to six processes shared the two cores, so the wall ratios are inflated and the CPU ratios
+are the ones to read; the methods' review commits of that session landed while it ran, each defense running the
+code of the moment its subprocess started): the BadNets victim of `model-defenses` seed 0 (mnist5k, PreAct-ResNet18
+width 0.25, 12 epochs, float32) trained in 208.9 CPU s (479.8 s wall). Every defense of the grid on it, one run,
+CPU s, its ratio to the victim, peak MB, finding (CA/ASR after a repair; the verdict of a detector):
 
-    ft          13.4  0.05   629  CA 0.973 ASR 0.994      pbe         28.1  0.11   763  CA 0.980 ASR 1.000
-    fp          26.2  0.11   722  CA 0.977 ASR 1.000      rnp         26.4  0.11   758  CA 0.959 ASR 0.789
-    nc         240.1  0.97   724  not detected (1.95)     sau        947.3  3.82  1346  CA 0.955 ASR 0.144
-    nad        102.3  0.41   710  CA 0.971 ASR 0.500      pt          44.8  0.18   658  CA 0.974 ASR 0.992
-    anp        566.7  2.29   948  CA 0.976 ASR 1.000      cti        192.7  0.78   708  detected, target 0
-    ibau       185.8  0.75   916  CA 0.954 ASR 1.000      strategic  159.7  0.64   792  CA 0.962 ASR 0.006
-    clp          0.1  0.00   507  CA 0.961 ASR 0.947      cetf        65.1  0.26   583  detected, target 0
-    mmbd       235.4  0.95   704  detected, target 0      awm        184.6  0.74   881  CA 0.973 ASR 0.051
-    bnp          0.5  0.00   707  CA 0.952 ASR 0.003      fst         12.5  0.05   574  CA 0.973 ASR 0.947
-    npd        258.0  1.04   726  CA 0.967 ASR 0.401      ftsam       44.1  0.18   599  CA 0.973 ASR 0.033
+    ft          11.2  0.05   564  CA 0.973 ASR 0.994      pbe         21.1  0.10   754  CA 0.980 ASR 1.000
+    fp          21.1  0.10   739  CA 0.977 ASR 1.000      rnp         25.0  0.12   696  CA 0.959 ASR 0.789
+    nc         236.9  1.13   740  not detected            sau        643.8  3.08  1231  CA 0.959 ASR 0.050
+    nad         37.1  0.18   710  CA 0.971 ASR 0.500      pt          46.9  0.22   659  CA 0.974 ASR 0.992
+    anp        495.9  2.37   896  CA 0.976 ASR 1.000      cti        219.2  1.05   704  detected, target 0
+    ibau        87.4  0.42   913  CA 0.946 ASR 0.651      strategic  190.3  0.91   786  CA 0.962 ASR 0.006
+    clp          0.1  0.00   496  CA 0.961 ASR 0.947      cetf        71.6  0.34   573  detected, target 0
+    mmbd       227.8  1.09   690  detected, target 0      awm        153.0  0.73   860  CA 0.973 ASR 0.051
+    bnp          0.5  0.00   638  CA 0.952 ASR 0.003      fst          9.8  0.05   610  CA 0.973 ASR 0.956
+    npd         82.7  0.40   722  CA 0.972 ASR 0.133      ftsam       35.6  0.17   604  CA 0.974 ASR 0.031
 
-Median 0.34x, above 1.0: SAU (3.82x), ANP (2.29x), NPD (1.04x); wall-clock ratios the same to 0.01. After
-SAU's PGD took the authors' early stop and channels-last passes (its docstring), the same victim: 589.4 CPU s
-(0.62x of before, 2.38x the victim), CA 0.958, ASR 0.184 (before 0.955, 0.144: the stop changes nothing, the
-layout rounds differently, and 100 epochs of signed-gradient steps carry that into a 4-point ASR difference).
-Neural Cleanse's index of label 0 was 1.95, under its threshold 2, where on an AVX-512 machine the same
-recipe's victim gave a flagged label 0 (below): the verdict on this victim sits at the threshold, and the
-kernels decide it. Earlier rows (a 2-core AMD EPYC with AVX-512, session 12, a core shared with up to 15
-processes): victim 152.3 CPU s, Neural Cleanse 259.0 CPU s in the default layout and 213.1 channels-last
-(label 0 flagged alone, CA 0.979, ASR 0.009 after unlearning), MM-BD 249.0 and 216.5 (class 0 detected),
-I-BAU 133.2 (ASR 1.000).
+Median 0.28x CPU (0.23x wall; goal 0.25x); above 1.0: SAU 3.08x, ANP 2.37x, NC 1.13x, MM-BD 1.09x, CTI 1.05x.
+Each of the five says in its docstring which step of its paper's procedure costs that and why it is not cut
+(SAU: 100 epochs of a PGD inner loop on two models; ANP: the mask optimisation's passes; NC, MM-BD and CTI:
+the per-label inversion or ascent, about as many passes as training this small victim). NC, MM-BD and CTI
+sit at about 1x because this victim is cheap (12 epochs of 5,000 digits); on the fidelity grids' victims
+(30 epochs of 50,000 CIFAR-10 images) the same procedures are 0.43x (NC, measured) and less.
 
-NAD after it scaled its betas by the attention map's positions (session 15; its docstring), the same victim,
-before and after side by side on a loaded machine (one thread, four other processes on the two cores): 60.5 ->
-25.8 CPU s (0.43x: one student instead of the three that the back-off ran), CA 0.971 / ASR 0.500 both. Scaled
-into the table above (0.41 x 0.43 = 0.17x the victim), the median becomes 0.22x (the mean of PT's 0.18 and
-CETF's 0.26); a whole-table re-run on a quiet machine has not confirmed it yet. The command for the table:
+Against session 13's table on the same victim recipe (then 247.8 CPU s, one thread beside one other job):
+NAD 102.3 -> 37.1 CPU s (one student instead of the back-off's three, session 15), NPD 258.0 -> 82.7 (its
+review took the authors' 2-step L2 attack with early stop for 10 L-infinity steps; ASR 0.401 -> 0.133), I-BAU
+185.8 -> 87.4 (the authors' 1% perturbed share; ASR 1.000 -> 0.651), SAU 947.3 -> 643.8 (the authors' early
+stop of the PGD and channels-last passes; ASR 0.144 -> 0.050 after its review), AWM 184.6 -> 153.0, FT-SAM
+44.1 -> 35.6; the others within the noise of a shared core. The victim's own 247.8 -> 208.9 is that noise
+too, which moves every ratio by as much as 16%. Neural Cleanse's verdict on this victim sits at its
+threshold (index 1.95 in session 13, not flagged again here) where on an AVX-512 machine the same recipe's
+victim gave a flagged label 0: the kernels decide it. A whole-table re-run on a quiet machine has not been
+done. The command for the table:
 
     python benchmarks/defense_cost.py [--grid model-defenses] [--attack badnets] [--seed 0]
         [--defenses nc,mmbd,anp] [--out DIR] [--threads 1] [--set KEY=VALUE ...] [--json FILE]
