@@ -33,7 +33,7 @@ from bdbench.precision import PRECISIONS, Deployed, Precision, is_int8_kernel, p
 from bdbench.profiling import Cost, measure
 from bdbench.schema import ResultRow
 from bdbench.seeding import derive_seed
-from bdbench.store import ArtifactCache
+from bdbench.store import ArtifactCache, StoredCheckpoint
 from bdbench.training import default_device, predict, train, trains_in_bfloat16
 
 log = logging.getLogger("bdbench")
@@ -150,10 +150,16 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
             log.warning("%s; retraining it", exc)
             cache.discard("victims", spec.victim_key)
             model = new_model(spec, dataset, "victim_init")
+        # Killed part-way (a session's end, a pre-empted node), the victim resumes from its last epoch checkpoint.
+        checkpoint = StoredCheckpoint(cache, "training", spec.victim_key, spec.settings(victim_only=True)) \
+            if cache.durable else None
         with measure() as training:
             train(model, poisoned.x, poisoned.y, spec.training, seed=derive_seed(spec.seed, "victim_train"),
                   crop_padding=dataset.crop_padding, hflip=dataset.allow_hflip, device=device,
-                  hook=attack.training_hook())
+                  hook=attack.training_hook(), checkpoint=checkpoint)
+        if checkpoint is not None:  # the epochs trained before a resume count too
+            training.seconds += checkpoint.earlier_s
+            training.cpu_seconds += checkpoint.earlier_cpu_s
         if attack.learns_with_victim:  # saved first: a victim file never exists without its trigger
             cache.save_tensors("victims", attack_key, attack.victim_state(), {"victim_key": spec.victim_key,
                                                                              "attack": spec.attack.name})
@@ -165,6 +171,8 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
             "train_cpu_s": round(training.cpu_seconds, 3),
             "poisoned_samples": int(poisoned.poison_mask.sum()),
         })
+        if checkpoint is not None:
+            checkpoint.discard()
     return Victim(model.eval(), False, training)
 
 

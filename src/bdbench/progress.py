@@ -18,9 +18,9 @@ Listener = Callable[[str, int, int], None]
 _LISTENER: ContextVar[Listener | None] = ContextVar("bdbench_progress_listener", default=None)
 
 
-def steps(what: str, total: int) -> Iterator[int]:
-    """`range(total)`, telling the listener (if any) as each step starts."""
-    for index in range(total):
+def steps(what: str, total: int, start: int = 0) -> Iterator[int]:
+    """`range(start, total)`, telling the listener (if any) as each step starts."""
+    for index in range(start, total):
         listener = _LISTENER.get()
         if listener is not None:
             listener(what, index + 1, total)

@@ -7,11 +7,15 @@ crash never leaves a half-written model under a valid name. Model files are neve
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import pickle
 import shutil
 import sqlite3
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator
@@ -24,6 +28,8 @@ from torch import nn
 
 from bdbench.errors import ArtifactError
 from bdbench.schema import BOOL_COLUMNS, JSON_COLUMNS, ResultRow, check_columns, sql_columns, to_sql
+
+log = logging.getLogger(__name__)
 
 # Column name -> SQLite type, from the one result schema. New columns are added to older databases when they are
 # opened.
@@ -334,6 +340,8 @@ class ArtifactCache:
     Models are stored as their state dict; attacks store what they learned (a trigger, a generator).
     """
 
+    durable = True  # on disk: it outlives the process, so a training checkpoint kept in it is worth saving
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
@@ -398,12 +406,70 @@ class ArtifactCache:
             path.unlink(missing_ok=True)
 
 
+class StoredCheckpoint:
+    """A training checkpoint (`training.TrainingCheckpoint`) kept in an artifact cache under `kind`/`key`: the
+    trainer's state in torch's own format as one byte tensor, read back with `weights_only` (tensors, numbers
+    and containers; no code). It also carries the wall and CPU seconds that training spent up to it
+    (`earlier_s`, `earlier_cpu_s` after `load`), so that a victim's recorded training time is that of all its
+    epochs, not only of those after the resume, and the `settings` it was made with (every parameter, defaults
+    filled in: a default changed since, under the same key, makes it another training). An unreadable
+    checkpoint, or one of other settings, is discarded with a warning and training starts again from the first
+    epoch."""
+
+    every_s = 60.0  # at most one save a minute: a victim trained in seconds saves none, one trained in hours ~one an epoch
+
+    def __init__(self, cache: ArtifactCache, kind: str, key: str, settings: dict[str, Any] | None = None) -> None:
+        self.cache, self.kind, self.key = cache, kind, key
+        self.settings = json.loads(json.dumps(settings, sort_keys=True))  # as the JSON beside it reads back
+        self.earlier_s = self.earlier_cpu_s = 0.0
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
+
+    def load(self) -> dict[str, Any] | None:
+        info = self.cache.load_info(self.kind, self.key) or {}
+        if info and info.get("settings") != self.settings:
+            log.warning("training checkpoint %s/%s was made with other settings; training from the first epoch",
+                        self.kind, self.key)
+            self.discard()
+            return None
+        try:
+            tensors = self.cache.load_tensors(self.kind, self.key)
+            if tensors is None:
+                return None
+            state = torch.load(io.BytesIO(tensors["state"].numpy().tobytes()), weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"holds a {type(state).__name__}, not a training state")
+        except (ArtifactError, KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            log.warning("training checkpoint %s/%s is unreadable (%s); training from the first epoch",
+                        self.kind, self.key, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.discard()
+            return None
+        self.earlier_s, self.earlier_cpu_s = float(info.get("train_s", 0.0)), float(info.get("train_cpu_s", 0.0))
+        log.warning("resuming training %s from its checkpoint after epoch %s of %s", self.key,
+                    state.get("epochs_done"), state.get("epochs"))
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        blob = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        self.cache.save_tensors(self.kind, self.key, {"state": blob}, {
+            "epochs_done": state.get("epochs_done"), "epochs": state.get("epochs"), "settings": self.settings,
+            "train_s": round(self.earlier_s + time.perf_counter() - self._start, 3),
+            "train_cpu_s": round(self.earlier_cpu_s + time.process_time() - self._cpu_start, 3)})
+
+    def discard(self) -> None:
+        self.cache.discard(self.kind, self.key)
+
+
 class MemoryCache(ArtifactCache):
     """Artifacts held in memory, for a worker that cannot see the output folder (a Ray node).
 
     It starts with the artifacts the driver sends (`entries`: (kind, key) -> (tensors, info));
     what the worker saves lands in `produced` too, for the driver to store in the output folder.
+    It is not `durable`: a training checkpoint would die with the worker, so none is kept.
     """
+
+    durable = False
 
     def __init__(self, entries: dict[tuple[str, str], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> None:
         super().__init__("<memory>")
@@ -450,5 +516,5 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["COLUMNS", "ROUND_COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "load_results", "load_rounds",
-           "no_rows_error", "params_dict", "running_pid", "with_variants"]
+__all__ = ["COLUMNS", "ROUND_COLUMNS", "ArtifactCache", "MemoryCache", "ResultStore", "StoredCheckpoint", "load_results",
+           "load_rounds", "no_rows_error", "params_dict", "running_pid", "with_variants"]

@@ -10,12 +10,22 @@ autocast, which on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX) 
 convolutional networks about twice as fast (`benchmarks/trainer_vs_dataloader.py`), with other
 numerics. Rows record which was used (`train_dtype`). Predictions on the CPU stay float32, so
 that clean accuracy and ASR are measured at full precision.
+
+Training given a `checkpoint` (victims, stored in the output folder's cache) saves its whole state at the
+end of an epoch, at most once every `checkpoint.every_s` seconds: weights and BatchNorm statistics, the optimiser's
+momentum, the schedule's position, the trainer's generator and the global generators that random layers
+draw from. Training that was killed part-way then resumes at the epoch after the last checkpoint and ends
+with the same weights, bit for bit, as training that was never interrupted (tested). A hook that keeps
+state of its own between batches (InputAware's generator and its optimiser) is not in that state, so
+training with one checkpoints only when the hook says it keeps none (`resumable = True`: WaNet's noise mode,
+BPP's negative samples).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +63,27 @@ class BatchHook(Protocol):
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
                  index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ...
+
+
+class TrainingCheckpoint(Protocol):
+    """Where `train` keeps its state between epochs (see the module docstring): `load` returns the last
+    state saved, or None; `save` replaces it, at the end of an epoch once `every_s` seconds have passed since
+    the last save (or since training started)."""
+
+    every_s: float
+
+    def load(self) -> dict[str, Any] | None:
+        ...
+
+    def save(self, state: dict[str, Any]) -> None:
+        ...
+
+
+def hook_is_resumable(hook: BatchHook | None) -> bool:
+    """Whether training with `hook` can stop at an epoch's end and resume from the trainer's own state: no hook,
+    or one that declares `resumable = True` (it keeps no state between batches; its draws come from the
+    trainer's generator)."""
+    return hook is None or bool(getattr(hook, "resumable", False))
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -172,12 +203,15 @@ def train(
     device: torch.device | None = None,
     hook: BatchHook | None = None,
     loss_fn: LossFn = cross_entropy,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> nn.Module:
     """Train `model` in place on uint8 images `x` (N, C, H, W) and labels `y` and return it in eval mode.
 
     `y` holds class indices (N,) or soft label distributions (N, K). `crop_padding`/`hflip`
     are the data set's defaults; the config's own values, when set, win. `hook` lets an attack
-    change each batch; `loss_fn` replaces the cross-entropy objective.
+    change each batch; `loss_fn` replaces the cross-entropy objective. With `checkpoint` (and a resumable
+    hook, `hook_is_resumable`), training resumes from the state it holds and saves its state there (see the
+    module docstring).
     """
     device = device or default_device()
     crop_padding = config.crop_padding if config.crop_padding is not None else crop_padding
@@ -197,9 +231,14 @@ def train(
     scheduler = _scheduler(optimizer, config, config.epochs * per_epoch)
     # Random layers (dropout, stochastic depth) draw from the global generators: seed those from
     # `seed` for the length of training, so that the experiment's seed fixes them too.
+    if not hook_is_resumable(hook):
+        checkpoint = None
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.manual_seed(derive_seed(seed, "random_layers"))
-        for _ in steps("training epoch", config.epochs):
+        progress = _TrainingState(model, optimizer, scheduler, generator, device, config.epochs, per_epoch)
+        start = progress.restore(checkpoint.load()) if checkpoint is not None else 0
+        last_save = time.monotonic()
+        for epoch in steps("training epoch", config.epochs, start):
             order = torch.randperm(n, generator=generator).to(device)
             for step in range(per_epoch):
                 idx = order[step * batch_size:(step + 1) * batch_size]
@@ -215,7 +254,47 @@ def train(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+            if (checkpoint is not None and epoch + 1 < config.epochs
+                    and time.monotonic() - last_save >= checkpoint.every_s):
+                checkpoint.save(progress.state(epoch + 1))
+                last_save = time.monotonic()
     return to_layout(model, torch.contiguous_format).eval()
+
+
+@dataclass
+class _TrainingState:
+    """Everything `train`'s result depends on between two epochs, saved to and restored from a checkpoint."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    device: torch.device
+    epochs: int
+    per_epoch: int
+
+    def state(self, epochs_done: int) -> dict[str, Any]:
+        state = {"epochs_done": epochs_done, "epochs": self.epochs, "steps_per_epoch": self.per_epoch,
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                 "global_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def restore(self, state: dict[str, Any] | None) -> int:
+        """Load `state` and return the epochs it has done; 0 (nothing loaded) when there is none or it is of
+        another schedule."""
+        if state is None or (state.get("epochs"), state.get("steps_per_epoch")) != (self.epochs, self.per_epoch):
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["global_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        return int(state["epochs_done"])
 
 
 @torch.no_grad()

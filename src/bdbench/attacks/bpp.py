@@ -125,6 +125,8 @@ class Bpp(Attack):
 class _NegativeSamples:
     """Puts mismatched trigger residuals on `neg_ratio` of each batch's clean rows, labels unchanged."""
 
+    resumable = True  # no state between batches: every draw comes from the trainer's generator
+
     def __init__(self, residuals: torch.Tensor, neg_ratio: float, poisoned_rows: PoisonedRows) -> None:
         self.residuals, self.neg_ratio, self.poisoned_rows = residuals, neg_ratio, poisoned_rows
 

@@ -82,6 +82,8 @@ class WaNet(Attack):
 class _NoiseMode:
     """Adds WaNet's noise-mode samples to each batch: `cross_ratio` per poisoned row in the batch."""
 
+    resumable = True  # no state between batches: every draw comes from the trainer's generator
+
     def __init__(self, attack: WaNet, poisoned_rows: PoisonedRows) -> None:
         self.attack, self.poisoned_rows = attack, poisoned_rows
 
