@@ -30,14 +30,14 @@ class NoisyHook:
         return (x + 0.05 * torch.rand(x.shape, generator=generator)).clamp(0, 1), y
 
 
-def _model(ds):
+def _model(ds, width=8):
     torch.manual_seed(0)
-    net = with_normalization(create_model("cnn-small", 10, 1, ds.image_size, width=8), ds.mean, ds.std)
+    net = with_normalization(create_model("cnn-small", 10, 1, ds.image_size, width=width), ds.mean, ds.std)
     return torch.nn.Sequential(net, torch.nn.Dropout(0.3))  # draws from the global generator while training
 
 
-def _train(ds, checkpoint=None, hook=None):
-    return train(_model(ds), ds.x_train, ds.y_train, CONFIG, seed=5, crop_padding=1, hook=hook, checkpoint=checkpoint)
+def _train(ds, checkpoint=None, hook=None, width=8):
+    return train(_model(ds, width), ds.x_train, ds.y_train, CONFIG, seed=5, crop_padding=1, hook=hook, checkpoint=checkpoint)
 
 
 def _checkpoint(cache, die_after=None, settings=None):
@@ -106,6 +106,17 @@ def test_a_checkpoint_made_with_other_settings_is_not_resumed(digits, tmp_path, 
     with caplog.at_level(logging.WARNING), listening(lambda what, number, total: epochs.append(number)):
         _train(digits, _checkpoint(cache, settings={"attack": {"size": 4}}))
     assert "other settings" in caplog.text and epochs == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_of_another_model_is_not_loaded_and_changes_nothing(digits, tmp_path, caplog):
+    cache = ArtifactCache(tmp_path)
+    with pytest.raises(Killed):
+        _train(digits, _checkpoint(cache, die_after=2), width=4)
+    epochs = []
+    with caplog.at_level(logging.WARNING), listening(lambda what, number, total: epochs.append(number)):
+        model = _train(digits, _checkpoint(cache))
+    assert "does not fit" in caplog.text and epochs == [1, 2, 3, 4]
+    _assert_same_weights(_train(digits), model)
 
 
 def test_a_killed_victim_resumes_in_the_next_run_and_its_row_matches_an_uninterrupted_one(tiny_grid, tmp_path,

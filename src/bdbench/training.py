@@ -23,6 +23,8 @@ BPP's negative samples).
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol
@@ -34,6 +36,8 @@ from torch import nn
 
 from bdbench.progress import steps
 from bdbench.seeding import derive_seed
+
+log = logging.getLogger(__name__)
 
 
 class TrainConfig(BaseModel):
@@ -229,10 +233,10 @@ def train(
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)
     scheduler = _scheduler(optimizer, config, config.epochs * per_epoch)
-    # Random layers (dropout, stochastic depth) draw from the global generators: seed those from
-    # `seed` for the length of training, so that the experiment's seed fixes them too.
     if not hook_is_resumable(hook):
         checkpoint = None
+    # Random layers (dropout, stochastic depth) draw from the global generators: seed those from
+    # `seed` for the length of training, so that the experiment's seed fixes them too.
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.manual_seed(derive_seed(seed, "random_layers"))
         progress = _TrainingState(model, optimizer, scheduler, generator, device, config.epochs, per_epoch)
@@ -283,9 +287,13 @@ class _TrainingState:
         return state
 
     def restore(self, state: dict[str, Any] | None) -> int:
-        """Load `state` and return the epochs it has done; 0 (nothing loaded) when there is none or it is of
-        another schedule."""
-        if state is None or (state.get("epochs"), state.get("steps_per_epoch")) != (self.epochs, self.per_epoch):
+        """Load `state` and return the epochs it has done; 0, with nothing loaded, when there is none or it does
+        not fit this training (another schedule, another model), which is checked before anything is changed."""
+        if state is None:
+            return 0
+        if not self._fits(state):
+            log.warning("a training checkpoint does not fit this training (another schedule or model); "
+                        "training from the first epoch")
             return 0
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -295,6 +303,23 @@ class _TrainingState:
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         return int(state["epochs_done"])
+
+    def _fits(self, state: dict[str, Any]) -> bool:
+        keys = {"epochs_done", "epochs", "steps_per_epoch", "model", "optimizer", "scheduler", "generator",
+                "global_rng"}
+        if not keys <= state.keys() or (state["epochs"], state["steps_per_epoch"]) != (self.epochs, self.per_epoch):
+            return False
+        if not 0 < int(state["epochs_done"]) < self.epochs:
+            return False
+        try:
+            copy.deepcopy(self.model).load_state_dict(state["model"])  # names and shapes, on a copy
+        except (RuntimeError, TypeError, AttributeError):
+            return False
+        saved = state["optimizer"].get("param_groups", [])
+        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            return False
+        return all(isinstance(state[k], torch.Tensor) and state[k].shape == now.shape
+                   for k, now in (("generator", self.generator.get_state()), ("global_rng", torch.get_rng_state())))
 
 
 @torch.no_grad()
