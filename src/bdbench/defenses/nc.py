@@ -90,11 +90,15 @@ from bdbench.training import images_per_pass as default_images_per_pass
 @dataclass
 class ReversedTriggers:
     """One reversed trigger per label: masks (K, 1, H, W) and patterns (K, C, H, W) in [0, 1], and
-    the L1 norm of each mask."""
+    the L1 norm of each mask. Where Neural Cleanse's inversion made them, `costs` and `successes`
+    (epochs run x K, float64) log each epoch's cost weight and the attack success that the schedule
+    read at its end (NaN once a label has stopped), as the reference code's `logs` do."""
 
     masks: torch.Tensor
     patterns: torch.Tensor
     norms: torch.Tensor
+    costs: torch.Tensor | None = None
+    successes: torch.Tensor | None = None
 
     def stamp(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """uint8 images `x` carrying the trigger of `labels` (one label per image)."""
@@ -203,8 +207,11 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
     best_norm = torch.full((num_classes,), math.inf, dtype=torch.float64)
     best_mask, best_pattern = squash(mask_raw).detach().clone(), squash(pattern_raw).detach().clone()
     active = torch.ones(num_classes, dtype=torch.bool)
+    costs: list[torch.Tensor] = []
+    successes: list[torch.Tensor] = []
     x_dev = x.to(device)
     for _ in steps("nc trigger epoch", epochs):
+        costs.append(schedule.cost.clone())
         labels = torch.nonzero(active).flatten()
         labels_dev = labels.to(device)
         cost = schedule.cost[labels].to(device, torch.float32)
@@ -234,6 +241,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
             best_pattern[improved.to(device)] = squash(pattern_raw[improved.to(device)])
         full_success = torch.zeros(num_classes, dtype=torch.bool)
         full_success[labels] = succeeded
+        successes.append(torch.full((num_classes,), math.nan, dtype=torch.float64).index_put_((labels,), success))
         schedule.update(full_success, best_norm, patience, cost_multiplier)
         # Stopped labels drop out of the batch: their trigger is final.
         active &= ~schedule.finished(early_stop_patience)
@@ -245,7 +253,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
         best_pattern[never.to(device)] = squash(pattern_raw[never.to(device)])
     norms = best_mask.flatten(1).sum(1).double().cpu()
     to_layout(model, torch.contiguous_format)
-    return ReversedTriggers(best_mask.cpu(), best_pattern.cpu(), norms)
+    return ReversedTriggers(best_mask.cpu(), best_pattern.cpu(), norms, torch.stack(costs), torch.stack(successes))
 
 
 def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
