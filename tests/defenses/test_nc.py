@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from bdbench.defenses import DefenseKind
 from bdbench.defenses.mmbd import max_margins
@@ -45,3 +46,28 @@ def test_label_groups_give_the_same_optimisation_as_one_batch(badnets):
     margins = [max_margins(context.model, 10, (1, 8, 8), torch.Generator().manual_seed(0), restarts=4, steps=5,
                            images_per_pass=images) for images in (2048, 9)]
     assert torch.allclose(margins[0], margins[1])
+
+
+class _VoteByPassSize(nn.Module):
+    """Predicts class 0 for every image of a pass of at least `large` images, class 1 otherwise (the input enters
+    the logits with weight zero, so that the trigger still has a gradient)."""
+
+    def __init__(self, large: int) -> None:
+        super().__init__()
+        self.large = large
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vote = torch.tensor([1.0, 0.0] if len(x) >= self.large else [0.0, 1.0])
+        return x.flatten(1).sum(1, keepdim=True) * 0 + vote
+
+
+def test_an_epochs_attack_success_is_the_share_of_its_images():
+    # 33 images in batches of 32 and 1, both labels in one pass: passes of 64 images vote 0, passes of 2 vote 1.
+    # The reference (visualizer.py) averages the success of every image of the epoch: 32/33 for label 0, 1/33 for
+    # label 1; a mean of the two batches' rates would give each 0.5 (and fail the 99% threshold for both).
+    x = torch.randint(0, 256, (33, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    triggers = reverse_engineer_triggers(_VoteByPassSize(8), x, 2, torch.Generator().manual_seed(0), epochs=1,
+                                         images_per_pass=2048)
+    assert triggers.successes is not None
+    assert torch.allclose(triggers.successes[0], torch.tensor([32 / 33, 1 / 33], dtype=torch.float64))

@@ -159,7 +159,7 @@ def _accumulate_label_gradients(model: nn.Module, xb: torch.Tensor, mask_raw: to
                                 precision: LoopPrecision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stamp the float batch `xb` with the trigger of each of `labels`, add the gradient of their summed
     losses (cross-entropy towards the label + cost x mask L1) to `mask_raw.grad` and `pattern_raw.grad`,
-    and return each label's attack success on the batch and its mask's L1 norm."""
+    and return how many of the batch's images each label's trigger sends to it, and its mask's L1 norm."""
     mask, pattern = squash(mask_raw[labels]), squash(pattern_raw[labels])
     stamped = (1 - mask[:, None]) * xb[None] + (mask * pattern)[:, None]  # (labels, batch, C, H, W)
     if precision is None:
@@ -176,7 +176,7 @@ def _accumulate_label_gradients(model: nn.Module, xb: torch.Tensor, mask_raw: to
     assert mask_raw.grad is not None and pattern_raw.grad is not None, "the caller zeroes the gradients first"
     mask_raw.grad += grad_mask
     pattern_raw.grad += grad_pattern
-    return (logits.argmax(2) == target).double().mean(1).detach().cpu(), norm.detach().double().cpu()
+    return (logits.argmax(2) == target).double().sum(1).detach().cpu(), norm.detach().double().cpu()
 
 
 def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: int, generator: torch.Generator,
@@ -225,12 +225,14 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
             group = max(1, images_per_pass // len(xb))
             for first in range(0, len(labels), group):
                 chunk = slice(first, first + group)
-                success, norm = _accumulate_label_gradients(model, xb, mask_raw, pattern_raw, labels_dev[chunk],
+                correct, norm = _accumulate_label_gradients(model, xb, mask_raw, pattern_raw, labels_dev[chunk],
                                                             cost[chunk], precision)
-                hits[chunk] += success
+                hits[chunk] += correct
                 norm_sum[chunk] += norm
             optimizer.step()
-        success, norm_mean = hits / len(batches), norm_sum / len(batches)
+        # The attack success of the epoch is over its images (the reference's loss_acc_list holds one entry per
+        # image), the norm the mean of its steps' (loss_reg_list: one per step).
+        success, norm_mean = hits / len(x), norm_sum / len(batches)
         # The paper keeps, per label, the smallest mask (by its epoch-mean norm) whose epoch reached the threshold.
         succeeded = success >= success_threshold
         better = succeeded & (norm_mean < best_norm[labels])
