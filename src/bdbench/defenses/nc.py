@@ -9,12 +9,14 @@ Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019).
    trigger, and the labels' losses are summed. Adam works element-wise and the model is in eval
    mode, so this is the same optimisation as K separate runs, at one forward pass per batch (in
    groups of labels whose gradients add up before the step, where a pass would exceed 2,048 images).
-   The paper's schedule, per label: Adam at lr 0.1, betas (0.5, 0.9); cost starts at 1e-3; after
-   `patience` (5) epochs in a row whose attack success on the budget is at least 99% the cost is
-   multiplied by `cost_multiplier` (2), after 5 epochs in a row below it divided by 2 ** 1.5; the
-   kept trigger is the smallest-norm mask reaching 99%; a label stops early once its cost has moved
-   both ways and its best norm has not improved for `early_stop_patience` (25) epochs. A label
-   that never reaches 99% keeps its last mask.
+   The schedule of the authors' code (`_Schedule`), per label: Adam at lr 0.1, betas (0.5, 0.9); the
+   cost starts at 0 and is set to `init_cost` (1e-3) after `patience` (5) epochs in a row whose attack
+   success on the budget (the share of its images sent to the label) is at least 99%
+   (`cost_from_zero`; False starts at 1e-3, as BackdoorBench's port does); then after 5 such epochs in
+   a row the cost is multiplied by `cost_multiplier` (2), after 5 epochs in a row below it divided by
+   2 ** 1.5; the kept trigger is the smallest-norm mask reaching 99%; a label stops early once its
+   cost had moved both ways before the epoch and its best norm has not improved for
+   `early_stop_patience` (25) epochs. A label that never reaches 99% keeps its last mask.
 2. Detection: the L1 norms of the K masks; their median and MAD (scaled by the consistency
    constant 1.4826; for an even count of labels the median is the mean of the two middle norms);
    the anomaly index of a label is |norm - median| / MAD. Labels below the median with an index
@@ -47,9 +49,10 @@ never the optimisation (`test_label_groups_give_the_same_optimisation_as_one_bat
 `model-defenses` victim of seed 0 the 40 epochs at 128 images a pass gave the bit-identical anomaly
 index of the former 320 a pass, and the process peaked at 690 MB resident instead of 1,090 MB).
 The early stop is the reference code's rule (`bolunwang/backdoor`, visualizer.py: the cost raised and lowered
-at least once, then `early_stop_patience` = 5 x `patience` epochs whose best norm is not below the lowest so far,
-its EARLY_STOP_THRESHOLD of 1.0), with one difference in counting: the reference's epoch is a fixed 1,000 images
-(NB_SAMPLE // BATCH_SIZE = 31 mini-batches of 32, drawn round the data), here it is one pass over the clean
+at least once in earlier epochs, then `early_stop_patience` = 5 x `patience` epochs whose best norm is not below
+the lowest so far, gtsrb_visualize_example.py's EARLY_STOP_THRESHOLD of 1.0), with one difference in counting:
+the reference's epoch is a fixed 1,000 images (NB_SAMPLE // BATCH_SIZE = 31 mini-batches of 32, drawn round the
+data), here it is one pass over the clean
 budget (250 images, 8 mini-batches, on `model-defenses`), so the 5-epoch cost patience is 40 Adam steps here
 against 155 there and the 25-epoch early stop 200 against 775; of its up to 1,000 x 31 = 31,000 steps per label
 the 40 epochs here take 320. The stop cannot shorten the 40 epochs on `model-defenses`: on the clean victim of
@@ -119,21 +122,39 @@ def unsquash(value: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Schedule:
-    """The paper's per-label cost schedule and early stop, as (K,) tensors."""
+    """The per-label cost schedule and early stop of the reference code (bolunwang/backdoor, visualizer.py,
+    at gtsrb_visualize_example.py's settings), as (K,) tensors, updated once at the end of each epoch:
 
+    - the cost starts at 0 (its RESET_COST_TO_ZERO, "true for full optimization") and is set to `init_cost`
+      at the end of the `patience`-th successful epoch in a row, which also clears the raise and lower counters
+      and flags (the raise counter then counts that epoch);
+    - `patience` successful epochs in a row multiply the cost by `multiplier`, as many failed ones divide it by
+      `multiplier` ** 1.5;
+    - a label stops once its cost had been raised and lowered before the epoch (the reference checks the stop
+      before it moves the cost) and its best norm has not fallen below the lowest so far (EARLY_STOP_THRESHOLD
+      1.0) for `early_stop_patience` epochs."""
+
+    init_cost: float
     cost: torch.Tensor
+    settled: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
     raised: torch.Tensor
     lowered: torch.Tensor
+    moved_both_ways: torch.Tensor
     stale: torch.Tensor
     best_seen: torch.Tensor
 
     @classmethod
-    def start(cls, labels: int, init_cost: float) -> _Schedule:
-        zeros = torch.zeros(labels, dtype=torch.long)
-        return cls(torch.full((labels,), init_cost, dtype=torch.float64), zeros, zeros.clone(),
-                   torch.zeros(labels, dtype=torch.bool), torch.zeros(labels, dtype=torch.bool), zeros.clone(),
+    def start(cls, labels: int, init_cost: float, from_zero: bool = True) -> _Schedule:
+        def zeros() -> torch.Tensor:
+            return torch.zeros(labels, dtype=torch.long)
+
+        def no() -> torch.Tensor:
+            return torch.zeros(labels, dtype=torch.bool)
+
+        cost = torch.full((labels,), 0.0 if from_zero else init_cost, dtype=torch.float64)
+        return cls(init_cost, cost, zeros(), zeros(), zeros(), no(), no(), no(), zeros(),
                    torch.full((labels,), math.inf, dtype=torch.float64))
 
     def update(self, succeeded: torch.Tensor, best_norm: torch.Tensor, patience: int, multiplier: float) -> None:
@@ -141,6 +162,12 @@ class _Schedule:
         self.stale = torch.where(found & (best_norm >= self.best_seen), self.stale + 1,
                                  torch.where(found, torch.zeros_like(self.stale), self.stale))
         self.best_seen = torch.minimum(self.best_seen, best_norm)
+        self.moved_both_ways = self.raised & self.lowered  # what the early stop reads: the epochs before this one
+        at_zero = self.cost == 0
+        self.settled = torch.where(at_zero & succeeded, self.settled + 1, torch.zeros_like(self.settled))
+        set_cost = self.settled >= patience
+        self.cost = torch.where(set_cost, self.init_cost, self.cost)
+        self.up[set_cost], self.down[set_cost], self.raised[set_cost], self.lowered[set_cost] = 0, 0, False, False
         self.up = torch.where(succeeded, self.up + 1, torch.zeros_like(self.up))
         self.down = torch.where(succeeded, torch.zeros_like(self.down), self.down + 1)
         raise_cost, lower_cost = self.up >= patience, self.down >= patience
@@ -151,7 +178,9 @@ class _Schedule:
         self.lowered |= lower_cost
 
     def finished(self, early_stop_patience: int) -> torch.Tensor:
-        return self.raised & self.lowered & (self.stale >= early_stop_patience)
+        """The labels that stop at the end of the epoch just updated (the reference leaves their cost as it
+        was; here it moves, but a stopped label is not optimised again)."""
+        return self.moved_both_ways & (self.stale >= early_stop_patience)
 
 
 def _accumulate_label_gradients(model: nn.Module, xb: torch.Tensor, mask_raw: torch.Tensor, pattern_raw: torch.Tensor,
@@ -182,7 +211,8 @@ def _accumulate_label_gradients(model: nn.Module, xb: torch.Tensor, mask_raw: to
 def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: int, generator: torch.Generator,
                               *, epochs: int, batch_size: int = 32, lr: float = 0.1, init_cost: float = 1e-3,
                               success_threshold: float = 0.99, patience: int = 5, cost_multiplier: float = 2.0,
-                              early_stop_patience: int = 25, images_per_pass: int | None = None,
+                              early_stop_patience: int = 25, cost_from_zero: bool = True,
+                              images_per_pass: int | None = None,
                               precision: LoopPrecision | None = None) -> ReversedTriggers:
     """Neural Cleanse's trigger reverse engineering for every label at once, on uint8 clean images `x`.
 
@@ -203,7 +233,7 @@ def reverse_engineer_triggers(model: nn.Module, x: torch.Tensor, num_classes: in
     pattern_raw = unsquash(torch.rand(num_classes, channels, height, width, generator=generator)).to(device)
     pattern_raw.requires_grad_()
     optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
-    schedule = _Schedule.start(num_classes, init_cost)
+    schedule = _Schedule.start(num_classes, init_cost, cost_from_zero)
     best_norm = torch.full((num_classes,), math.inf, dtype=torch.float64)
     best_mask, best_pattern = squash(mask_raw).detach().clone(), squash(pattern_raw).detach().clone()
     active = torch.ones(num_classes, dtype=torch.bool)
@@ -274,14 +304,14 @@ class NeuralCleanse(Defense):
     def __init__(self, epochs: PositiveInt = 40, batch_size: PositiveInt = 32, lr: PositiveFloat = 0.1,
                  init_cost: PositiveFloat = 1e-3, success_threshold: OpenRate = 0.99, patience: PositiveInt = 5,
                  cost_multiplier: Annotated[float, Field(gt=1)] = 2.0, early_stop_patience: PositiveInt = 25,
-                 anomaly_threshold: float = 2.0, unlearning_fraction: OpenRate = 0.2,
+                 cost_from_zero: bool = True, anomaly_threshold: float = 2.0, unlearning_fraction: OpenRate = 0.2,
                  unlearning_epochs: PositiveInt = 10, unlearning_lr: PositiveFloat = 0.01,
                  unlearning_batch_size: int = 32) -> None:
         self.success_threshold = float(success_threshold)
         self.unlearning_fraction = float(unlearning_fraction)
         self.epochs, self.batch_size, self.lr, self.init_cost = epochs, batch_size, lr, init_cost
         self.patience, self.cost_multiplier, self.early_stop_patience = patience, cost_multiplier, early_stop_patience
-        self.anomaly_threshold = anomaly_threshold
+        self.cost_from_zero, self.anomaly_threshold = cost_from_zero, anomaly_threshold
         self.unlearning_epochs, self.unlearning_lr = unlearning_epochs, unlearning_lr
         self.unlearning_batch_size = unlearning_batch_size
 
@@ -300,7 +330,7 @@ class NeuralCleanse(Defense):
             context.model, context.clean_x, context.num_classes, context.generator("nc_reverse"),
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, init_cost=self.init_cost,
             success_threshold=self.success_threshold, patience=self.patience, cost_multiplier=self.cost_multiplier,
-            early_stop_patience=self.early_stop_patience,
+            early_stop_patience=self.early_stop_patience, cost_from_zero=self.cost_from_zero,
             precision=loop_precision(context.train_config, context.device))
         index = anomaly_indices(triggers.norms)
         below = triggers.norms < median(triggers.norms)
