@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from bdbench.defenses import DefenseKind
+from bdbench.defenses import nc as nc_module
 from bdbench.defenses.mmbd import max_margins
-from bdbench.defenses.nc import _Schedule, reverse_engineer_triggers
+from bdbench.defenses.nc import NeuralCleanse, ReversedTriggers, _Schedule, reverse_engineer_triggers
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,23 @@ def test_the_cost_starts_at_zero_and_is_set_after_patience_successful_epochs():
     # cost_from_zero=False starts at init_cost, as BackdoorBench's port does (its Recorder never holds 0).
     later = reverse_engineer_triggers(model, x, 3, torch.Generator().manual_seed(0), epochs=5, cost_from_zero=False)
     assert later.costs is not None and later.costs[0].tolist() == [1e-3] * 3
+
+
+def test_unlearning_stamps_a_fifth_of_the_budget_in_place_under_true_labels(badnets, monkeypatch):
+    # The paper's unlearning set: the clean sample with the reversed trigger added to 20% of its images, labels
+    # unchanged (BackdoorBench: the same 20% of its 5% budget stamped, the rest clean); no clean twin of a stamped image.
+    context = badnets.context(sees_training_set=False)
+    seen = {}
+
+    def capture(context, model, x, y, **settings):
+        seen.update(x=x, y=y, **settings)
+        return model
+
+    monkeypatch.setattr(nc_module, "fine_tune", capture)
+    grey = ReversedTriggers(torch.ones(10, 1, 8, 8), torch.full((10, 1, 8, 8), 0.5), torch.full((10,), 64.0))
+    NeuralCleanse().unlearn(context, grey, torch.tensor([0]))
+    x, y = context.clean_x, context.clean_y
+    assert seen["x"].shape == x.shape and torch.equal(seen["y"], y)
+    stamped = (seen["x"] != x).flatten(1).any(1)
+    assert int(stamped.sum()) == round(0.2 * len(x))
+    assert bool((seen["x"][stamped] == 128).all()) and torch.equal(seen["x"][~stamped], x[~stamped])

@@ -22,11 +22,12 @@ Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019).
    the anomaly index of a label is |norm - median| / MAD. Labels below the median with an index
    above `anomaly_threshold` (2) are flagged. `anomaly_index` is the largest index among
    below-median labels, `suspected_targets` the flagged labels, `detected` whether any.
-3. Repair by unlearning: fine-tune on the clean budget plus stamped copies of a random quarter of
-   it, so that `unlearning_fraction` (the paper's 20%) of the images carry a reversed trigger (of
-   the flagged labels, in turn) under their TRUE labels, with the `ft` recipe (10 epochs, SGD lr
-   0.01, cosine, batch 32). If no label is flagged the model is returned unchanged (no model in
-   the outcome: the runner measures the deployed model).
+3. Repair by unlearning: fine-tune on the clean budget in which a random `unlearning_fraction` (the
+   paper's 20%) of the images carry a reversed trigger (of the flagged labels, in turn) under their
+   TRUE labels, the rest clean (as the paper and BackdoorBench's port build the set: no clean twin of
+   a stamped image), with the `ft` recipe (10 epochs, SGD lr 0.01, cosine, batch 32). If no label is
+   flagged the model is returned unchanged (no model in the outcome: the runner measures the
+   deployed model), as BackdoorBench's port returns the loaded model.
 
 Cost versus the paper: the paper runs up to 1,000 epochs over its samples; `epochs` defaults to
 40 over the clean budget (the cost schedule and early stop still apply within them), so that a
@@ -345,15 +346,15 @@ class NeuralCleanse(Defense):
         return outcome, triggers
 
     def unlearn(self, context: DefenseContext, triggers: ReversedTriggers, flagged: torch.Tensor) -> nn.Module:
-        """Fine-tune a copy of the model on the budget plus stamped copies (true labels) of part of it."""
+        """Fine-tune a copy of the model on the budget with `unlearning_fraction` of its images (at random)
+        carrying a reversed trigger, of the flagged labels in turn, under their true labels."""
         x, y = context.clean_x, context.clean_y
         generator = context.generator("nc_unlearn")
-        # Stamped copies of share f / (1 - f) of the budget make them f of the fine-tuning set.
-        count = max(1, round(len(x) * self.unlearning_fraction / (1 - self.unlearning_fraction)))
+        count = max(1, round(len(x) * self.unlearning_fraction))
         chosen = torch.randperm(len(x), generator=generator)[:count]
         labels = flagged[torch.arange(len(chosen)) % len(flagged)]
-        stamped = triggers.stamp(x[chosen], labels)
+        unlearning_x = x.clone()
+        unlearning_x[chosen] = triggers.stamp(x[chosen], labels)
         model = copy.deepcopy(context.model)
-        return fine_tune(context, model, torch.cat([x, stamped]), torch.cat([y, y[chosen]]),
-                         epochs=self.unlearning_epochs, lr=self.unlearning_lr,
+        return fine_tune(context, model, unlearning_x, y, epochs=self.unlearning_epochs, lr=self.unlearning_lr,
                          batch_size=self.unlearning_batch_size, purpose="nc_unlearn")
