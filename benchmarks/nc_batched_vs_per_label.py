@@ -27,7 +27,7 @@ import time
 import torch
 
 from bdbench.data import load_dataset
-from bdbench.defenses.nc import _accumulate_label_gradients, _squash, _unsquash, reverse_engineer_triggers
+from bdbench.defenses.nc import _accumulate_label_gradients, reverse_engineer_triggers, squash, unsquash
 from bdbench.models import create_model, with_normalization
 
 
@@ -39,8 +39,8 @@ def per_label(model: torch.nn.Module, x: torch.Tensor, num_classes: int, epochs:
     for label in range(num_classes):
         # Full (K, ...) tensors so that the shared step code can index them by label; only this
         # label's row ever gets a gradient, so Adam leaves the others where they are.
-        mask_raw = _unsquash(torch.rand(num_classes, 1, height, width, generator=generator)).to(x.device)
-        pattern_raw = _unsquash(torch.rand(num_classes, channels, height, width, generator=generator)).to(x.device)
+        mask_raw = unsquash(torch.rand(num_classes, 1, height, width, generator=generator)).to(x.device)
+        pattern_raw = unsquash(torch.rand(num_classes, channels, height, width, generator=generator)).to(x.device)
         mask_raw.requires_grad_(), pattern_raw.requires_grad_()
         optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=0.1, betas=(0.5, 0.9))
         labels, cost = torch.tensor([label], device=x.device), torch.tensor([1e-3], device=x.device)
@@ -51,7 +51,7 @@ def per_label(model: torch.nn.Module, x: torch.Tensor, num_classes: int, epochs:
                 mask_raw.grad, pattern_raw.grad = torch.zeros_like(mask_raw), torch.zeros_like(pattern_raw)
                 _accumulate_label_gradients(model, xb, mask_raw, pattern_raw, labels, cost)
                 optimizer.step()
-        norms.append(_squash(mask_raw[label]).detach().sum())
+        norms.append(squash(mask_raw[label]).detach().sum())
     return torch.stack(norms)
 
 

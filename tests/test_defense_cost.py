@@ -171,3 +171,11 @@ def test_the_gpu_check_refuses_without_cuda_and_names_its_four_benchmarks(tmp_pa
                                                           "vectorised_seeds.py", "defense_cost.py"]
     assert all(Path(argv[1]).is_file() for argv in commands)
     assert ["--device", "cuda"] == commands[0][2:4] == commands[1][2:4] == commands[2][2:4]
+
+
+def test_the_batched_nc_benchmark_starts():
+    # gpu_check.py runs it; its imports must name what defenses.nc exports (--help stops after them).
+    script = str(REPO / "benchmarks" / "nc_batched_vs_per_label.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
