@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bdbench.attacks.base import ATTACKS, CleanLabelAttack, LabelMode, TriggeredTestSet
 from bdbench.attacks.public_data import PublicPoolAttack, attacker_pool, pood_images, pood_spec
@@ -92,24 +93,9 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
               **augment)
         train(net, x_both, torch.cat([pood_y, torch.full((len(target_x),), extra_class)]),
               TrainConfig(epochs=self.finetune_epochs, lr=0.01), seed=derive_seed(workshop.seed, "finetune"), **augment)
-        net.eval().requires_grad_(False)
-
-        delta = torch.zeros(target_x.shape[1:], device=device, requires_grad=True)
-        optimizer = torch.optim.Adam([delta], lr=self.lr)
-        generator = workshop.generator("narcissus_trigger")
-        for _ in range(self.trigger_epochs):
-            order = torch.randperm(len(target_x), generator=generator)
-            for start in range(0, len(order), 128):
-                x = target_x[order[start:start + 128]].to(device).float().div(255.0)
-                x = augment_batch(x, dataset.crop_padding, dataset.allow_hflip, generator)
-                wanted = torch.full((len(x),), extra_class, device=device)
-                loss = F.cross_entropy(net((x + delta).clamp(0, 1)), wanted)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    delta.clamp_(-self.eps, self.eps)
-        return delta.detach().cpu()
+        return optimise_trigger(net, target_x, extra_class, self.eps, self.lr, self.trigger_epochs,
+                                dataset.crop_padding, dataset.allow_hflip, workshop.generator("narcissus_trigger"),
+                                device)
 
     def add_trigger(self, x: torch.Tensor) -> torch.Tensor:
         if self.delta is None:
@@ -132,3 +118,26 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
         magnified = (x + self.test_multiplier * self.delta.to(x)).clamp(0, 1).mul(255).round().to(torch.uint8)
         y_true = dataset.y_test[keep]
         return TriggeredTestSet(magnified, y_true, torch.full_like(y_true, target_label), x_clean=dataset.x_test[keep])
+
+
+def optimise_trigger(net: nn.Module, x: torch.Tensor, label: int, eps: float, lr: float, epochs: int,
+                     crop_padding: int, hflip: bool, generator: torch.Generator, device: torch.device,
+                     batch_size: int = 128) -> torch.Tensor:
+    """The perturbation (C, H, W) within [-`eps`, `eps`] that makes `net` put the uint8 images `x`, each
+    batch augmented and the perturbation added, into class `label` (cross-entropy, minimised)."""
+    net.eval().requires_grad_(False)
+    delta = torch.zeros(x.shape[1:], device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(order), batch_size):
+            xb = x[order[start:start + batch_size]].to(device).float().div(255.0)
+            xb = augment_batch(xb, crop_padding, hflip, generator)
+            wanted = torch.full((len(xb),), label, device=device)
+            loss = F.cross_entropy(net((xb + delta).clamp(0, 1)), wanted)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                delta.clamp_(-eps, eps)
+    return delta.detach().cpu()
