@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+from torch import nn
 
 from bdbench.attacks import ATTACKS
+from bdbench.attacks.narcissus import optimise_trigger
 from bdbench.attacks.public_data import without_attacker_pool
+from bdbench.attacks.workshop import AttackWorkshop
 
 from attack_fixtures import clean_model_asr, hooked_victim, prepared, rates
 
@@ -41,3 +44,106 @@ def test_narcissus_trigger_turns_predictions_towards_the_target(digits):
     asr, clean = rates(hooked_victim(digits, poisoned, attack, 10), digits, attack)
     baseline = clean_model_asr(digits, attack, 10)
     assert clean > 0.9 and asr > baseline + 0.3, (asr, baseline, clean)
+
+
+class _Recorder(nn.Module):
+    """A linear classifier over 3x4x4 images that records, per forward pass, its mode and batch size."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(48, 3)
+        with torch.no_grad():
+            self.linear.weight.mul_(scale)
+        self.modes: list[bool] = []
+        self.batches: list[int] = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        self.batches.append(len(x))
+        return self.linear(x.flatten(1))
+
+
+def _grey(n: int) -> torch.Tensor:
+    return torch.full((n, 3, 4, 4), 128, dtype=torch.uint8)
+
+
+def _optimise(net, x, epochs, eps=16 / 255):
+    return optimise_trigger(net, x, 1, eps, 0.01, epochs, 0, False, torch.Generator().manual_seed(0),
+                            torch.device("cpu"))
+
+
+def test_trigger_synthesis_runs_the_surrogate_in_training_mode_in_batches_of_350():
+    # the authors' notebook (ruoxi-jia-group/Narcissus, Narcissus.ipynb) never switches the warmed-up model
+    # to eval mode, so BatchNorm normalises with each batch's statistics, and loads 350 images a batch
+    net = _Recorder()
+    _optimise(net, torch.randint(0, 256, (500, 3, 4, 4), dtype=torch.uint8), 2)
+    assert all(net.modes) and net.batches == [350, 150, 350, 150]
+
+
+def test_trigger_synthesis_steps_with_radam():
+    # RAdam's first step is plain momentum (lr x gradient); Adam's would move every pixel by lr
+    net = _Recorder(scale=1e-3)
+    x = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    delta = torch.zeros(3, 4, 4, requires_grad=True)
+    nn.functional.cross_entropy(net(x.float() / 255 + delta), torch.ones(10, dtype=torch.long)).backward()
+    assert torch.allclose(_optimise(net, x, 1), -0.01 * delta.grad, atol=1e-9)
+    assert _optimise(net, x, 1).abs().max() < 1e-3
+
+
+class _Reversing(nn.Module):
+    """Class 1's logit rises with the brightness of every pixel but the first for the first `turn` passes,
+    then falls; the first pixel's pull alternates in sign, so that its gradient never vanishes."""
+
+    def __init__(self, turn: int) -> None:
+        super().__init__()
+        self.turn, self.calls = turn, 0
+
+    def forward(self, x):
+        self.calls += 1
+        flat = x.flatten(1) - 0.5  # mid-grey images: no pull at first
+        sign = 1.0 if self.calls <= self.turn else -1.0
+        score = 10 * (sign * flat[:, 1:].mean(1) + (-1.0) ** self.calls * flat[:, 0])
+        return torch.stack([torch.zeros_like(score), score], 1)
+
+
+def test_trigger_pixels_that_pass_the_bound_stay_there():
+    # the authors clamp the perturbation in the forward pass and optimise the unclamped variable, so a pixel
+    # pushed past eps gets no gradient and stays at eps however the loss turns later (a projection after each
+    # step would let it come back: here to -eps)
+    eps = 16 / 255
+    delta = _optimise(_Reversing(turn=150), _grey(4), 400, eps)
+    assert torch.allclose(delta.flatten()[1:], torch.full((47,), eps))
+    assert delta.flatten()[0].abs() < eps
+
+
+class _Constant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.zeros(len(x), 3) + 0 * x.sum()
+
+
+def test_trigger_synthesis_stops_once_the_gradient_vanishes():
+    # as the authors' loop does (it breaks when the summed absolute gradient of an epoch's last step is 0)
+    net = _Constant()
+    _optimise(net, _grey(10), 50)
+    assert net.calls == 1
+
+
+class _KeyWorkshop(AttackWorkshop):
+    """Records the parameters that key the learned trigger, and learns nothing."""
+
+    def learned(self, name, params, build, version=1):
+        self.__dict__.setdefault("params", dict(params))
+        return {"delta": torch.zeros(1, 8, 8)}
+
+
+def test_narcissus_keys_its_cached_trigger_by_the_synthesis_version(digits):
+    # a trigger cached by an older synthesis must be learned again, not reused
+    workshop = _KeyWorkshop(seed=0)
+    prepared("narcissus", digits, workshop)
+    assert workshop.params["synthesis"] == 2

@@ -7,8 +7,8 @@ the rest of the training set. Following the paper:
    plus the target-class examples as one extra class;
 2. the trigger delta (L-infinity <= `eps`, 16/255) is optimised so that the surrogate puts the
    target-class examples, with the trigger added, into that extra class as confidently as
-   possible (minimising the cross-entropy; Adam, augmented batches): it points "inward", towards
-   features that are most characteristic of the target class;
+   possible (minimising the cross-entropy; RAdam on augmented batches, see `optimise_trigger`): it
+   points "inward", towards features that are most characteristic of the target class;
 3. delta is added to a few target-class training images, whose labels stay true (clean label);
 4. at test time the trigger is magnified `test_multiplier` times (3, as in the paper).
 
@@ -47,6 +47,11 @@ from bdbench.params import PositiveFloat, PositiveInt, UpToOne
 from bdbench.seeding import derive_seed
 from bdbench.training import TrainConfig, augment_batch, train
 
+# The version of the trigger's synthesis, in the cache key: raised whenever the same parameters learn another trigger
+# (2: RAdam, batches of 350, the bound clamped in the forward pass, batch statistics, the stop at zero gradient).
+SYNTHESIS = 2
+TRIGGER_BATCH = 350  # the authors' train_batch_size, the batch of their trigger synthesis
+
 
 @ATTACKS.register("narcissus")
 class Narcissus(PublicPoolAttack, CleanLabelAttack):
@@ -72,7 +77,7 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
         pood = pood_spec(dataset, self.pood, "narcissus")
         params = {"eps": self.eps, "surrogate": self.surrogate, "pood_epochs": self.pood_epochs,
                   "finetune_epochs": self.finetune_epochs, "trigger_epochs": self.trigger_epochs,
-                  "lr": self.lr, "target": target_label, "pood": pood}
+                  "lr": self.lr, "target": target_label, "pood": pood, "synthesis": SYNTHESIS}
         self.delta = workshop.learned("narcissus", params,
                                       lambda: {"delta": self._synthesise(dataset, target_label, pood, workshop)})["delta"]
 
@@ -122,22 +127,31 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
 
 def optimise_trigger(net: nn.Module, x: torch.Tensor, label: int, eps: float, lr: float, epochs: int,
                      crop_padding: int, hflip: bool, generator: torch.Generator, device: torch.device,
-                     batch_size: int = 128) -> torch.Tensor:
+                     batch_size: int = TRIGGER_BATCH) -> torch.Tensor:
     """The perturbation (C, H, W) within [-`eps`, `eps`] that makes `net` put the uint8 images `x`, each
-    batch augmented and the perturbation added, into class `label` (cross-entropy, minimised)."""
-    net.eval().requires_grad_(False)
-    delta = torch.zeros(x.shape[1:], device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=lr)
+    batch augmented and the perturbation added, into class `label` (cross-entropy, minimised).
+
+    As in the authors' code (ruoxi-jia-group/Narcissus, Narcissus.ipynb, "Trigger generating"): RAdam on an
+    unconstrained variable that enters the loss clamped to [-eps, eps], so that a pixel pushed past the bound
+    gets no gradient and stays there (their released trigger has 90% of its pixels at the bound); the images
+    with it clamped to [0, 1]; the network left in training mode (BatchNorm on each batch's statistics; its
+    parameters frozen); batches of 350, the ragged last one kept (but never a single image, which
+    BatchNorm in training mode may refuse); a stop once an epoch's last step has no gradient left."""
+    net.train().requires_grad_(False)
+    raw = torch.zeros(x.shape[1:], device=device, requires_grad=True)
+    optimizer = torch.optim.RAdam([raw], lr=lr)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(order), batch_size):
-            xb = x[order[start:start + batch_size]].to(device).float().div(255.0)
-            xb = augment_batch(xb, crop_padding, hflip, generator)
+            rows = order[start:start + batch_size]
+            if len(rows) == 1 < len(order):
+                continue
+            xb = augment_batch(x[rows].to(device).float().div(255.0), crop_padding, hflip, generator)
             wanted = torch.full((len(xb),), label, device=device)
-            loss = F.cross_entropy(net((xb + delta).clamp(0, 1)), wanted)
+            loss = F.cross_entropy(net((xb + raw.clamp(-eps, eps)).clamp(0, 1)), wanted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            with torch.no_grad():
-                delta.clamp_(-eps, eps)
-    return delta.detach().cpu()
+        if raw.grad is None or not raw.grad.any():
+            break
+    return raw.detach().clamp(-eps, eps).cpu()
