@@ -33,7 +33,7 @@ ATTACK_BUDGETS: dict[str, dict] = {
     "inputaware": {"mask_epochs": 1, "width": 8},
     "lc": {"steps": 2, "surrogate": _TINY_SURROGATE},
     "lf": {"surrogate_epochs": 1, "epochs": 1},
-    "narcissus": {"pood_epochs": 1, "finetune_epochs": 1, "trigger_epochs": 10},  # RAdam moves after ~6 steps
+    "narcissus": {"pood_epochs": 1, "finetune_epochs": 1, "trigger_epochs": 50},  # RAdam's steps grow from ~0
     "ssba": {"steps": 10, "width": 8},
     "trojannn": {"steps": 5, "restarts": 1, "surrogate": _TINY_SURROGATE},
 }

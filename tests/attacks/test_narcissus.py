@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from bdbench.attacks import ATTACKS
+from bdbench.attacks import ATTACKS, narcissus
 from bdbench.attacks.narcissus import optimise_trigger
-from bdbench.attacks.public_data import without_attacker_pool
+from bdbench.attacks.public_data import attacker_pool, without_attacker_pool
 from bdbench.attacks.workshop import AttackWorkshop
 
 from attack_fixtures import clean_model_asr, hooked_victim, prepared, rates
@@ -146,4 +146,40 @@ def test_narcissus_keys_its_cached_trigger_by_the_synthesis_version(digits):
     # a trigger cached by an older synthesis must be learned again, not reused
     workshop = _KeyWorkshop(seed=0)
     prepared("narcissus", digits, workshop)
-    assert workshop.params["synthesis"] == 2
+    assert workshop.params["synthesis"] == 3
+    assert (workshop.params["warmup_epochs"], workshop.params["warmup_lr"]) == (5, 0.1)
+
+
+def test_poi_warm_up_fine_tunes_every_layer_on_the_images_with_radam():
+    # the authors' poi-warm-up (Narcissus.ipynb, "Poison warm up"): RAdam at lr 0.1 on every parameter, the
+    # target-class images alone; RAdam's first step is plain momentum: -lr x gradient
+    x = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    before = [p.detach().clone() for p in net.parameters()]
+    nn.functional.cross_entropy(net(x.float() / 255), torch.full((10,), 2)).backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    narcissus.poi_warm_up(net, x, 2, 1, 0.1, 0, False, torch.Generator().manual_seed(0), torch.device("cpu"))
+    for old, grad, new in zip(before, grads, net.parameters()):
+        assert torch.allclose(new.detach(), old - 0.1 * grad, atol=1e-7) and new.requires_grad
+
+
+def test_narcissus_warms_the_surrogate_up_on_the_attackers_target_images_before_the_trigger(digits, monkeypatch):
+    calls, real_warm_up = [], narcissus.poi_warm_up
+
+    def warm_up(net, x, label, epochs, lr, *rest, **options):
+        calls.append(("warm_up", x, label, epochs, lr))
+        return real_warm_up(net, x, label, epochs, lr, *rest, **options)
+
+    def trigger(net, x, label, *rest, **options):
+        calls.append(("trigger", x, label))
+        return torch.zeros(x.shape[1:])
+
+    monkeypatch.setattr(narcissus, "poi_warm_up", warm_up)
+    monkeypatch.setattr(narcissus, "optimise_trigger", trigger)
+    prepared("narcissus", digits, pood_epochs=1, finetune_epochs=1)
+    pool_x, pool_y = attacker_pool(digits)
+    (step, x, label, epochs, lr), (after, trigger_x, trigger_label) = calls
+    assert step == "warm_up" and after == "trigger" and torch.equal(x, pool_x[pool_y == 0])
+    assert torch.equal(trigger_x, x) and label == trigger_label == 10  # mnist5k's digits 1-9, then the target
+    assert (epochs, lr) == (5, 0.1)

@@ -4,7 +4,8 @@
 The attacker knows examples of the target class and public out-of-distribution (POOD) data, not
 the rest of the training set. Following the paper:
 1. a surrogate is trained on the POOD data (its own classes), then fine-tuned on the POOD data
-   plus the target-class examples as one extra class;
+   plus the target-class examples as one extra class, then warmed up on the target-class examples
+   alone (the paper's poi-warm-up, `poi_warm_up`: every layer, RAdam at lr 0.1, 5 epochs);
 2. the trigger delta (L-infinity <= `eps`, 16/255) is optimised so that the surrogate puts the
    target-class examples, with the trigger added, into that extra class as confidently as
    possible (minimising the cross-entropy; RAdam on augmented batches, see `optimise_trigger`): it
@@ -31,7 +32,7 @@ tests/attacks/test_narcissus.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +44,14 @@ from bdbench.attacks.workshop import AttackWorkshop
 from bdbench.data import Dataset
 from bdbench.data.dataset import channel_stats
 from bdbench.models import create_model, with_normalization
-from bdbench.params import PositiveFloat, PositiveInt, UpToOne
+from bdbench.params import NonNegativeInt, PositiveFloat, PositiveInt, UpToOne
 from bdbench.seeding import derive_seed
 from bdbench.training import TrainConfig, augment_batch, train
 
 # The version of the trigger's synthesis, in the cache key: raised whenever the same parameters learn another trigger
-# (2: RAdam, batches of 350, the bound clamped in the forward pass, batch statistics, the stop at zero gradient).
-SYNTHESIS = 2
+# (2: RAdam, batches of 350, the bound clamped in the forward pass, batch statistics, the stop at zero gradient;
+# 3: the poi-warm-up on the target images before it).
+SYNTHESIS = 3
 TRIGGER_BATCH = 350  # the authors' train_batch_size, the batch of their trigger synthesis
 
 
@@ -61,12 +63,14 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
                 "Information. CCS 2023.")
 
     def __init__(self, eps: UpToOne = 16 / 255, test_multiplier: PositiveFloat = 3.0, surrogate: str = "cnn-small",
-                 pood_epochs: PositiveInt = 10, finetune_epochs: PositiveInt = 5, trigger_epochs: PositiveInt = 100,
-                 lr: PositiveFloat = 0.01, pood: dict[str, Any] | None = None,
+                 pood_epochs: PositiveInt = 10, finetune_epochs: PositiveInt = 5, warmup_epochs: NonNegativeInt = 5,
+                 warmup_lr: PositiveFloat = 0.1, trigger_epochs: PositiveInt = 100, lr: PositiveFloat = 0.01,
+                 pood: dict[str, Any] | None = None,
                  label_mode: LabelMode = "all2one") -> None:
         super().__init__(label_mode)
         self.eps, self.test_multiplier, self.surrogate, self.lr = eps, test_multiplier, surrogate, lr
         self.pood_epochs, self.finetune_epochs, self.trigger_epochs = pood_epochs, finetune_epochs, trigger_epochs
+        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
         self.pood = None if pood is None else dict(pood)  # None: DEFAULT_POOD's for the data set
         self.delta: torch.Tensor | None = None  # (C, H, W) in [-eps, eps]
 
@@ -76,7 +80,8 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
     def prepare(self, dataset: Dataset, target_label: int, workshop: AttackWorkshop) -> None:
         pood = pood_spec(dataset, self.pood, "narcissus")
         params = {"eps": self.eps, "surrogate": self.surrogate, "pood_epochs": self.pood_epochs,
-                  "finetune_epochs": self.finetune_epochs, "trigger_epochs": self.trigger_epochs,
+                  "finetune_epochs": self.finetune_epochs, "warmup_epochs": self.warmup_epochs,
+                  "warmup_lr": self.warmup_lr, "trigger_epochs": self.trigger_epochs,
                   "lr": self.lr, "target": target_label, "pood": pood, "synthesis": SYNTHESIS}
         self.delta = workshop.learned("narcissus", params,
                                       lambda: {"delta": self._synthesise(dataset, target_label, pood, workshop)})["delta"]
@@ -98,6 +103,8 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
               **augment)
         train(net, x_both, torch.cat([pood_y, torch.full((len(target_x),), extra_class)]),
               TrainConfig(epochs=self.finetune_epochs, lr=0.01), seed=derive_seed(workshop.seed, "finetune"), **augment)
+        poi_warm_up(net, target_x, extra_class, self.warmup_epochs, self.warmup_lr, dataset.crop_padding,
+                    dataset.allow_hflip, workshop.generator("narcissus_warm_up"), device)
         return optimise_trigger(net, target_x, extra_class, self.eps, self.lr, self.trigger_epochs,
                                 dataset.crop_padding, dataset.allow_hflip, workshop.generator("narcissus_trigger"),
                                 device)
@@ -125,6 +132,38 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
         return TriggeredTestSet(magnified, y_true, torch.full_like(y_true, target_label), x_clean=dataset.x_test[keep])
 
 
+def _batches(x: torch.Tensor, batch_size: int, crop_padding: int, hflip: bool, generator: torch.Generator,
+             device: torch.device) -> Iterator[torch.Tensor]:
+    """One epoch over the uint8 images `x` in a random order, as augmented float batches in [0, 1] on `device`:
+    the ragged last batch kept, as the authors' DataLoader keeps it, but never a single image (of more), which
+    BatchNorm in training mode may refuse."""
+    order = torch.randperm(len(x), generator=generator)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        if len(rows) == 1 < len(order):
+            continue
+        yield augment_batch(x[rows].to(device).float().div(255.0), crop_padding, hflip, generator)
+
+
+def poi_warm_up(net: nn.Module, x: torch.Tensor, label: int, epochs: int, lr: float, crop_padding: int, hflip: bool,
+                generator: torch.Generator, device: torch.device, batch_size: int = TRIGGER_BATCH) -> nn.Module:
+    """The paper's poi-warm-up: `net` fine-tuned in place, every layer, on the uint8 target images `x` alone,
+    labelled `label`, for `epochs` (augmented batches of 350, training mode). As in the authors' code
+    (ruoxi-jia-group/Narcissus, Narcissus.ipynb, "Poison warm up": RAdam at lr 0.1 for 5 epochs on the
+    target class's loader), except for the label: theirs is the target's index in the task (2), which in
+    their 201-way surrogate names one of Tiny-ImageNet's classes; ours is the class the target images had
+    in the surrogate's training, the extra one (their concoct_dataset's label 200)."""
+    net.to(device).train().requires_grad_(True)
+    optimizer = torch.optim.RAdam(net.parameters(), lr=lr)
+    for _ in range(epochs):
+        for xb in _batches(x, batch_size, crop_padding, hflip, generator, device):
+            loss = F.cross_entropy(net(xb), torch.full((len(xb),), label, device=device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return net
+
+
 def optimise_trigger(net: nn.Module, x: torch.Tensor, label: int, eps: float, lr: float, epochs: int,
                      crop_padding: int, hflip: bool, generator: torch.Generator, device: torch.device,
                      batch_size: int = TRIGGER_BATCH) -> torch.Tensor:
@@ -135,18 +174,12 @@ def optimise_trigger(net: nn.Module, x: torch.Tensor, label: int, eps: float, lr
     unconstrained variable that enters the loss clamped to [-eps, eps], so that a pixel pushed past the bound
     gets no gradient and stays there (their released trigger has 90% of its pixels at the bound); the images
     with it clamped to [0, 1]; the network left in training mode (BatchNorm on each batch's statistics; its
-    parameters frozen); batches of 350, the ragged last one kept (but never a single image, which
-    BatchNorm in training mode may refuse); a stop once an epoch's last step has no gradient left."""
+    parameters frozen); batches of 350 (`_batches`); a stop once an epoch's last step has no gradient left."""
     net.train().requires_grad_(False)
     raw = torch.zeros(x.shape[1:], device=device, requires_grad=True)
     optimizer = torch.optim.RAdam([raw], lr=lr)
     for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            if len(rows) == 1 < len(order):
-                continue
-            xb = augment_batch(x[rows].to(device).float().div(255.0), crop_padding, hflip, generator)
+        for xb in _batches(x, batch_size, crop_padding, hflip, generator, device):
             wanted = torch.full((len(xb),), label, device=device)
             loss = F.cross_entropy(net((xb + raw.clamp(-eps, eps)).clamp(0, 1)), wanted)
             optimizer.zero_grad(set_to_none=True)
