@@ -1,9 +1,11 @@
 """MM-BD (maximum-margin backdoor detection) on tiny poisoned and benign digits models."""
 
 import numpy as np
+import torch
+from torch import nn
 
 from bdbench.defenses import DefenseKind
-from bdbench.defenses.mmbd import max_statistic_p_value
+from bdbench.defenses.mmbd import max_margins, max_statistic_p_value
 
 
 def test_mmbd_finds_the_target_of_a_backdoored_model_and_ranks_a_benign_one_far_below(badnets, benign, effect):
@@ -24,3 +26,31 @@ def test_mmbd_p_value_of_the_largest_statistic():
     assert max_statistic_p_value(np.append(null, 200.0)) < 1e-6
     assert max_statistic_p_value(np.append(null, null.max() * 0.99)) > 0.05
     assert max_statistic_p_value(np.array([3.0, 3.0, 3.0, 9.0])) == 0.0
+
+
+class _Linear(nn.Module):
+    """Two logits linear in the image: the margin's gradient is the same everywhere."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T
+
+
+def test_each_step_is_plain_gradient_ascent_at_the_learning_rate():
+    # univ_bd.py builds a new SGD(momentum=0.2) at every step, so its momentum buffer starts at the gradient
+    # each time and every step moves the images by lr x gradient. On a linear model the margin then grows by
+    # lr |d|^2 a step (d: the margin's gradient); the statistic is read at the last of `steps` forward passes,
+    # after steps - 1 moves. A momentum carried over would have moved 3.44 lr d in three steps, not 3 lr d.
+    weight = torch.tensor([[0.5, -0.5, 0.5, -0.5], [-0.5, 0.5, -0.5, 0.5]])
+    restarts, steps, lr = 3, 4, 0.01
+    start = torch.rand(2, restarts, 1, 2, 2, generator=torch.Generator().manual_seed(43))
+    assert start.min() > 0.05 and start.max() < 0.95  # the images stay inside [0, 1]: no clamping here
+    d = weight[0] - weight[1]
+    initial = start.flatten(2) @ d
+    expected = torch.stack([initial[0].max(), (-initial[1]).max()]) + (steps - 1) * lr * d.square().sum()
+    margins = max_margins(_Linear(weight), 2, (1, 2, 2), torch.Generator().manual_seed(43), restarts=restarts,
+                          steps=steps, lr=lr)
+    assert torch.allclose(margins.float(), expected, atol=1e-5)
