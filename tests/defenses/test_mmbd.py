@@ -54,3 +54,29 @@ def test_each_step_is_plain_gradient_ascent_at_the_learning_rate():
     margins = max_margins(_Linear(weight), 2, (1, 2, 2), torch.Generator().manual_seed(43), restarts=restarts,
                           steps=steps, lr=lr)
     assert torch.allclose(margins.float(), expected, atol=1e-5)
+
+
+class _Bowl(nn.Module):
+    """Class 0's logit -scale * sum (x - centre)^2, class 1's 0: class 0's margin peaks at the centre."""
+
+    def __init__(self, scale: float, centre: float) -> None:
+        super().__init__()
+        self.scale, self.centre = scale, centre
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bowl = -self.scale * (x.flatten(1) - self.centre).square().sum(1)
+        return torch.stack([bowl, torch.zeros_like(bowl)], 1)
+
+
+def test_the_model_sees_the_images_clamped_and_a_pixel_past_a_bound_stays_there():
+    # univ_bd.py optimises unconstrained images and feeds the model torch.clamp(images, 0, 1): a pixel that
+    # a step carries past 1 is seen as 1 and gets no gradient from then on, so (each step being plain) it
+    # stays there. Here the bowl peaks at 0.9 and a step overshoots it by half the way back: every pixel that
+    # starts below 0.7 lands beyond 1 after the first step and is held at 1, costing class 0's margin
+    # 75 x 0.1^2 = 0.75; those that start above 0.7 settle at 0.9. With 9 pixels, each restart holds some at 1
+    # (all 9 above 0.7 has chance 2e-5). Projecting each step onto [0, 1] instead lets the held pixels back:
+    # every pixel settles at 0.9 and the margin reaches 0.
+    margins = max_margins(_Bowl(75.0, 0.9), 2, (1, 3, 3), torch.Generator().manual_seed(0), restarts=4, steps=60,
+                          lr=0.01)
+    assert margins[0] < -0.7

@@ -9,8 +9,10 @@ reference univ_bd.py builds a new `SGD(momentum=0.2)` at every step, whose momen
 step's gradient, so no momentum carries over) for at most `steps` (300) steps, a class
 stopping once its summed margin changes by less than a relative 1e-5 in a step (the paper's code).
 Every class and restart is one batch, so all classes are optimised in the same forward passes
-(in groups of classes where a pass would exceed 2,048 images). Here each step is projected back
-onto [0, 1]; the paper's code clamps inside the forward pass instead. A class's statistic is the
+(in groups of classes where a pass would exceed 2,048 images). As in univ_bd.py, the images themselves
+are not constrained: the model sees them clamped to [0, 1], so a pixel that a step carries past a bound
+is seen at the bound and, its gradient through the clamp being zero, stays there (projecting each step
+back onto [0, 1] instead would let it return). A class's statistic is the
 largest margin any of its restarts reached at any step.
 
 Detection: fit a gamma distribution (shape, location and scale, by maximum likelihood, as the
@@ -82,8 +84,8 @@ def _margins(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_c
 def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int], generator: torch.Generator, *,
                 restarts: int = 30, steps: int = 300, lr: float = 0.01, tolerance: float = 1e-5,
                 images_per_pass: int | None = None, precision: LoopPrecision | None = None) -> torch.Tensor:
-    """The largest margin logit_k - max_{j != k} logit_j reached by gradient ascent on images in
-    [0, 1], per class k (K,): each step moves the images by `lr` times the margin's gradient. All classes
+    """The largest margin logit_k - max_{j != k} logit_j reached by gradient ascent on images that the
+    model sees clamped to [0, 1], per class k (K,): each step moves the images by `lr` times the margin's gradient. All classes
     and restarts share each step; where that is more than `images_per_pass` images (default:
     `training.images_per_pass` of the model's device, 128 on a CPU, 2,048 on a GPU), classes go through the
     model in groups (the same step, in bounded memory). `precision` runs the model's passes as the trainer
@@ -104,13 +106,13 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
         reached, total = torch.empty(len(labels), dtype=torch.float64), torch.empty(len(labels), dtype=torch.float64)
         for first in range(0, len(labels), group):
             chunk = labels[first:first + group].to(device)
-            margin = _margins(model, images[chunk], chunk, num_classes, precision)
+            # The model sees the images clamped to [0, 1] (univ_bd.py); a pixel past a bound gets no gradient.
+            margin = _margins(model, images[chunk].clamp(0, 1), chunk, num_classes, precision)
             images.grad += torch.autograd.grad(-margin.sum(), [images])[0]
             reached[first:first + group] = margin.detach().amax(1).double().cpu()
             total[first:first + group] = margin.detach().sum(1).double().cpu()
         with torch.no_grad():
             images -= lr * images.grad
-            images.clamp_(0, 1)
         best[labels] = torch.maximum(best[labels], reached)
         # A class stops once its summed margin barely moves (the paper code's relative 1e-5).
         converged = (last_total[labels] - total).abs() < tolerance * last_total[labels].abs()
