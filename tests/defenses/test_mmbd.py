@@ -14,10 +14,20 @@ def test_mmbd_finds_the_target_of_a_backdoored_model_and_ranks_a_benign_one_far_
     assert defense.kind is DefenseKind.MODEL_DETECTION
     assert backdoored.detected and backdoored.suspected_targets == (0,)
     effect.check("-log10 p of the backdoored model", backdoored.anomaly_index, ">", backdoored.threshold)
-    # The benign model's p-value is 0.013 on AVX-512 and 0.037 on AVX2 kernels with one thread: below the
-    # paper's 0.05, a false positive of MM-BD on this tiny model (the benign rates on model-defenses measure
-    # how often). What holds on every kernel set is that the backdoored model is 10 times more significant.
-    effect.check("-log10 p, backdoored less benign", backdoored.anomaly_index - clean.anomaly_index, ">", 1)
+    # The benign model is flagged too (class 8, p 2.5e-4 on AVX2 with one thread; 0.004 before the ascent
+    # followed univ_bd.py), a false positive of MM-BD on this tiny model (the benign rates on model-defenses
+    # measure how often). Nor are the p-values ordered: the gamma fit to nine statistics with shape, location
+    # and scale free (univ_bd.py's scipy call) drives the location to the smallest statistic when the fitted
+    # shape is below 1, where the likelihood has no maximum, so p moves by orders of magnitude with the
+    # statistics' second digit (the backdoored model's p went from 1.8e-6 to 5.6e-4 when the statistics moved
+    # by 0.2 at most). What separates the models is the statistic: the target's margin stands about 4 times
+    # above the others' median, the benign model's largest under 2 times.
+    def spread(outcome):
+        statistics = outcome.class_statistics.numpy()
+        return statistics.max() / np.median(np.delete(statistics, statistics.argmax()))
+
+    effect.check("largest margin over the others' median, backdoored / benign", spread(backdoored) / spread(clean),
+                 ">", 1.5)
 
 
 def test_mmbd_p_value_of_the_largest_statistic():
@@ -80,3 +90,37 @@ def test_the_model_sees_the_images_clamped_and_a_pixel_past_a_bound_stays_there(
     margins = max_margins(_Bowl(75.0, 0.9), 2, (1, 3, 3), torch.Generator().manual_seed(0), restarts=4, steps=60,
                           lr=0.01)
     assert margins[0] < -0.7
+
+
+def test_the_statistic_is_the_largest_margin_among_the_restarts_at_the_last_step():
+    # univ_bd.py reads its statistic from the outputs of the last forward pass it ran, not the best seen on the
+    # way. Here every step overshoots the bowl's peak (0.5) by half again, so class 0's margin falls at each
+    # step until the pixels are carried past 0 or 1 and held at the bound, each then costing 125 x 0.5^2:
+    # about -281 for 9 pixels at the last step, where the best margin on the way is the first (for the best of
+    # four uniform restarts, -107 to -25 in 98% of draws, never below -140).
+    margins = max_margins(_Bowl(125.0, 0.5), 2, (1, 3, 3), torch.Generator().manual_seed(0), restarts=4, steps=60,
+                          lr=0.01)
+    assert margins[0] < -200
+
+
+class _Constant(nn.Module):
+    """Logits (value, 0) for every image, whatever the image; records the number of images in each pass."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+        self.unused = nn.Parameter(torch.zeros(1))
+        self.passes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes.append(len(x))
+        return x.flatten(1).sum(1, keepdim=True) * 0 + torch.tensor([self.value, 0.0])
+
+
+def test_a_class_stops_as_the_reference_does_from_its_first_step():
+    # univ_bd.py stops a class once its loss (minus the summed margin) changes by less than a relative 1e-5 in a
+    # step, starting from a previous loss of 1000: a class whose restarts' margins sum to -1000 stops after its
+    # first step, one whose margins sum to +1000 after its second (its loss is then unchanged).
+    model = _Constant(-250.0)
+    max_margins(model, 2, (1, 2, 2), torch.Generator().manual_seed(0), restarts=4, steps=10)
+    assert model.passes == [8, 4]

@@ -12,8 +12,10 @@ Every class and restart is one batch, so all classes are optimised in the same f
 (in groups of classes where a pass would exceed 2,048 images). As in univ_bd.py, the images themselves
 are not constrained: the model sees them clamped to [0, 1], so a pixel that a step carries past a bound
 is seen at the bound and, its gradient through the clamp being zero, stays there (projecting each step
-back onto [0, 1] instead would let it return). A class's statistic is the
-largest margin any of its restarts reached at any step.
+back onto [0, 1] instead would let it return). A class's statistic is the largest margin among its
+restarts in its last forward pass (at step 300, or the step at which it stopped), as univ_bd.py reads it,
+not the largest reached on the way; the stopping rule starts, as there, from a previous summed margin
+of -1000 (the reference's loss of 1000).
 
 Detection: fit a gamma distribution (shape, location and scale, by maximum likelihood, as the
 paper's code with scipy) to the statistics of all classes but the largest, and take as p-value the
@@ -45,9 +47,6 @@ input-gradient pass of PreAct-ResNet18 (width 0.25, 28x28, one thread) costs
 and on the BadNets victim of `model-defenses` (seed 0, one thread, a shared core) MM-BD took 249.0 CPU s in
 the default layout and 216.5 channels-last (0.87x) with the same finding (class 0 detected);
 `test_float32_loops_in_channels_last_find_what_the_default_layout_finds` holds the margins to rounding.
-
-Noticed against the reference, not changed here (it is not a matter of cost): univ_bd.py's statistic is
-the largest margin among the restarts at the last step; here it is the largest margin reached at any step.
 """
 
 from __future__ import annotations
@@ -84,20 +83,23 @@ def _margins(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_c
 def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int], generator: torch.Generator, *,
                 restarts: int = 30, steps: int = 300, lr: float = 0.01, tolerance: float = 1e-5,
                 images_per_pass: int | None = None, precision: LoopPrecision | None = None) -> torch.Tensor:
-    """The largest margin logit_k - max_{j != k} logit_j reached by gradient ascent on images that the
-    model sees clamped to [0, 1], per class k (K,): each step moves the images by `lr` times the margin's gradient. All classes
-    and restarts share each step; where that is more than `images_per_pass` images (default:
-    `training.images_per_pass` of the model's device, 128 on a CPU, 2,048 on a GPU), classes go through the
-    model in groups (the same step, in bounded memory). `precision` runs the model's passes as the trainer
-    would (`training.loop_precision`); the images, margins and steps stay float32."""
+    """Per class k (K,), the largest margin logit_k - max_{j != k} logit_j among the restarts at the last
+    step of gradient ascent on images that the model sees clamped to [0, 1] (the last step: `steps`, or the
+    one at which the class's summed margin moved by less than a relative `tolerance`); each step moves the
+    images by `lr` times the margin's gradient. All classes and restarts share each step; where that is more
+    than `images_per_pass` images (default: `training.images_per_pass` of the model's device, 128 on a CPU,
+    2,048 on a GPU), classes go through the model in groups (the same step, in bounded memory). `precision`
+    runs the model's passes as the trainer would (`training.loop_precision`); the images, margins and steps
+    stay float32."""
     device = next(model.parameters()).device
     images_per_pass = images_per_pass or default_images_per_pass(device)
     model.eval()
     if precision is not None:
         to_layout(model, precision.memory_format)
     images = torch.rand(num_classes, restarts, *shape, generator=generator).to(device).requires_grad_()
-    best = torch.full((num_classes,), -math.inf, dtype=torch.float64)
-    last_total = torch.full((num_classes,), math.inf, dtype=torch.float64)
+    statistic = torch.full((num_classes,), -math.inf, dtype=torch.float64)
+    # univ_bd.py's previous loss (minus the summed margin) starts at 1000.
+    last_total = torch.full((num_classes,), -1000.0, dtype=torch.float64)
     active = torch.ones(num_classes, dtype=torch.bool)
     group = max(1, images_per_pass // restarts)
     for _ in progress.steps("mmbd step", steps):
@@ -113,7 +115,7 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
             total[first:first + group] = margin.detach().sum(1).double().cpu()
         with torch.no_grad():
             images -= lr * images.grad
-        best[labels] = torch.maximum(best[labels], reached)
+        statistic[labels] = reached  # the margins of a class's last forward pass (univ_bd.py)
         # A class stops once its summed margin barely moves (the paper code's relative 1e-5).
         converged = (last_total[labels] - total).abs() < tolerance * last_total[labels].abs()
         last_total[labels] = total
@@ -121,7 +123,7 @@ def max_margins(model: nn.Module, num_classes: int, shape: tuple[int, int, int],
         if not active.any():
             break
     to_layout(model, torch.contiguous_format)
-    return best
+    return statistic
 
 
 def max_statistic_p_value(statistics: np.ndarray) -> float:
