@@ -112,10 +112,13 @@ def test_a_checkpoint_of_another_model_is_not_loaded_and_changes_nothing(digits,
     cache = ArtifactCache(tmp_path)
     with pytest.raises(Killed):
         _train(digits, _checkpoint(cache, die_after=2), width=4)
+    assert cache.load_info("training", "victim")["train_s"] > 0
     epochs = []
+    checkpoint = _checkpoint(cache)
     with caplog.at_level(logging.WARNING), listening(lambda what, number, total: epochs.append(number)):
-        model = _train(digits, _checkpoint(cache))
+        model = _train(digits, checkpoint)
     assert "does not fit" in caplog.text and epochs == [1, 2, 3, 4]
+    assert checkpoint.earlier_s == checkpoint.earlier_cpu_s == 0.0  # the other model's seconds are not this one's
     _assert_same_weights(_train(digits), model)
 
 

@@ -413,8 +413,8 @@ class StoredCheckpoint:
     (`earlier_s`, `earlier_cpu_s` after `load`), so that a victim's recorded training time is that of all its
     epochs, not only of those after the resume, and the `settings` it was made with (every parameter, defaults
     filled in: a default changed since, under the same key, makes it another training). An unreadable
-    checkpoint, or one of other settings, is discarded with a warning and training starts again from the first
-    epoch."""
+    checkpoint, or one of other settings or that does not fit the training (`reject`), is discarded with a
+    warning, its seconds not counted, and training starts again from the first epoch."""
 
     every_s = 60.0  # at most one save a minute: a victim trained in seconds saves none, one trained in hours ~one an epoch
 
@@ -456,6 +456,12 @@ class StoredCheckpoint:
             "epochs_done": state.get("epochs_done"), "epochs": state.get("epochs"), "settings": self.settings,
             "train_s": round(self.earlier_s + time.perf_counter() - self._start, 3),
             "train_cpu_s": round(self.earlier_cpu_s + time.process_time() - self._cpu_start, 3)})
+
+    def reject(self) -> None:
+        """The state `load` returned does not fit the training (another model or schedule): discard it, and the
+        seconds it carried, which were spent on another training."""
+        self.earlier_s = self.earlier_cpu_s = 0.0
+        self.discard()
 
     def discard(self) -> None:
         self.cache.discard(self.kind, self.key)

@@ -71,12 +71,16 @@ class BatchHook(Protocol):
 
 class TrainingCheckpoint(Protocol):
     """Where `train` keeps its state between epochs (see the module docstring): `load` returns the last
-    state saved, or None; `save` replaces it, at the end of an epoch once `every_s` seconds have passed since
-    the last save (or since training started)."""
+    state saved, or None; `reject` is called when that state does not fit this training (another schedule or
+    model) and must forget it, and whatever it carried about the training (its seconds); `save` replaces it,
+    at the end of an epoch once `every_s` seconds have passed since the last save (or since training started)."""
 
     every_s: float
 
     def load(self) -> dict[str, Any] | None:
+        ...
+
+    def reject(self) -> None:
         ...
 
     def save(self, state: dict[str, Any]) -> None:
@@ -240,7 +244,13 @@ def train(
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.manual_seed(derive_seed(seed, "random_layers"))
         progress = _TrainingState(model, optimizer, scheduler, generator, device, config.epochs, per_epoch)
-        start = progress.restore(checkpoint.load()) if checkpoint is not None else 0
+        state = checkpoint.load() if checkpoint is not None else None
+        if checkpoint is not None and state is not None and not progress.fits(state):
+            log.warning("a training checkpoint does not fit this training (another schedule or model); "
+                        "training from the first epoch")
+            checkpoint.reject()
+            state = None
+        start = progress.restore(state)
         last_save = time.monotonic()
         for epoch in steps("training epoch", config.epochs, start):
             order = torch.randperm(n, generator=generator).to(device)
@@ -287,13 +297,8 @@ class _TrainingState:
         return state
 
     def restore(self, state: dict[str, Any] | None) -> int:
-        """Load `state` and return the epochs it has done; 0, with nothing loaded, when there is none or it does
-        not fit this training (another schedule, another model), which is checked before anything is changed."""
+        """Load `state`, one that `fits`, and return the epochs it has done; 0 when there is none."""
         if state is None:
-            return 0
-        if not self._fits(state):
-            log.warning("a training checkpoint does not fit this training (another schedule or model); "
-                        "training from the first epoch")
             return 0
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -304,7 +309,9 @@ class _TrainingState:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         return int(state["epochs_done"])
 
-    def _fits(self, state: dict[str, Any]) -> bool:
+    def fits(self, state: dict[str, Any]) -> bool:
+        """Whether `state` was saved by this training (same schedule, model and generators), checked on a copy
+        before anything is changed."""
         keys = {"epochs_done", "epochs", "steps_per_epoch", "model", "optimizer", "scheduler", "generator",
                 "global_rng"}
         if not keys <= state.keys() or (state["epochs"], state["steps_per_epoch"]) != (self.epochs, self.per_epoch):
