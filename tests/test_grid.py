@@ -8,6 +8,7 @@ from bdbench.defenses import DEFENSES
 from bdbench.errors import ConfigError
 from bdbench.grid import apply_overrides, expand, load_grid, read_config, settings_changes
 from bdbench.models import MODELS
+from bdbench.registry import REVISION
 
 
 def test_builtin_demo_validates_and_expands():
@@ -154,6 +155,20 @@ def test_settings_fill_in_the_code_defaults_as_plain_json(tiny_grid):
     # Compared key by key where both hold one: a parameter added since keeps the old behaviour at its default.
     assert settings_changes({"attack": {"margin": 0, "old": 1}}, {"attack": {"margin": 1, "new": 2}, "defense": {}}) \
         == ["attack.margin 0 -> 1"]
+
+
+def test_a_raised_revision_is_part_of_the_settings_and_settings_without_one_read_as_revision_1(monkeypatch):
+    assert DEFENSES.revision("ft") == 1 and REVISION not in DEFENSES.settings("ft")
+    ft = DEFENSES.get("ft")
+    monkeypatch.setattr(ft, "revision", 2, raising=False)
+    now = {"defense": DEFENSES.settings("ft")}
+    assert now["defense"][REVISION] == 2
+    before = {"defense": {k: v for k, v in now["defense"].items() if k != REVISION}}  # stored before the change
+    assert settings_changes(before, now) == ["defense revision 1 -> 2"]
+    assert settings_changes(now, now) == []
+    monkeypatch.setattr(ft, "revision", 0)
+    with pytest.raises(ConfigError, match="defense 'ft' has revision 0; a revision is an integer >= 1"):
+        DEFENSES.settings("ft")
 
 
 def test_a_clean_victim_is_keyed_without_the_target_label(tiny_grid):

@@ -148,7 +148,7 @@ def test_tiny_grid_rows_cache_and_rerun(tmp_path, tiny_grid, effect):
     assert len(load_results(tmp_path)) == 6
 
 
-def test_a_default_changed_in_the_code_runs_its_rows_and_victims_again(tmp_path, tiny_grid, monkeypatch, caplog):
+def test_a_default_or_revision_changed_in_the_code_runs_its_rows_and_victims_again(tmp_path, tiny_grid, monkeypatch, caplog):
     """Experiment ids hash the parameters as the grid writes them, so a default changed in the code since a
     row was made keeps the id: the row's recorded settings tell the resumed grid to run it again."""
     from bdbench.attacks import ATTACKS
@@ -194,6 +194,18 @@ def test_a_default_changed_in_the_code_runs_its_rows_and_victims_again(tmp_path,
     caplog.clear()  # a fourth run finds everything current
     run_grid(tiny_grid, out=tmp_path, progress=False)
     assert "4 experiments, 4 stored, 0 to run" in caplog.text
+
+    class RevisedFT(LongerFT):  # FT's code changes what it computes, its parameters do not
+        revision = 2
+
+    monkeypatch.setitem(DEFENSES._entries, "ft", dataclasses.replace(DEFENSES.entry("ft"), obj=RevisedFT))
+    mtimes = {p: p.stat().st_mtime_ns for p in victims.iterdir()}
+    caplog.clear()
+    fifth = run_grid(tiny_grid, out=tmp_path, progress=False)
+    assert "4 experiments, 2 stored, 2 to run" in caplog.text  # the two FT rows only
+    assert caplog.text.count("(defense revision 1 -> 2): running it again") == 2
+    assert {s["defense"]["(revision)"] for s in fifth[fifth.defense == "ft"].settings} == {2}
+    assert {p: p.stat().st_mtime_ns for p in victims.iterdir()} == mtimes  # a defense's revision keeps the victims
 
 
 def test_same_spec_same_seed_same_numbers(tmp_path, tiny_grid):

@@ -26,6 +26,7 @@ from bdbench.federated import SERVER_DEFENSES, FederatedConfig
 from bdbench.models import MODELS
 from bdbench.plugins import import_modules
 from bdbench.precision import PRECISIONS
+from bdbench.registry import REVISION
 from bdbench.training import TrainConfig
 
 PrecisionOrder = Literal["quantize_then_defend", "defend_then_quantize"]
@@ -295,12 +296,19 @@ def _hash(obj: Any) -> str:
 
 
 def settings_changes(before: Mapping[str, dict[str, Any]], now: Mapping[str, dict[str, Any]]) -> list[str]:
-    """`part.key old -> new` for each parameter both settings hold with different values. A parameter only one
-    holds does not count: a parameter added since keeps the old behaviour at its default (the rule new
-    parameters follow, as new spec fields do for the experiment id)."""
-    return [f"{part}.{key} {before[part][key]!r} -> {now[part][key]!r}"
-            for part in sorted(set(before) & set(now)) for key in sorted(set(before[part]) & set(now[part]))
-            if before[part][key] != now[part][key]]
+    """`part.key old -> new` for each parameter both settings hold with different values, and `part revision
+    old -> new` where the code's revision differs (1 where none is held). A parameter only one holds does not
+    count: a parameter added since keeps the old behaviour at its default (the rule new parameters follow, as
+    new spec fields do for the experiment id)."""
+    changes = []
+    for part in sorted(set(before) & set(now)):
+        old, new = before[part].get(REVISION, 1), now[part].get(REVISION, 1)
+        if old != new:
+            changes.append(f"{part} revision {old!r} -> {new!r}")
+        changes += [f"{part}.{key} {before[part][key]!r} -> {now[part][key]!r}"
+                    for key in sorted(set(before[part]) & set(now[part]) - {REVISION})
+                    if before[part][key] != now[part][key]]
+    return changes
 
 
 def without_poison_rate(attack: Component) -> Component:

@@ -6,6 +6,10 @@ refuse a value that does not fit the annotation (`patch_size: int`, or a range s
 `epochs: Annotated[int, Field(ge=1)]`, see `bdbench.params`) in one line that names the parameter, before
 the factory runs; a registered class checks them again whenever it is constructed, also directly. A
 reference entry (`none`: no attack, no defense) says so with a class attribute `reference = True`.
+
+An entry whose code changes what it computes (a step fixed after a review against the authors' code) raises
+its `revision` (a class or function attribute, 1 when absent): the revision is part of its settings, so rows
+and cached victims made by an earlier revision run again on resume, as they do when a default changes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from pydantic import TypeAdapter, ValidationError
 from bdbench.errors import ConfigError
 
 T = TypeVar("T")
+
+REVISION = "(revision)"
+"""The settings key of an entry's `revision` (a name no parameter can have), held only when it is above 1."""
 
 
 @dataclass(frozen=True)
@@ -141,10 +148,23 @@ class Registry(Generic[T]):
         """Every parameter that one setting of an entry runs with: `params`, and the factory's current defaults
         for those it leaves out, as plain JSON values. Two runs of the same spec ran the same setting only if
         their settings are equal: a default changed in the code since changes them (the spec, and hence the
-        experiment id, does not). A value JSON cannot hold stands as its type's name, the same in every process."""
+        experiment id, does not), and so does a raised `revision` (under `REVISION`, held only above 1, so that
+        settings stored before revisions existed compare equal to revision 1). A value JSON cannot hold stands as
+        its type's name, the same in every process."""
         values = {**self.defaults(name), **(params or {})}
-        return cast(dict[str, Any], json.loads(json.dumps({k: plain_value(values[k]) for k in sorted(values)},
-                                                       default=lambda v: f"<{type(v).__qualname__}>")))
+        settings = {k: plain_value(values[k]) for k in sorted(values)}
+        if (revision := self.revision(name)) > 1:
+            settings[REVISION] = revision
+        return cast(dict[str, Any], json.loads(json.dumps(settings, default=lambda v: f"<{type(v).__qualname__}>")))
+
+    def revision(self, name: str) -> int:
+        """The revision of an entry's code (its `revision` attribute; 1 when it has none or is not registered)."""
+        if name not in self:
+            return 1
+        revision = getattr(self.get(name), "revision", 1)
+        if isinstance(revision, bool) or not isinstance(revision, int) or revision < 1:
+            raise ConfigError(f"{self.kind} {name!r} has revision {revision!r}; a revision is an integer >= 1")
+        return revision
 
     def variant(self, name: str, params: Mapping[str, Any] | None = None, label: str | None = None) -> str:
         """A short name for one setting of an entry: `label` where the spec gives one, else the name with its

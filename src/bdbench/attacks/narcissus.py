@@ -79,10 +79,6 @@ from bdbench.params import NonNegativeInt, PositiveFloat, PositiveInt, UpToOne
 from bdbench.seeding import derive_seed
 from bdbench.training import TrainConfig, augment_batch, train
 
-# The version of the trigger's synthesis, in the cache key: raised whenever the same parameters learn another trigger
-# (2: RAdam, batches of 350, the bound clamped in the forward pass, batch statistics, the stop at zero gradient;
-# 3: the poi-warm-up on the target images before it).
-SYNTHESIS = 3
 TRIGGER_BATCH = 350  # the authors' train_batch_size, the batch of their trigger synthesis
 
 
@@ -92,6 +88,10 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
 
     citation = ("Zeng, Pan, Just, Lyu, Jia. Narcissus: A Practical Clean-Label Backdoor Attack with Limited "
                 "Information. CCS 2023.")
+    # The code's revision (`bdbench.registry`), also in the trigger's cache key: 2, RAdam, batches of 350, the
+    # bound clamped in the forward pass, batch statistics, the stop at zero gradient; 3, the poi-warm-up on the
+    # target images before the synthesis. Victims and rows of an earlier revision are made again on resume.
+    revision = 3
 
     def __init__(self, eps: UpToOne = 16 / 255, test_multiplier: PositiveFloat = 3.0, surrogate: str = "cnn-small",
                  pood_epochs: PositiveInt = 10, finetune_epochs: PositiveInt = 5, warmup_epochs: NonNegativeInt = 5,
@@ -113,7 +113,7 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
         params = {"eps": self.eps, "surrogate": self.surrogate, "pood_epochs": self.pood_epochs,
                   "finetune_epochs": self.finetune_epochs, "warmup_epochs": self.warmup_epochs,
                   "warmup_lr": self.warmup_lr, "trigger_epochs": self.trigger_epochs,
-                  "lr": self.lr, "target": target_label, "pood": pood, "synthesis": SYNTHESIS}
+                  "lr": self.lr, "target": target_label, "pood": pood, "synthesis": self.revision}
         self.delta = workshop.learned("narcissus", params,
                                       lambda: {"delta": self._synthesise(dataset, target_label, pood, workshop)})["delta"]
 
