@@ -63,3 +63,15 @@ def test_abl_isolates_its_share_of_low_loss_samples_and_keeps_clean_accuracy(bad
     assert model is not badnets.model
     clean_acc = metrics.accuracy(predict(model, badnets.dataset.x_test), badnets.dataset.y_test)
     effect.check("clean accuracy after", clean_acc, ">", 0.5)  # measured 0.66-0.84 over those runs
+
+
+@pytest.mark.parametrize("name", ["data-defenses", "fidelity-cifar10", "fidelity-gtsrb"])
+def test_built_in_grids_scale_abls_stages_to_their_victims_epochs_as_the_paper_splits_100(name):
+    # The paper's T = 100: 20 isolation and 60 tuning epochs; the unlearning passes over the isolated 1% stay 20.
+    from bdbench.grid import load_grid
+
+    grid = load_grid(name)
+    (abl,) = [d for d in grid.defenses if d.name == "abl"]
+    epochs = grid.training.epochs
+    assert (abl.params["isolation_epochs"], abl.params["tuning_epochs"]) == (round(0.2 * epochs), round(0.6 * epochs))
+    assert abl.params["unlearning_epochs"] == 20
