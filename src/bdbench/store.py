@@ -340,7 +340,7 @@ class ArtifactCache:
     Models are stored as their state dict; attacks store what they learned (a trigger, a generator).
     """
 
-    durable = True  # on disk: it outlives the process, so a training checkpoint kept in it is worth saving
+    durable = True  # on disk: it outlives the process, so a checkpoint (training, federation) in it is worth saving
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -407,19 +407,24 @@ class ArtifactCache:
 
 
 class StoredCheckpoint:
-    """A training checkpoint (`training.TrainingCheckpoint`) kept in an artifact cache under `kind`/`key`: the
-    trainer's state in torch's own format as one byte tensor, read back with `weights_only` (tensors, numbers
-    and containers; no code). It also carries the wall and CPU seconds that training spent up to it
-    (`earlier_s`, `earlier_cpu_s` after `load`), so that a victim's recorded training time is that of all its
-    epochs, not only of those after the resume, and the `settings` it was made with (every parameter, defaults
-    filled in: a default changed since, under the same key, makes it another training). An unreadable
-    checkpoint, or one of other settings or that does not fit the training (`reject`), is discarded with a
-    warning, its seconds not counted, and training starts again from the first epoch."""
+    """A checkpoint (`training.Checkpoint`, and `training.TrainingCheckpoint` with its `every_s`) kept in an
+    artifact cache under `kind`/`key`: a victim's training state (`training/<victim key>`) or a federation's
+    (`federated/<victim key>`), in torch's own format as one byte tensor, read back with `weights_only`
+    (tensors, numbers and containers; no code). The JSON beside it records the state's counters (its top-level
+    integers: epochs done, a federation's round), the wall and CPU seconds spent up to it (`earlier_s`,
+    `earlier_cpu_s` after `load`), so that a victim's recorded training time is that of all its epochs or
+    rounds, not only of those after the resume, and the `settings` it was made with (every parameter, defaults
+    filled in: a default changed since, under the same key, makes it another computation). An unreadable
+    checkpoint, one of other settings or that records none (an older format's, such as the federated
+    checkpoints saved before this class kept them), or one that does not fit (`reject`), is discarded with a
+    warning, its seconds not counted, and the computation starts again (`start_over` says how, in the
+    warning)."""
 
     every_s = 60.0  # at most one save a minute: a victim trained in seconds saves none, one trained in hours ~one an epoch
 
-    def __init__(self, cache: ArtifactCache, kind: str, key: str, settings: dict[str, Any] | None = None) -> None:
-        self.cache, self.kind, self.key = cache, kind, key
+    def __init__(self, cache: ArtifactCache, kind: str, key: str, settings: dict[str, Any] | None = None,
+                 start_over: str = "training from the first epoch") -> None:
+        self.cache, self.kind, self.key, self.start_over = cache, kind, key, start_over
         self.settings = json.loads(json.dumps(settings, sort_keys=True))  # as the JSON beside it reads back
         self.earlier_s = self.earlier_cpu_s = 0.0
         self._start, self._cpu_start = time.perf_counter(), time.process_time()
@@ -427,8 +432,8 @@ class StoredCheckpoint:
     def load(self) -> dict[str, Any] | None:
         info = self.cache.load_info(self.kind, self.key) or {}
         if info and info.get("settings") != self.settings:
-            log.warning("training checkpoint %s/%s was made with other settings; training from the first epoch",
-                        self.kind, self.key)
+            why = "was made with other settings" if "settings" in info else "records no settings (an older format)"
+            log.warning("checkpoint %s/%s %s; %s", self.kind, self.key, why, self.start_over)
             self.discard()
             return None
         try:
@@ -437,15 +442,13 @@ class StoredCheckpoint:
                 return None
             state = torch.load(io.BytesIO(tensors["state"].numpy().tobytes()), weights_only=True)
             if not isinstance(state, dict):
-                raise ValueError(f"holds a {type(state).__name__}, not a training state")
+                raise ValueError(f"holds a {type(state).__name__}, not a saved state")
         except (ArtifactError, KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            log.warning("training checkpoint %s/%s is unreadable (%s); training from the first epoch",
-                        self.kind, self.key, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("checkpoint %s/%s is unreadable (%s); %s", self.kind, self.key,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.start_over)
             self.discard()
             return None
         self.earlier_s, self.earlier_cpu_s = float(info.get("train_s", 0.0)), float(info.get("train_cpu_s", 0.0))
-        log.warning("resuming training %s from its checkpoint after epoch %s of %s", self.key,
-                    state.get("epochs_done"), state.get("epochs"))
         return state
 
     def save(self, state: dict[str, Any]) -> None:
@@ -453,13 +456,13 @@ class StoredCheckpoint:
         torch.save(state, buffer)
         blob = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
         self.cache.save_tensors(self.kind, self.key, {"state": blob}, {
-            "epochs_done": state.get("epochs_done"), "epochs": state.get("epochs"), "settings": self.settings,
+            **_counters(state), "settings": self.settings,
             "train_s": round(self.earlier_s + time.perf_counter() - self._start, 3),
             "train_cpu_s": round(self.earlier_cpu_s + time.process_time() - self._cpu_start, 3)})
 
     def reject(self) -> None:
-        """The state `load` returned does not fit the training (another model or schedule): discard it, and the
-        seconds it carried, which were spent on another training."""
+        """The state `load` returned does not fit the computation (another model, schedule or federation):
+        discard it, and the seconds it carried, which were spent on another computation."""
         self.earlier_s = self.earlier_cpu_s = 0.0
         self.discard()
 
@@ -467,12 +470,25 @@ class StoredCheckpoint:
         self.cache.discard(self.kind, self.key)
 
 
+def _counters(state: dict[str, Any]) -> dict[str, int]:
+    """A saved state's top-level integers (a one-element integer tensor counts): where it stands, readable in
+    the JSON beside it without loading it."""
+    counters = {}
+    for name, value in state.items():
+        if (isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool
+                and not value.is_floating_point() and not value.is_complex()):
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            counters[name] = value
+    return counters
+
+
 class MemoryCache(ArtifactCache):
     """Artifacts held in memory, for a worker that cannot see the output folder (a Ray node).
 
     It starts with the artifacts the driver sends (`entries`: (kind, key) -> (tensors, info));
     what the worker saves lands in `produced` too, for the driver to store in the output folder.
-    It is not `durable`: a training checkpoint would die with the worker, so none is kept.
+    It is not `durable`: a checkpoint (a victim's training or federation) would die with the worker, so none is kept.
     """
 
     durable = False

@@ -18,7 +18,8 @@ draw from. Training that was killed part-way then resumes at the epoch after the
 with the same weights, bit for bit, as training that was never interrupted (tested). A hook that keeps
 state of its own between batches (InputAware's generator and its optimiser) is not in that state, so
 training with one checkpoints only when the hook says it keeps none (`resumable = True`: WaNet's noise mode,
-BPP's negative samples).
+BPP's negative samples). A federation keeps its rounds' state through the same `Checkpoint` protocol
+(`bdbench.federated.simulation`).
 """
 
 from __future__ import annotations
@@ -69,13 +70,14 @@ class BatchHook(Protocol):
         ...
 
 
-class TrainingCheckpoint(Protocol):
-    """Where `train` keeps its state between epochs (see the module docstring): `load` returns the last
-    state saved, or None; `reject` is called when that state does not fit this training (another schedule or
-    model) and must forget it, and whatever it carried about the training (its seconds); `save` replaces it,
-    at the end of an epoch once `every_s` seconds have passed since the last save (or since training started)."""
-
-    every_s: float
+class Checkpoint(Protocol):
+    """Where a long computation keeps its state so that a run killed part-way resumes where it stood: `load`
+    returns the last state saved (a dict of tensors, numbers and containers), or None; `reject` is called when
+    that state does not fit this computation (another schedule, model or federation) and must forget it, and
+    whatever it carried about the computation (its seconds); `save` replaces it. `train` takes one that also
+    says how often to save (`TrainingCheckpoint`); a federation (`bdbench.federated.simulation.run_federation`)
+    saves every `checkpoint_every` rounds, its config's own cadence. `bdbench.store.StoredCheckpoint` is one
+    for both, kept in the output folder's cache."""
 
     def load(self) -> dict[str, Any] | None:
         ...
@@ -85,6 +87,14 @@ class TrainingCheckpoint(Protocol):
 
     def save(self, state: dict[str, Any]) -> None:
         ...
+
+
+class TrainingCheckpoint(Checkpoint, Protocol):
+    """Where `train` keeps its state between epochs (see the module docstring): a `Checkpoint` that `train`
+    saves at the end of an epoch once `every_s` seconds have passed since the last save (or since training
+    started)."""
+
+    every_s: float
 
 
 def hook_is_resumable(hook: BatchHook | None) -> bool:
@@ -245,11 +255,15 @@ def train(
         torch.manual_seed(derive_seed(seed, "random_layers"))
         progress = _TrainingState(model, optimizer, scheduler, generator, device, config.epochs, per_epoch)
         state = checkpoint.load() if checkpoint is not None else None
-        if checkpoint is not None and state is not None and not progress.fits(state):
-            log.warning("a training checkpoint does not fit this training (another schedule or model); "
-                        "training from the first epoch")
-            checkpoint.reject()
-            state = None
+        if checkpoint is not None and state is not None:
+            if progress.fits(state):
+                log.warning("training resumes from its checkpoint after epoch %d of %d", state["epochs_done"],
+                            config.epochs)
+            else:
+                log.warning("a training checkpoint does not fit this training (another schedule or model); "
+                            "training from the first epoch")
+                checkpoint.reject()
+                state = None
         start = progress.restore(state)
         last_save = time.monotonic()
         for epoch in steps("training epoch", config.epochs, start):
