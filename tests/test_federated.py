@@ -273,7 +273,7 @@ def test_a_federated_grid_runs_into_rows_and_per_round_curves(tmp_path):
 
 def test_a_killed_federation_resumes_from_its_checkpoint_with_the_same_weights(digits, tmp_path):
     from bdbench.federated.simulation import run_federation
-    from bdbench.store import ArtifactCache
+    from bdbench.store import ArtifactCache, StoredCheckpoint
 
     config = FederatedConfig(clients=4, rounds=4, local_epochs=1, batch_size=32, client_lr=0.05,
                              checkpoint_every=1)
@@ -281,9 +281,9 @@ def test_a_killed_federation_resumes_from_its_checkpoint_with_the_same_weights(d
     whole = run_federation(config, defense, digits, None, 0.0, 0, _digits_template(digits), 0, torch.device("cpu"))
     cache = ArtifactCache(tmp_path)
     run_federation(config, defense, digits, None, 0.0, 0, _digits_template(digits), 0, torch.device("cpu"),
-                   cache=cache, checkpoint_key="k", stop_after=2)  # "killed" after round 2
+                   checkpoint=StoredCheckpoint(cache, "federated", "k"), stop_after=2)  # "killed" after round 2
     resumed = run_federation(config, defense, digits, None, 0.0, 0, _digits_template(digits), 0,
-                             torch.device("cpu"), cache=cache, checkpoint_key="k")
+                             torch.device("cpu"), checkpoint=StoredCheckpoint(cache, "federated", "k"))
     assert resumed.resumed_from == 2
     for (n, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), n

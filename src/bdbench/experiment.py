@@ -13,10 +13,11 @@ import logging
 import math
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -88,6 +89,28 @@ def check_victim_settings(spec: ExperimentSpec, info: dict[str, Any] | None) -> 
                             f"({'; '.join(changes)})")
 
 
+def victim_checkpoint(spec: ExperimentSpec, cache: ArtifactCache, kind: str,
+                      start_over: str) -> StoredCheckpoint | None:
+    """Where a victim killed part-way (a session's end, a pre-empted node) resumes from: the checkpoint of its
+    training (`kind` "training", its last epoch) or of its federation ("federated", its last checkpointed round)
+    in the cache under its key, made with its settings (`start_over` says, in a warning, how it starts again
+    without one). None in a cache that is not `durable` (a Ray node's, which dies with the worker)."""
+    if not cache.durable:
+        return None
+    return StoredCheckpoint(cache, kind, spec.victim_key, spec.settings(victim_only=True), start_over)
+
+
+@contextmanager
+def measure_resumable(checkpoint: StoredCheckpoint | None) -> Iterator[Cost]:
+    """`measure()` of a victim's training, to which the seconds its checkpoint carried are added: the epochs or
+    rounds trained before a resume count too."""
+    with measure() as cost:
+        yield cost
+    if checkpoint is not None:
+        cost.seconds += checkpoint.earlier_s
+        cost.cpu_seconds += checkpoint.earlier_cpu_s
+
+
 def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, cache: ArtifactCache,
                          device: torch.device) -> Victim:
     """The global model of the spec's federation, from the cache when the same federation ran before (its
@@ -110,11 +133,12 @@ def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack,
             cache.discard("federated", spec.victim_key)  # its checkpoint, from the same settings
             model = new_model(spec, dataset, "victim_init")
         federation = spec.federated
-        with measure() as training:
+        checkpoint = victim_checkpoint(spec, cache, "federated", "running the federation from its first round")
+        with measure_resumable(checkpoint) as training:
             result = run_federation(
                 federation, (federation.server_defense.name, federation.server_defense.params), dataset,
                 None if ATTACKS.is_reference(spec.attack.name) else attack, spec.poison_rate, spec.target_label,
-                model, derive_seed(spec.seed, "federation"), device, cache=cache, checkpoint_key=spec.victim_key)
+                model, derive_seed(spec.seed, "federation"), device, checkpoint=checkpoint)
         summary = result.summary()
         cache.save("victims", spec.victim_key, result.model, {
             "spec": spec.model_dump(mode="json", include={"dataset", "model", "attack", "poison_rate", "target_label",
@@ -123,7 +147,8 @@ def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack,
             "train_cpu_s": round(training.cpu_seconds, 3), "poisoned_samples": result.poisoned_samples,
             "federated": summary,
         })
-        cache.discard("federated", spec.victim_key)  # the checkpoint, once the finished model is stored
+        if checkpoint is not None:  # done with, once the finished model is stored
+            checkpoint.discard()
     return Victim(result.model.eval(), False, training, summary)
 
 
@@ -150,16 +175,11 @@ def get_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack, poisoned:
             log.warning("%s; retraining it", exc)
             cache.discard("victims", spec.victim_key)
             model = new_model(spec, dataset, "victim_init")
-        # Killed part-way (a session's end, a pre-empted node), the victim resumes from its last epoch checkpoint.
-        checkpoint = StoredCheckpoint(cache, "training", spec.victim_key, spec.settings(victim_only=True)) \
-            if cache.durable else None
-        with measure() as training:
+        checkpoint = victim_checkpoint(spec, cache, "training", "training from the first epoch")
+        with measure_resumable(checkpoint) as training:
             train(model, poisoned.x, poisoned.y, spec.training, seed=derive_seed(spec.seed, "victim_train"),
                   crop_padding=dataset.crop_padding, hflip=dataset.allow_hflip, device=device,
                   hook=attack.training_hook(), checkpoint=checkpoint)
-        if checkpoint is not None:  # the epochs trained before a resume count too
-            training.seconds += checkpoint.earlier_s
-            training.cpu_seconds += checkpoint.earlier_cpu_s
         if attack.learns_with_victim:  # saved first: a victim file never exists without its trigger
             cache.save_tensors("victims", attack_key, attack.victim_state(), {"victim_key": spec.victim_key,
                                                                              "attack": spec.attack.name})

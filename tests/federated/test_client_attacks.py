@@ -168,7 +168,7 @@ def test_a_neurotoxin_attacker_update_is_zero_on_the_masked_coordinates(digits):
 
 
 def test_neurotoxin_carries_its_estimate_through_a_checkpoint(digits, tmp_path):
-    from bdbench.store import ArtifactCache
+    from bdbench.store import ArtifactCache, StoredCheckpoint
 
     attack = _prepared(digits, "badnets", patch_size=3)
     config = FederatedConfig(clients=4, malicious=1, rounds=3, local_epochs=1, batch_size=32, client_lr=0.05,
@@ -180,9 +180,9 @@ def test_neurotoxin_carries_its_estimate_through_a_checkpoint(digits, tmp_path):
 
     whole = run()
     cache = ArtifactCache(tmp_path)
-    run(cache=cache, checkpoint_key="k", stop_after=2)
-    assert "client_attack.neurotoxin.last_step" in cache.load_tensors("federated", "k")
-    resumed = run(cache=cache, checkpoint_key="k")
+    run(checkpoint=StoredCheckpoint(cache, "federated", "k"), stop_after=2)
+    assert "client_attack.neurotoxin.last_step" in StoredCheckpoint(cache, "federated", "k").load()
+    resumed = run(checkpoint=StoredCheckpoint(cache, "federated", "k"))
     assert resumed.resumed_from == 2
     for (n, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), n

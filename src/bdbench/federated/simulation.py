@@ -9,9 +9,12 @@ samples, which clients are malicious and test data never reach it. The simulatio
 (Lockdown's consensus-fused one) on the test set after the rounds `eval_every` picks, for the per-round curve.
 
 Every random choice of round r is drawn from a seed derived from the experiment's seed and r (participants,
-each client's batches and augmentation, server noise), so a run resumed from a checkpoint (every
-`checkpoint_every` rounds, in the artifact cache under `federated/<victim key>`) ends with the same weights as
-one never interrupted.
+each client's batches and augmentation, server noise), so a run resumed from a checkpoint ends with the same
+weights as one never interrupted. The checkpoint is the one victims' training keeps (`training.Checkpoint`;
+the runner's is a `store.StoredCheckpoint` under `federated/<victim key>` in the output folder's cache, with
+the settings the federation ran with and the seconds it spent): the federation saves its state
+(`Federation.state`) every `checkpoint_every` rounds, and a state that does not fit it, or one of other
+settings, is discarded with a warning and the federation starts again from its first round.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from bdbench.federated.ray_clients import client_trainer
 from bdbench.federated.split import hold_out, split_dirichlet, split_iid
 from bdbench.progress import steps
 from bdbench.seeding import derive_seed
-from bdbench.store import ArtifactCache
+from bdbench.training import Checkpoint
 
 log = logging.getLogger("bdbench")
 
@@ -157,7 +160,12 @@ class Federation:
                                          for e in self.curve], dtype=torch.float64).view(-1, len(CURVE_FIELDS))
         return tensors
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load(self, tensors: dict[str, Any]) -> None:
+        """Continue from a `state`: an `ArtifactError` where it lacks an entry or does not fit this federation
+        (other weights, clients or rounds). The federation is not to be used after one: start a new one."""
+        problem = self._misfit(tensors)
+        if problem is not None:
+            raise ArtifactError(f"federated checkpoint does not fit this federation ({problem})")
         try:
             self.weights = {n: tensors[f"weights.{n}"].to(self.device).clone() for n in self.names}
             if self.masks is not None:
@@ -173,6 +181,25 @@ class Federation:
                            for f, v in zip(CURVE_FIELDS, entry.tolist())} for entry in tensors["curve"]]
         except KeyError as exc:
             raise ArtifactError(f"federated checkpoint lacks {exc.args[0]}") from None
+
+    def _misfit(self, tensors: dict[str, Any]) -> str | None:
+        """Why `tensors` is not a state of this federation, or None when it is one: each entry `state` makes
+        here is a tensor of the shape it has here, and its round is one a checkpoint is saved after."""
+        now = self.state()
+        now.pop("curve")  # its length is the number of rounds evaluated so far
+        for name, tensor in now.items():
+            if name.startswith("client_attack."):
+                continue  # what the attack carries changes as the rounds go (Neurotoxin's estimate comes later)
+            if name not in tensors:
+                return f"it lacks {name}"
+            if not isinstance(tensors[name], torch.Tensor) or tensors[name].shape != tensor.shape:
+                return f"{name} holds another shape"
+        curve = tensors.get("curve")
+        if not isinstance(curve, torch.Tensor) or curve.ndim != 2 or curve.shape[1] != len(CURVE_FIELDS):
+            return "its curve is not one of this federation"
+        if not 0 < int(tensors["round"]) < self.config.rounds:
+            return f"round {int(tensors['round'])} of {self.config.rounds}"
+        return None
 
     # ------------------------------------------------------------- one round
 
@@ -264,11 +291,14 @@ class Federation:
 
 def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str, Any]], dataset: Dataset,
                    attack: Attack | None, poison_share: float, target_label: int, template: nn.Module, seed: int,
-                   device: torch.device, cache: ArtifactCache | None = None, checkpoint_key: str | None = None,
+                   device: torch.device, checkpoint: Checkpoint | None = None,
                    stop_after: int | None = None) -> FederationResult:
     """Run a federation and return its evaluated global model and measurements. `attack` None (or a reference
-    attack) is a benign run. With a `cache` and `checkpoint_key`, the state is saved every `checkpoint_every`
-    rounds and a run resumes from the last one saved. `stop_after` ends after that round (tests of resuming)."""
+    attack) is a benign run. With a `checkpoint` (the protocol victims' training uses, without its `every_s`:
+    a federation saves its state every `checkpoint_every` rounds of its config, not on a clock), the run
+    resumes from the state it holds and saves there; a state the federation refuses (`Federation.load`) is
+    rejected (`Checkpoint.reject`) and the federation starts from its first round. `stop_after` ends after
+    that round (tests of resuming)."""
     from bdbench.experiment import evaluate  # the runner's own scoring (imported here: experiment imports this module)
 
     check_template(template, type(template).__name__)
@@ -295,33 +325,30 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
     local = LocalSGD(config.local_epochs, config.batch_size, config.client_lr, config.client_momentum,
                      config.weight_decay, dataset.crop_padding, dataset.allow_hflip)
     federation = Federation(config, defense, template, seed, device, client_attack)
-    resumed = 0
-    if cache is not None and checkpoint_key is not None:
+    state = checkpoint.load() if checkpoint is not None else None
+    if checkpoint is not None and state is not None:
         try:
-            stored = cache.load_tensors("federated", checkpoint_key)
-            if stored is not None:
-                federation.load(stored)
-                resumed = federation.round
-                log.info("federation %s resumes after round %d", checkpoint_key, resumed)
+            federation.load(state)
+            log.warning("federation resumes after round %d of %d from its checkpoint", federation.round,
+                        config.rounds)
         except ArtifactError as exc:
-            log.warning("%s; starting the federation again", exc)
+            log.warning("%s; running the federation from its first round", exc)
+            checkpoint.reject()
             federation = Federation(config, defense, template, seed, device, build_client_attack(config)
                                     if client_attack is not None else None)
+    resumed = federation.round
     if config.vectorised is None:
         config = config.model_copy(update={"vectorised": device.type == "cuda"})
         federation.config = config
     with client_trainer(ClientTrainer(template, x, y, device, config.client_chunk), config.client_workers) as trainer:
-        for index in steps("federated round", config.rounds):
-            if index < federation.round:
-                continue
+        for _ in steps("federated round", config.rounds, federation.round):
             sent = federation.run_round(trainer, shares, local, root)
             r = federation.round
             if r % config.eval_every == 0 or r == config.rounds:
                 measured = evaluate(federation.model(), dataset, triggered)
                 federation.curve.append({"round": r, **measured, **sent})
-            if (cache is not None and checkpoint_key is not None and r % config.checkpoint_every == 0
-                    and r < config.rounds):
-                cache.save_tensors("federated", checkpoint_key, federation.state(), {"round": r})
+            if checkpoint is not None and r % config.checkpoint_every == 0 and r < config.rounds:
+                checkpoint.save(federation.state())
             if stop_after is not None and r >= stop_after:
                 break
     model = federation.model()
