@@ -410,7 +410,8 @@ class StoredCheckpoint:
     """A checkpoint (`training.Checkpoint`, and `training.TrainingCheckpoint` with its `every_s`) kept in an
     artifact cache under `kind`/`key`: a victim's training state (`training/<victim key>`) or a federation's
     (`federated/<victim key>`), in torch's own format as one byte tensor, read back with `weights_only`
-    (tensors, numbers and containers; no code). The JSON beside it records the state's counters (its top-level
+    (tensors, numbers and containers; no code) onto the CPU, so that a state saved on a GPU resumes on any
+    machine (the trainer and the federation move it to their device). The JSON beside it records the state's counters (its top-level
     integers: epochs done, a federation's round), the wall and CPU seconds spent up to it (`earlier_s`,
     `earlier_cpu_s` after `load`), so that a victim's recorded training time is that of all its epochs or
     rounds, not only of those after the resume, and the `settings` it was made with (every parameter, defaults
@@ -440,7 +441,7 @@ class StoredCheckpoint:
             tensors = self.cache.load_tensors(self.kind, self.key)
             if tensors is None:
                 return None
-            state = torch.load(io.BytesIO(tensors["state"].numpy().tobytes()), weights_only=True)
+            state = torch.load(io.BytesIO(tensors["state"].numpy().tobytes()), map_location="cpu", weights_only=True)
             if not isinstance(state, dict):
                 raise ValueError(f"holds a {type(state).__name__}, not a saved state")
         except (ArtifactError, KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
