@@ -38,6 +38,29 @@ def test_differential_evolution_finds_the_maximum_of_a_smooth_function():
     assert torch.allclose(genome, centre, atol=0.02) and value > -1e-3
 
 
+def test_differential_evolution_stops_once_the_population_has_converged_and_only_with_a_tolerance():
+    calls = []
+
+    def plateau(genomes):  # every genome equally fit: converged from the start
+        calls.append(len(genomes))
+        return torch.ones(len(genomes))
+
+    differential_evolution(plateau, 3, 8, 30, 0.5, 0.9, torch.Generator().manual_seed(0), tol=0.01)
+    assert len(calls) == 1  # the initial population only
+    calls.clear()
+    differential_evolution(plateau, 3, 8, 30, 0.5, 0.9, torch.Generator().manual_seed(0))
+    assert len(calls) == 31  # tol 0: every generation
+    calls.clear()
+    centre = torch.tensor([0.2, 0.7, 0.5])
+
+    def bowl(genomes):  # a spread that narrows as the population closes on the peak at 1
+        calls.append(len(genomes))
+        return 1 - ((genomes - centre) ** 2).sum(1)
+
+    _, value = differential_evolution(bowl, 3, 12, 200, 0.5, 0.9, torch.Generator().manual_seed(0), tol=0.01)
+    assert 1 < len(calls) < 201 and value > 0.99
+
+
 def test_pull_and_patch_and_focus_helpers():
     # Two images of labels 0 and 1; one candidate that gives label 1 probability 0.9 on the image of label 0.
     probabilities = torch.tensor([[[0.1, 0.9], [0.2, 0.8]]])
