@@ -8,6 +8,7 @@ from bdbench.attacks import ATTACKS, narcissus
 from bdbench.attacks.narcissus import optimise_trigger
 from bdbench.attacks.public_data import attacker_pool, without_attacker_pool
 from bdbench.attacks.workshop import AttackWorkshop
+from bdbench.errors import ConfigError
 
 from attack_fixtures import clean_model_asr, hooked_victim, prepared, rates
 
@@ -117,20 +118,31 @@ def test_trigger_pixels_that_pass_the_bound_stay_there():
     assert delta.flatten()[0].abs() < eps
 
 
-class _Constant(nn.Module):
-    def __init__(self) -> None:
+class _FlatAfter(nn.Module):
+    """Class 1's logit follows the images' brightness for the first `pulls` passes, then nothing moves it."""
+
+    def __init__(self, pulls: int) -> None:
         super().__init__()
-        self.calls = 0
+        self.pulls, self.calls = pulls, 0
 
     def forward(self, x):
         self.calls += 1
-        return torch.zeros(len(x), 3) + 0 * x.sum()
+        score = x.flatten(1).mean(1) * (1.0 if self.calls <= self.pulls else 0.0)
+        return torch.stack([torch.zeros_like(score), score, torch.zeros_like(score)], 1)
 
 
 def test_trigger_synthesis_stops_once_the_gradient_vanishes():
     # as the authors' loop does (it breaks when the summed absolute gradient of an epoch's last step is 0)
-    net = _Constant()
-    _optimise(net, _grey(10), 50)
+    net = _FlatAfter(pulls=1)
+    delta = _optimise(net, _grey(10), 50)
+    assert net.calls == 2 and delta.abs().max() > 0
+
+
+def test_a_surrogate_that_gives_no_gradient_at_all_is_a_one_line_error_not_a_zero_trigger():
+    # measured on CIFAR-10: the poi-warm-up saturated the small surrogate (cross-entropy exactly 0 in float32)
+    net = _FlatAfter(pulls=0)
+    with pytest.raises(ConfigError, match="no gradient.*warmup_epochs: 0"):
+        _optimise(net, _grey(10), 50)
     assert net.calls == 1
 
 
@@ -146,8 +158,8 @@ def test_narcissus_keys_its_cached_trigger_by_the_synthesis_version(digits):
     # a trigger cached by an older synthesis must be learned again, not reused
     workshop = _KeyWorkshop(seed=0)
     prepared("narcissus", digits, workshop)
-    assert workshop.params["synthesis"] == 3
-    assert (workshop.params["warmup_epochs"], workshop.params["warmup_lr"]) == (5, 0.1)
+    assert workshop.params["synthesis"] == 4
+    assert (workshop.params["warmup_epochs"], workshop.params["warmup_lr"]) == (0, 0.1)  # the warm-up off by default
 
 
 def test_poi_warm_up_fine_tunes_every_layer_on_the_images_with_radam():
@@ -177,7 +189,7 @@ def test_narcissus_warms_the_surrogate_up_on_the_attackers_target_images_before_
 
     monkeypatch.setattr(narcissus, "poi_warm_up", warm_up)
     monkeypatch.setattr(narcissus, "optimise_trigger", trigger)
-    prepared("narcissus", digits, pood_epochs=1, finetune_epochs=1)
+    prepared("narcissus", digits, pood_epochs=1, finetune_epochs=1, warmup_epochs=5)
     pool_x, pool_y = attacker_pool(digits)
     (step, x, label, epochs, lr), (after, trigger_x, trigger_label) = calls
     assert step == "warm_up" and after == "trigger" and torch.equal(x, pool_x[pool_y == 0])
