@@ -50,6 +50,10 @@ the per-label inversion or ascent, about as many passes as training this small v
 sit at about 1x because this victim is cheap (12 epochs of 5,000 digits); on the fidelity grids' victims
 (30 epochs of 50,000 CIFAR-10 images) the same procedures are 0.43x (NC, measured) and less.
 
+Since this table, CETF stops each of its searches once the population has converged (session 19, its revision 2):
+on the same victim in one run, side by side, 98.0 -> 54.9 CPU s (0.56x), the same verdict and target; scaled to
+this table, about 40 CPU s, 0.19x, which would put the median at about 0.21x (projected, not measured in one run).
+
 Against session 13's table on the same victim recipe (then 247.8 CPU s, one thread beside one other job):
 NAD 102.3 -> 37.1 CPU s (one student instead of the back-off's three, session 15), NPD 258.0 -> 82.7 (its
 review took the authors' 2-step L2 attack with early stop for 10 L-infinity steps; ASR 0.401 -> 0.133), I-BAU

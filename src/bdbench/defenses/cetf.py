@@ -69,6 +69,15 @@ core, so only their ratios to the victims' training, measured under the same loa
   ASR stays 1.000 (CA 0.983); 356 s, 0.41x the victim's 873 s. A whole-image blend is not a patch.
 - WaNet (a warp of the whole image): the best patch sends 0.222 of the budget to label 8: judged clean, ASR
   stays 0.992 (CA 0.982); 104 s, 0.19x the victim's 555 s (the core was less crowded by then).
+The convergence stop (`tol`, revision 2), measured side by side on the same four seed-0 victims (session 19,
+`/work/runs/s19/cetf-tol`, one thread on a core shared with two other jobs; `tol: 0` is revision 1): CPU s
+75.1 -> 52.4 (clean), 98.0 -> 54.9 (BadNets), 83.3 -> 78.2 (Blended), 80.9 -> 80.7 (WaNet); the same verdicts,
+targets and flip rates on all four (clean 0.117, BadNets 1.000 to label 0, Blended 0.300, WaNet 0.528); CA/ASR
+after the repair the same except BadNets' ASR 1.000 -> 0.988 (the region DE stopped on a neighbouring 2x1
+rectangle of the trigger, (26, 26)-(27, 28) against (27, 27)-(28, 28)). The patch search converges fast on a
+backdoored model, whose best patches all reach the target with certainty, and on the clean model, whose
+population settles on a weak patch at the same place; on Blended and WaNet, whose CPU time barely moves, it
+runs nearly all 40 generations.
 On the tests' digits BadNets model (8x8 digits, 2x2 trigger) the default BN-Unlearning moved ASR only from 1.000
 to 0.914, unlearning the whole network (`repair: unlearning`) to 0.173, clean accuracy 0.986 -> 0.981; with
 `size_weight` 0 (the whole found patch unlearnt) BN-Unlearning reached 0.70. So on these small models, with
