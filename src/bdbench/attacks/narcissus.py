@@ -95,10 +95,10 @@ class Narcissus(PublicPoolAttack, CleanLabelAttack):
 
     citation = ("Zeng, Pan, Just, Lyu, Jia. Narcissus: A Practical Clean-Label Backdoor Attack with Limited "
                 "Information. CCS 2023.")
-    # The code's revision (`bdbench.registry`), also in the trigger's cache key: 2, RAdam, batches of 350, the
-    # bound clamped in the forward pass, batch statistics, the stop at zero gradient; 3, the poi-warm-up on the
-    # target images before the synthesis. Victims and rows of an earlier revision are made again on resume.
-    # 4: the poi-warm-up off by default, and a synthesis that leaves the trigger at zero refused.
+    # The code's revision (`bdbench.registry`; victims and rows of an earlier one are made again on resume), also
+    # in the trigger's cache key. 2: RAdam, batches of 350, the bound clamped in the forward pass, batch
+    # statistics, the stop at zero gradient; 3: the poi-warm-up before the synthesis; 4: the warm-up off by
+    # default, and a synthesis that leaves the trigger at zero refused.
     revision = 4
 
     def __init__(self, eps: UpToOne = 16 / 255, test_multiplier: PositiveFloat = 3.0, surrogate: str = "cnn-small",
