@@ -411,11 +411,11 @@ class StoredCheckpoint:
     artifact cache under `kind`/`key`: a victim's training state (`training/<victim key>`) or a federation's
     (`federated/<victim key>`), in torch's own format as one byte tensor, read back with `weights_only`
     (tensors, numbers and containers; no code) onto the CPU, so that a state saved on a GPU resumes on any
-    machine (the trainer and the federation move it to their device). The JSON beside it records the state's counters (its top-level
-    integers: epochs done, a federation's round), the wall and CPU seconds spent up to it (`earlier_s`,
-    `earlier_cpu_s` after `load`), so that a victim's recorded training time is that of all its epochs or
-    rounds, not only of those after the resume, and the `settings` it was made with (every parameter, defaults
-    filled in: a default changed since, under the same key, makes it another computation). An unreadable
+    machine (the trainer and the federation move it to their device). The JSON beside it records the state's
+    counters (its top-level integers: epochs done, a federation's round), the wall and CPU seconds spent up to
+    it (`earlier_s`, `earlier_cpu_s` after `load`), so that a victim's recorded training time is that of all
+    its epochs or rounds, not only of those after the resume, and the `settings` it was made with (every
+    parameter, defaults filled in: a default changed since, under the same key, makes it another computation). An unreadable
     checkpoint, one of other settings or that records none (an older format's, such as the federated
     checkpoints saved before this class kept them), or one that does not fit (`reject`), is discarded with a
     warning, its seconds not counted, and the computation starts again (`start_over` says how, in the
