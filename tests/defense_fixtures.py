@@ -102,14 +102,19 @@ class Poisoned:
 
     def check_backoff(self, name: str, settings: dict[str, Any], backoffs: int, effect) -> None:
         """State that `settings` of repair `name` push the clean-budget accuracy more than 0.1 below the deployed
-        model's without a back-off, and that `backoffs` halvings bring it back within that margin."""
+        model's: without a back-off the repair is declined and hands back the deployed model unchanged, and
+        `backoffs` halvings bring an attempt back within that margin, which is kept."""
         context = self.context(sees_training_set=False)
-        wrecked = DEFENSES.build(name, {**settings, "max_accuracy_drop": 0.1, "backoffs": 0}).run(context).model
-        kept = DEFENSES.build(name, {**settings, "max_accuracy_drop": 0.1, "backoffs": backoffs}).run(context).model
+        declined = DEFENSES.build(name, {**settings, "max_accuracy_drop": 0.1, "backoffs": 0}).run(context)
+        kept = DEFENSES.build(name, {**settings, "max_accuracy_drop": 0.1, "backoffs": backoffs}).run(context)
+        assert declined.repair_declined is True and kept.repair_declined is False
+        assert declined.model is not None and kept.model is not None
+        deployed = self.model.state_dict()
+        assert all(torch.equal(deployed[k].cpu(), v.cpu()) for k, v in declined.model.state_dict().items())
         floor = context.budget_accuracy(self.model) - 0.1
-        effect.check("budget accuracy without back-off, below the floor by", floor - context.budget_accuracy(wrecked),
-                     ">", 0)
-        effect.check("budget accuracy with back-off, above the floor by", context.budget_accuracy(kept) - floor, ">=", 0)
+        effect.check("budget accuracy with back-off, above the floor by", context.budget_accuracy(kept.model) - floor,
+                     ">=", 0)
+        assert not all(torch.equal(deployed[k].cpu(), v.cpu()) for k, v in kept.model.state_dict().items())
 
 
 def poisoned_digits(dataset: Dataset, attack: str, params: dict, poison_rate: float,

@@ -1,5 +1,6 @@
 """End to end on a tiny grid: rows, cache reuse, scoring of every outcome kind, failures, resume."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -99,8 +100,30 @@ class SlowFilter(Defense):
         return DefenseOutcome(input_detector=detector, threshold=0.5)
 
 
+class BudgetedWrecker(Defense):
+    """Test-only repair under an accuracy budget: each attempt scales every weight by `scale - 1` (at scale 1 a zero
+    model, then a sign-flipped one); `gentle` attempts return the model as it is, which the budget keeps."""
+
+    kind = DefenseKind.MODEL_REPAIR
+
+    def __init__(self, gentle: bool = False) -> None:
+        self.gentle = gentle
+
+    def run(self, context):
+        def attempt(scale):
+            model = copy.deepcopy(context.model)
+            if not self.gentle:
+                with torch.no_grad():
+                    for parameter in model.parameters():
+                        parameter.mul_(scale - 1)
+            return model
+
+        repair = context.halve_until_within_budget("budgeted-wrecker", attempt, 0.1, 2)
+        return DefenseOutcome(model=repair.model, repair_declined=repair.declined)
+
+
 TEMPORARY = {"corner-inspector": CornerInspector, "cover-inspector": CoverInspector, "corner-filter": CornerFilter,
-             "crash": Crash,
+             "crash": Crash, "budgeted-wrecker": BudgetedWrecker,
              "slow-inspector": SlowInspector, "slow-filter": SlowFilter}
 
 
@@ -238,6 +261,16 @@ def test_every_outcome_kind_is_scored_by_the_runner(tmp_path, tiny_grid, tempora
     assert crashed.clean_acc != crashed.clean_acc  # no numbers: an error is never "not detected"
     log = tmp_path / "logs" / f"{crashed.experiment_id}.log"
     assert "RuntimeError: boom" in log.read_text()
+
+
+def test_a_repair_that_breaks_its_accuracy_budget_is_declined_and_says_so(tmp_path, tiny_grid, temporary_defenses):
+    tiny_grid["defenses"] = ["budgeted-wrecker", {"name": "budgeted-wrecker", "gentle": True}]
+    tiny_grid["attacks"] = ["badnets"]
+    rows = run_grid(tiny_grid, out=tmp_path, progress=False).set_index("defense_variant")
+    declined, kept = rows.loc["budgeted-wrecker"], rows.loc["budgeted-wrecker(gentle=True)"]
+    assert declined.status == "ok" and declined.repair_declined is True
+    assert declined.clean_acc == declined.clean_acc_before and declined.asr == declined.asr_before
+    assert kept.repair_declined is False
 
 
 def test_payload_rates_leave_out_the_cover_samples_a_cleanser_flags(tmp_path, tiny_grid, temporary_defenses):

@@ -39,7 +39,7 @@ def test_the_database_columns_derive_from_the_schema_and_keep_every_earlier_colu
     assert schema.sql_columns() == COLUMNS
     assert list(COLUMNS)[:len(COLUMNS_0_1_0)] == list(COLUMNS_0_1_0)
     assert {name: COLUMNS[name] for name in COLUMNS_0_1_0} == COLUMNS_0_1_0
-    assert schema.BOOL_COLUMNS == ("detected", "victim_cached")
+    assert schema.BOOL_COLUMNS == ("detected", "victim_cached", "repair_declined")
     assert schema.JSON_COLUMNS == ("attack_params", "defense_params", "suspected_targets", "server_defense_params",
                                    "round_metrics", "settings", "class_statistics")
 

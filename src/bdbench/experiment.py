@@ -293,6 +293,8 @@ def _score_outcome(outcome: DefenseOutcome, poisoned: PoisonedTrainingSet, flagg
         row["class_statistics"] = outcome.class_statistics_list()
     if outcome.threshold is not None:
         row["det_threshold"] = float(outcome.threshold)
+    if outcome.repair_declined is not None:
+        row["repair_declined"] = bool(outcome.repair_declined)
     # Training samples are scored twice: against every poisoned sample (det_*) and against the payload alone, the
     # samples that carry the backdoor (det_payload_*: Qi et al.'s elimination and sacrifice rates, where a flagged
     # cover sample counts as a sacrificed clean one). The two agree for attacks without cover samples.

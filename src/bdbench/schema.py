@@ -148,6 +148,10 @@ class ResultRow:
         "a detector's per-class statistic behind its verdict, indexed by class (JSON): Neural Cleanse's "
         "reversed-mask norms, MM-BD's largest margins, CTI's success gaps, CETF's flip rates, SCAn's J*; another "
         "outlier rule or threshold can be applied to it afterwards")
+    repair_declined: bool | None = _column(
+        "a repair bound by an accuracy budget (PT, NAD, I-BAU, CTI's reference) found no attempt within "
+        "`max_accuracy_drop` of the deployed model's clean-budget accuracy after its `backoffs` halvings, and kept "
+        "the deployed model; false where an attempt was kept")
 
     def update(self, **values: Any) -> None:
         """Set several columns; an unknown name is a `TypeError` naming it."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from bdbench.defenses import DEFENSES, DefenseKind
 from bdbench.defenses.cti import calibrated_loss, invert_calibrated_triggers, stamp, success_gaps
-from bdbench.errors import ConfigError
+from bdbench.errors import ConfigError, NotApplicable
 
 
 def test_cti_is_a_model_detector_and_checks_its_tuning_parameters_when_built():
@@ -78,3 +78,10 @@ def test_cti_verdict_follows_its_statistics_on_the_benign_model(benign):
     assert outcome.detected == bool(gaps.max() > 0.5)
     assert outcome.suspected_targets == ((int(gaps.argmax()),) if outcome.detected else ())
     assert (outcome.model is not None) == outcome.detected
+
+
+def test_cti_without_a_reference_within_pivotal_tunings_budget_is_not_applicable(badnets):
+    # At lr 10 with no halving Pivotal Tuning wrecks the model, declines, and CTI has nothing to calibrate against.
+    cti = DEFENSES.build("cti", {"steps": 3, "tuning": {"epochs": 1, "lr": 10.0, "backoffs": 0}})
+    with pytest.raises(NotApplicable, match="no reference to calibrate against"):
+        cti.run(badnets.context(sees_training_set=False))

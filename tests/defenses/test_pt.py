@@ -88,3 +88,8 @@ def test_pt_keeps_clean_accuracy_and_its_parameter_term_holds_the_model_near_the
     # Measured mean squared weight moves: 2.1e-6 with the parameter term alone, 3.3e-5 without either term, 5.1e-5
     # with both (SLOL reshapes the features, which moves the weights further than plain tuning).
     effect.check("weight move with the parameter term / without", moves[1] / moves[2], "<", 0.5)
+
+
+def test_pt_declines_a_tuning_that_breaks_its_accuracy_budget_and_halves_its_rate_back_within_it(badnets, effect):
+    # lr 10 wrecks the model: with no halving the deployed model is kept, and ten halvings (lr ~0.01) keep a repair.
+    badnets.check_backoff("pt", {"lr": 10.0, "epochs": 2}, 10, effect)

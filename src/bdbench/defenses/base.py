@@ -7,6 +7,8 @@ constructor and no work there, one verb (`run`), results in a small object.
 
 from __future__ import annotations
 
+import copy
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -18,6 +20,8 @@ from torch import nn
 from bdbench.registry import Registry
 from bdbench.seeding import derive_seed
 from bdbench.training import LossFn, TrainConfig, cross_entropy, predict, train
+
+log = logging.getLogger(__name__)
 
 
 class DefenseKind(str, Enum):
@@ -82,19 +86,42 @@ class DefenseContext:
         """`model`'s accuracy on the clean budget: the one yardstick a defender has for what a repair costs."""
         return float((predict(model, self.clean_x, device=self.device) == self.clean_y).double().mean())
 
-    def halve_until_within_budget(self, repair: Callable[[float], nn.Module], max_accuracy_drop: float,
-                                  backoffs: int) -> tuple[nn.Module, float, float]:
-        """Run `repair(scale)` at scale 1, 1/2, 1/4, ... (at most `backoffs` halvings) and keep the first
-        model whose clean-budget accuracy is within `max_accuracy_drop` of the deployed model's (the
-        last one when none is). Returns that model, its scale and its clean-budget accuracy."""
-        floor = self.budget_accuracy(self.model) - max_accuracy_drop
+    def halve_until_within_budget(self, name: str, repair: Callable[[float], nn.Module], max_accuracy_drop: float,
+                                  backoffs: int) -> BudgetedRepair:
+        """Run `repair(scale)` at scale 1, 1/2, 1/4, ... (at most `backoffs` halvings; `scale` multiplies the
+        repair's step size or loss weight, as the `name`d defense says) and keep the first model whose
+        clean-budget accuracy is within `max_accuracy_drop` of the deployed model's.
+
+        When no attempt is, the repair is declined: a defender whose only yardstick is the clean budget
+        would not ship a model that fails it, so the deployed model is kept (a copy) and the outcome says
+        so (`repair_declined`), rather than handing over the last, broken attempt."""
+        deployed = self.budget_accuracy(self.model)
+        floor = deployed - max_accuracy_drop
         for attempt in range(backoffs + 1):
             scale = 0.5 ** attempt
             model = repair(scale)
             accuracy = self.budget_accuracy(model)
             if accuracy >= floor:
-                break
-        return model, scale, accuracy
+                log.info("%s: kept the attempt at scale %g (clean-budget accuracy %.3f)", name, scale, accuracy)
+                return BudgetedRepair(model, scale, accuracy, declined=False)
+            log.info("%s: scale %g gives clean-budget accuracy %.3f, below the floor %.3f", name, scale, accuracy,
+                     floor)
+        log.warning("%s: no attempt (%d, the last at scale %g) kept the clean-budget accuracy within %g of the "
+                    "deployed model's %.3f; the repair is declined and the deployed model kept", name, backoffs + 1,
+                    scale, max_accuracy_drop, deployed)
+        return BudgetedRepair(copy.deepcopy(self.model), None, deployed, declined=True)
+
+
+@dataclass(frozen=True)
+class BudgetedRepair:
+    """What `DefenseContext.halve_until_within_budget` kept: the `model`, the learning-rate `scale` it was made
+    at (None when `declined`), its clean-budget `accuracy`, and whether every attempt failed the budget, so
+    that the deployed model was kept (`declined`)."""
+
+    model: nn.Module
+    scale: float | None
+    accuracy: float
+    declined: bool
 
 
 class InputDetector(Protocol):
@@ -118,6 +145,8 @@ class DefenseOutcome:
     - `class_statistics`: the per-class statistic behind a class-level verdict (Neural Cleanse's mask norms,
       MM-BD's maximum margins, SCAn's J*), and `pictures`: images for a person to look at (each label's reversed
       trigger), name -> (C, H, W) in [0, 1]. Neither is scored; `bdbench scan` shows them.
+    - `repair_declined`: a repair bound by an accuracy budget (`DefenseContext.halve_until_within_budget`)
+      found no attempt within it and kept the deployed model (True), or kept an attempt (False).
     """
 
     model: nn.Module | None = None
@@ -130,6 +159,7 @@ class DefenseOutcome:
     threshold: float | None = None
     class_statistics: torch.Tensor | None = None
     pictures: dict[str, torch.Tensor] | None = None
+    repair_declined: bool | None = None
 
     def class_statistics_list(self) -> list[float] | None:
         """`class_statistics` as plain floats, one per class (as rows and scan reports store them)."""

@@ -34,6 +34,9 @@ other `pt` parameters). Choices made here:
   one pass per batch (in groups of labels where a pass would exceed `training.images_per_pass`).
 - When detected, the outcome carries the Pivotal Tuning model as the repair, as Neural Cleanse carries its
   unlearned model; `detect` gives the verdict alone.
+- When Pivotal Tuning declines (no learning rate keeps the clean-budget accuracy within its budget, see
+  `DefenseContext.halve_until_within_budget`) there is no reference, and the row is `not_applicable`, saying
+  so: calibrating against the deployed model itself would only ever answer "clean".
 Nothing is tuned on test data.
 
 Measured (`model-defenses`, seed 0, one thread): the BadNets victim is detected with statistic 0.92 on its
@@ -61,6 +64,7 @@ from torch import nn
 
 from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.pt import PivotalTuning
+from bdbench.errors import NotApplicable
 from bdbench.params import BatchSize, NonNegativeFloat, PositiveFloat, PositiveInt, UnitInterval
 from bdbench.progress import steps as progress_steps
 from bdbench.training import augment_batch
@@ -136,6 +140,7 @@ class CalibratedTriggerInversion(Defense):
     """CTI (Lukas and Kerschbaum 2023): invert triggers that fool the deployed model but not its Pivotal-Tuning repair."""
 
     kind = DefenseKind.MODEL_DETECTION
+    revision = 2  # 2: not_applicable when Pivotal Tuning declines (no reference model within its budget)
     citation = ("Lukas, Kerschbaum. Pick your Poison: Undetectability versus Robustness in Data Poisoning Attacks. "
                 "arXiv 2305.09671, 2023 (Calibrated Trigger Inversion).")
 
@@ -157,7 +162,13 @@ class CalibratedTriggerInversion(Defense):
         return self._inspect(context)[0]
 
     def _inspect(self, context: DefenseContext) -> tuple[DefenseOutcome, nn.Module]:
-        repaired = self.repair.tune(context).requires_grad_(False).eval()
+        reference = self.repair.tune(context)
+        if reference.declined:
+            raise NotApplicable(
+                f"cti: Pivotal Tuning kept no model within {self.repair.max_accuracy_drop} of the deployed model's "
+                f"clean-budget accuracy (after {self.repair.backoffs} halvings of its learning rate), so there is no "
+                "reference to calibrate against; try a gentler repair with tuning: {slol_lambda: ..., lr: ...}")
+        repaired = reference.model.requires_grad_(False).eval()
         deployed = context.model.eval()
         triggers = invert_calibrated_triggers(
             deployed, repaired, context.clean_x, context.clean_y, context.num_classes, context.generator("cti"),

@@ -37,7 +37,6 @@ I-BAU runs (`layers.twice_differentiable`). Nothing is tuned on data.
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Callable, Sequence
 
 import torch
@@ -48,8 +47,6 @@ from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind
 from bdbench.defenses.layers import twice_differentiable
 from bdbench.params import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval, UpToOne
 from bdbench.progress import steps
-
-log = logging.getLogger(__name__)
 
 
 def _as_images(x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +84,7 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
     """I-BAU (Zeng et al. 2022): minimax unlearning of a universal perturbation with implicit hypergradients."""
 
     kind = DefenseKind.MODEL_REPAIR
+    revision = 2  # 2: when no learning rate keeps the budget, the deployed model is kept (the repair declined)
     citation = ("Zeng, Chen, Park, Mao, Jin, Jia. Adversarial Unlearning of Backdoors via Implicit Hypergradient. "
                 "ICLR 2022.")
 
@@ -118,10 +116,9 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
             return delta * min(1.0, self.radius / max(float(delta.norm()), 1e-12))
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        model, scale, accuracy = context.halve_until_within_budget(
-            lambda scale: self.unlearn(context, self.lr * scale), self.max_accuracy_drop, self.backoffs)
-        log.info("ibau: Adam lr %g (clean-budget accuracy %.3f)", self.lr * scale, accuracy)
-        return DefenseOutcome(model=model)
+        repair = context.halve_until_within_budget(
+            "ibau", lambda scale: self.unlearn(context, self.lr * scale), self.max_accuracy_drop, self.backoffs)
+        return DefenseOutcome(model=repair.model, repair_declined=repair.declined)
 
     def unlearn(self, context: DefenseContext, lr: float) -> nn.Module:
         """A copy of the deployed model after `rounds` of minimax unlearning with Adam at `lr`."""

@@ -44,7 +44,6 @@ kept. The defender sees such a collapse on their own clean budget; test data is 
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Sequence
 
 import torch
@@ -56,8 +55,6 @@ from bdbench.defenses.layers import capture_outputs, output_shapes, stage_output
 from bdbench.errors import ConfigError
 from bdbench.params import BatchSize, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval
 from bdbench.training import LossFn
-
-log = logging.getLogger(__name__)
 
 
 def attention_map(activation: torch.Tensor, power: float) -> torch.Tensor:
@@ -97,6 +94,7 @@ class NeuralAttentionDistillation(Defense):
     """NAD (Li et al. 2021): distil a fine-tuned teacher's attention maps into the backdoored model."""
 
     kind = DefenseKind.MODEL_REPAIR
+    revision = 2  # 2: when no beta keeps the budget, the deployed model is kept (the repair declined)
     citation = ("Li, Lyu, Koren, Lyu, Li, Ma. Neural Attention Distillation: Erasing Backdoor Triggers "
                 "from Deep Neural Networks. ICLR 2021.")
 
@@ -134,6 +132,5 @@ class NeuralAttentionDistillation(Defense):
                                student_config, "nad_student",
                                loss_fn=distillation_loss(teacher, layers, [b * scale for b in betas], self.power))
 
-        student, scale, accuracy = context.halve_until_within_budget(distil, self.max_accuracy_drop, self.backoffs)
-        log.info("nad: betas %s (clean-budget accuracy %.3f)", [b * scale for b in betas], accuracy)
-        return DefenseOutcome(model=student)
+        student = context.halve_until_within_budget("nad", distil, self.max_accuracy_drop, self.backoffs)
+        return DefenseOutcome(model=student.model, repair_declined=student.declined)

@@ -48,8 +48,10 @@ on CIFAR-10) is for its own attacks and poison rates, not checked here. On `atta
 victims (43 classes, 5% budget) the SLOL's orthogonality term collapses the model at every learning rate down
 to the reference's 1e-4 (clean accuracy 0.000-0.029; 0.964 with `slol_lambda` 0): its gradient at the pivot
 is 720 times the cross-entropy's there against 17 times on `model-defenses`, the features being about four
-times larger (docs/new_methods_gtsrb.md). The term is the reference's, kept as it is; CTI inherits the
-collapsed reference model there.
+times larger (docs/new_methods_gtsrb.md). The term is the reference's, kept as it is. Since revision 2 a
+tuning that no halving keeps within `max_accuracy_drop` is declined (`DefenseContext.halve_until_within_budget`):
+the deployed model is kept and the row says `repair_declined`, so on those victims PT leaves the backdoor in
+place rather than handing over a model that answers nothing, and CTI, with no reference, is `not_applicable`.
 
 Cost: 40 epochs of the 250-image `model-defenses` budget are 10,000 images forward and backward (and
 forward through the pivot for SLOL), against the 60,000 forward and backward passes that train the
@@ -59,18 +61,15 @@ victim: four times `ft`'s 10 epochs, about a fifth of the victim.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdbench.defenses.base import DEFENSES, Defense, DefenseContext, DefenseKind, DefenseOutcome
+from bdbench.defenses.base import DEFENSES, BudgetedRepair, Defense, DefenseContext, DefenseKind, DefenseOutcome
 from bdbench.defenses.layers import capture, classifier_layer
 from bdbench.params import BatchSize, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval
 from bdbench.training import LossFn
-
-log = logging.getLogger(__name__)
 
 
 def parameter_distance(model: nn.Module, pivot: list[torch.Tensor]) -> torch.Tensor:
@@ -118,8 +117,9 @@ def pivotal_loss(pivot: nn.Module, param_lambda: float, slol_lambda: float) -> L
 
 
 def pivotal_tuning(context: DefenseContext, *, epochs: int, lr: float, batch_size: int, param_lambda: float,
-                   slol_lambda: float, max_accuracy_drop: float, backoffs: int) -> nn.Module:
-    """Tune a copy of the deployed model around it (the pivot) on the clean budget; the deployed model is untouched."""
+                   slol_lambda: float, max_accuracy_drop: float, backoffs: int) -> BudgetedRepair:
+    """Tune a copy of the deployed model around it (the pivot) on the clean budget; the deployed model is untouched.
+    Declined (the deployed model kept) when no learning rate keeps the clean-budget accuracy within the budget."""
     pivot = copy.deepcopy(context.model).to(context.device).requires_grad_(False).eval()
     loss_fn = pivotal_loss(pivot, param_lambda, slol_lambda)
 
@@ -130,10 +130,7 @@ def pivotal_tuning(context: DefenseContext, *, epochs: int, lr: float, batch_siz
         return context.fit(copy.deepcopy(pivot).requires_grad_(True), context.clean_x, context.clean_y, config,
                            "pt", loss_fn=loss_fn)
 
-    tuned: nn.Module
-    tuned, scale, accuracy = context.halve_until_within_budget(tune, max_accuracy_drop, backoffs)
-    log.info("pt: lr %g (clean-budget accuracy %.3f)", lr * scale, accuracy)
-    return tuned
+    return context.halve_until_within_budget("pt", tune, max_accuracy_drop, backoffs)
 
 
 @DEFENSES.register("pt")
@@ -141,6 +138,7 @@ class PivotalTuning(Defense):
     """Pivotal Tuning (Lukas and Kerschbaum 2023): fine-tune on the clean budget, held near the deployed model."""
 
     kind = DefenseKind.MODEL_REPAIR
+    revision = 2  # 2: when no learning rate keeps the budget, the deployed model is kept (the repair declined)
     citation = ("Lukas, Kerschbaum. Pick your Poison: Undetectability versus Robustness in Data Poisoning Attacks. "
                 "arXiv 2305.09671, 2023 (Pivotal Tuning).")
 
@@ -151,11 +149,12 @@ class PivotalTuning(Defense):
         self.param_lambda, self.slol_lambda = param_lambda, slol_lambda
         self.max_accuracy_drop, self.backoffs = max_accuracy_drop, backoffs
 
-    def tune(self, context: DefenseContext) -> nn.Module:
-        """The repaired model (also Calibrated Trigger Inversion's reference model)."""
+    def tune(self, context: DefenseContext) -> BudgetedRepair:
+        """The repair (also Calibrated Trigger Inversion's reference model)."""
         return pivotal_tuning(context, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                               param_lambda=self.param_lambda, slol_lambda=self.slol_lambda,
                               max_accuracy_drop=self.max_accuracy_drop, backoffs=self.backoffs)
 
     def run(self, context: DefenseContext) -> DefenseOutcome:
-        return DefenseOutcome(model=self.tune(context))
+        tuned = self.tune(context)
+        return DefenseOutcome(model=tuned.model, repair_declined=tuned.declined)
