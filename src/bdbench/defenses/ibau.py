@@ -27,7 +27,8 @@ budget: at 0.001 a PreAct-ResNet18 (width 0.25) on mnist5k fell from 0.985 to 0.
 (the radius-10 ball is larger on 784 pixels than on CIFAR's 3072 values), and a defender sees that
 on their own clean budget. So when the unlearned model's clean-budget accuracy falls more than
 `max_accuracy_drop` (0.1) below the deployed model's, I-BAU starts again from the deployed model at
-half the step, at most `backoffs` (4) times, and logs the step it kept. The paper unlearns with 5000
+half the step, at most `backoffs` (4) times, and logs the step it kept; when no step stays within
+the budget the repair is declined and the deployed model kept (`repair_declined`). The paper unlearns with 5000
 clean images (50 outer steps a round); a smaller clean budget gives fewer steps, which `rounds` can
 make up for. No scaling down for the CPU was needed (seconds on a small model). Layers whose PyTorch
 kernels have no second derivative (hard-swish, flash attention) are swapped for equivalent ones while

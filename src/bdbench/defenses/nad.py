@@ -37,8 +37,9 @@ either way, in 0.43x the CPU time with the scaling (60.5 -> 25.8 CPU s, one thre
 
 Back-off, checked on the clean budget: when the student's accuracy on the clean budget falls more
 than `max_accuracy_drop` (0.1) below the deployed model's, NAD halves every beta and distils again
-from the deployed model with the same teacher, at most `backoffs` (4) times, and logs the beta it
-kept. The defender sees such a collapse on their own clean budget; test data is never used.
+from the deployed model with the same teacher, at most `backoffs` (4) times, and logs the scale it
+kept; when none stays within the budget the repair is declined and the deployed model kept
+(`repair_declined`). The defender sees such a collapse on their own clean budget; test data is never used.
 """
 
 from __future__ import annotations
