@@ -103,24 +103,21 @@ class DefenseContext:
             accuracy = self.budget_accuracy(model)
             if accuracy >= floor:
                 log.info("%s: kept the attempt at scale %g (clean-budget accuracy %.3f)", name, scale, accuracy)
-                return BudgetedRepair(model, scale, accuracy, declined=False)
+                return BudgetedRepair(model, declined=False)
             log.info("%s: scale %g gives clean-budget accuracy %.3f, below the floor %.3f", name, scale, accuracy,
                      floor)
         log.warning("%s: no attempt (%d, the last at scale %g) kept the clean-budget accuracy within %g of the "
                     "deployed model's %.3f; the repair is declined and the deployed model kept", name, backoffs + 1,
                     scale, max_accuracy_drop, deployed)
-        return BudgetedRepair(copy.deepcopy(self.model), None, deployed, declined=True)
+        return BudgetedRepair(copy.deepcopy(self.model), declined=True)
 
 
 @dataclass(frozen=True)
 class BudgetedRepair:
-    """What `DefenseContext.halve_until_within_budget` kept: the `model`, the learning-rate `scale` it was made
-    at (None when `declined`), its clean-budget `accuracy`, and whether every attempt failed the budget, so
-    that the deployed model was kept (`declined`)."""
+    """What `DefenseContext.halve_until_within_budget` kept: the `model`, and whether every attempt failed the
+    budget, so that it is the deployed model (`declined`). The kept scale and accuracy are logged there."""
 
     model: nn.Module
-    scale: float | None
-    accuracy: float
     declined: bool
 
 
