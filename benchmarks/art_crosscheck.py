@@ -120,8 +120,8 @@ def compare(spec, cache: ArtifactCache, device: torch.device, strip_images: int,
 
     dataset = load_dataset(spec.dataset.name, **spec.dataset.params)
     attack = ATTACKS.build(spec.attack.name, spec.attack.params)
-    attack.prepare(dataset, spec.target_label, AttackWorkshop(seed=derive_seed(spec.seed, "attack"), device=device,
-                                                             cache=cache, dataset_key=spec.dataset.model_dump_json()))
+    attack.prepare(dataset, spec.target_label, AttackWorkshop.for_dataset(derive_seed(spec.seed, "attack"), spec.dataset,
+                                                                          device, cache))
     poisoned = attack.poison(dataset, spec.poison_rate, spec.target_label, _generator(spec.seed, "poison"))
     victim = get_victim(spec, dataset, attack, poisoned, cache, device)
     poisoned = attack.after_training(poisoned)

@@ -411,8 +411,7 @@ def _run(spec: ExperimentSpec, cache: ArtifactCache, device: torch.device, row: 
         raise BdbenchError(f"target_label {spec.target_label} is not a class of {dataset.name} (0..{dataset.num_classes - 1})")
 
     attack: Attack = ATTACKS.build(spec.attack.name, spec.attack.params)
-    workshop = AttackWorkshop(seed=derive_seed(spec.seed, "attack"), device=device, cache=cache,
-                              dataset_key=spec.dataset.model_dump_json())
+    workshop = AttackWorkshop.for_dataset(derive_seed(spec.seed, "attack"), spec.dataset, device, cache)
     attack.prepare(dataset, spec.target_label, workshop)
     if spec.federated is not None:
         # The malicious clients poison their own shares inside the federation; no central training set exists.

@@ -172,8 +172,7 @@ def write_trigger_picture(output: str | Path, config: str | None = None, attacks
         ATTACKS.build(component.name, without_poison_rate(component).params)  # bad names fail before any work
     data = load_dataset(dataset_spec.name, **dataset_spec.params)
     cache = ArtifactCache(Path(out) / "cache")
-    workshop = AttackWorkshop(seed=derive_seed(seed, "attack"), device=default_device(), cache=cache,
-                              dataset_key=dataset_spec.model_dump_json())
+    workshop = AttackWorkshop.for_dataset(derive_seed(seed, "attack"), dataset_spec, default_device(), cache)
     states = None if grid is None else cached_victim_states(grid, cache)
     picture = trigger_rows(data, components, target_label, workshop, images, states)
     if not picture.rows and picture.left_out:

@@ -1,11 +1,14 @@
 """What every attack shares (the base class and the workshop), shown on BadNets: which samples are
-poisoned and how they are labelled, the triggered test set, and learned artefacts cached once."""
+poisoned and how they are labelled, the triggered test set, and learned artefacts cached once (under a key
+that does not depend on the order a data set's parameters were written in)."""
 
 import pytest
 import torch
 
 from bdbench.attacks import ATTACKS, AttackWorkshop, PoisonedTrainingSet
+from bdbench.attacks.workshop import dataset_key
 from bdbench.errors import ConfigError
+from bdbench.grid import Component
 from bdbench.store import ArtifactCache
 from bdbench.training import TrainConfig, predict
 
@@ -93,6 +96,33 @@ def test_an_artefact_cached_in_an_older_format_is_learned_again(tmp_path):
     assert torch.equal(again["mask"], torch.ones(2))
     # Format 1 keeps its old key, so artefacts cached before versions existed are still found.
     assert set(workshop.learned("gen", {"eps": 0.1}, lambda: pytest.fail("format 1 is cached"))) == {"weights"}
+
+
+def test_one_data_set_written_in_two_orders_shares_its_artefacts_and_finds_those_of_earlier_keys(tmp_path):
+    as_grid = Component(name="npz", params={"path": "data.npz", "allow_hflip": True})
+    reordered = Component(name="npz", params={"allow_hflip": True, "path": "data.npz"})
+    assert dataset_key(as_grid) == dataset_key(reordered) and as_grid.model_dump_json() != reordered.model_dump_json()
+    plain = Component(name="npz", params={"path": "data.npz"})  # already in sorted order: the key earlier code made
+    assert dataset_key(plain) == plain.model_dump_json()
+
+    cache = ArtifactCache(tmp_path)
+    # What earlier code cached, under the spec as the grid wrote it.
+    AttackWorkshop(seed=3, cache=cache, dataset_key=as_grid.model_dump_json()).learned(
+        "trigger", {"eps": 0.1}, lambda: {"t": torch.arange(4.0)})
+    # The grid's own order finds it (and stores it under the sorted key); then any order does.
+    for component in (as_grid, reordered):
+        found = AttackWorkshop.for_dataset(3, component, cache=cache).learned(
+            "trigger", {"eps": 0.1}, lambda: pytest.fail("learned again though cached under the grid's order"))
+        assert torch.equal(found["t"], torch.arange(4.0))
+    assert len(list((tmp_path / "attacks").glob("*.safetensors"))) == 2
+    # Something new is cached under the sorted key only, and found whichever order asks for it.
+    AttackWorkshop.for_dataset(3, as_grid, cache=cache).learned("trigger", {"eps": 0.2}, lambda: {"t": torch.ones(2)})
+    again = AttackWorkshop.for_dataset(3, reordered, cache=cache).learned(
+        "trigger", {"eps": 0.2}, lambda: pytest.fail("the sorted key was not shared"))
+    assert torch.equal(again["t"], torch.ones(2)) and len(list((tmp_path / "attacks").glob("*.safetensors"))) == 3
+    # Another seed or data set is another artefact.
+    other = AttackWorkshop.for_dataset(4, as_grid, cache=cache).learned("trigger", {"eps": 0.2}, lambda: {"t": torch.zeros(2)})
+    assert torch.equal(other["t"], torch.zeros(2))
 
 
 def test_clean_label_attacks_refuse_all_to_all():

@@ -20,6 +20,7 @@ from typing import Any, Generator, Sequence
 
 import torch
 
+from bdbench.attacks.workshop import dataset_key
 from bdbench.executors.base import EXECUTORS, Resources, lost_row, run_staged
 from bdbench.experiment import run_experiment
 from bdbench.grid import ExperimentSpec
@@ -50,10 +51,10 @@ def stored_artifacts(cache: ArtifactCache, spec: ExperimentSpec) -> Artifacts:
     """What the output folder already holds for a spec: its victim and the attack's learned tensors."""
     wanted = [("victims", spec.victim_key)]
     # Attack artifacts are keyed by the workshop's own description; pick them by seed and data set.
-    attack_seed, dataset_key = derive_seed(spec.seed, "attack"), spec.dataset.model_dump_json()
+    attack_seed, dataset_keys = derive_seed(spec.seed, "attack"), {dataset_key(spec.dataset), spec.dataset.model_dump_json()}
     for key in cache.keys("attacks"):
         info = cache.load_info("attacks", key) or {}
-        if info.get("seed") == attack_seed and info.get("dataset") == dataset_key:
+        if info.get("seed") == attack_seed and info.get("dataset") in dataset_keys:
             wanted.append(("attacks", key))
     found: Artifacts = {}
     for kind, key in wanted:
