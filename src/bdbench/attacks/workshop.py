@@ -34,8 +34,8 @@ class AttackWorkshop:
     """`dataset_key` identifies the data set (`dataset_key(spec.dataset)`) and enters every cache key.
     `dataset_key_as_written` is the key earlier code used (the spec's JSON, its parameters in the order the
     config gave them): an artefact not cached under `dataset_key` is looked up under it (and stored under
-`dataset_key` once found) before being learned again, so that a victim trained with it is tested with the very
-same trigger."""
+    `dataset_key` once found) before being learned again, so that a victim trained with it is tested with the
+    very same trigger."""
 
     seed: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
