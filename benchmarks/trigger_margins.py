@@ -84,6 +84,11 @@ def describe(key: str, cache: ArtifactCache, trigger_params: dict) -> str:
         params = {**spec.attack.params, **trigger_params}
         tester = ATTACKS.build(spec.attack.name, params)
         tester.prepare(dataset, spec.target_label, workshop(spec, cache))
+        same = [a.poison(dataset, spec.poison_rate, spec.target_label, torch.Generator().manual_seed(0)).x
+                for a in (attack, tester)]
+        if not torch.equal(*same):
+            raise SystemExit(f"victim {key}: --trigger-params {json.dumps(trigger_params)} changes the training images "
+                             "too, not only the test-time trigger; give test-time parameters only (sig: delta_test)")
         attack = tester
     triggered = attack.triggered_test_set(dataset, spec.target_label)
     assert triggered.x_clean is not None
@@ -105,11 +110,18 @@ def describe(key: str, cache: ArtifactCache, trigger_params: dict) -> str:
             f"-{torch.quantile(pull, 0.75).item():.2f}); ASR by clean-gap quarter, smallest first: {by_quarter}")
 
 
+def json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"delta_test\": 40}}', not {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="a grid's output folder")
     parser.add_argument("--victims", default="", help="comma-separated victim keys (default: all cached)")
-    parser.add_argument("--trigger-params", default="{}", type=json.loads,
+    parser.add_argument("--trigger-params", default="{}", type=json_object,
                         help="attack parameters that change only the test-time trigger, as JSON: '{\"delta_test\": 40}'")
     args = parser.parse_args(argv)
     cache = ArtifactCache(args.out / "cache")

@@ -63,6 +63,15 @@ def test_a_stronger_test_signal_pulls_harder_on_the_same_victim(grid_out):
     assert '"delta_test": 120' in strong.stdout and float(stronger["pull"]) > float(plain["pull"])
 
 
+def test_trigger_params_that_change_the_training_images_are_refused(grid_out):
+    out, _ = grid_out
+    sig = LINE.match(next(line for line in _diagnose(out).stdout.splitlines() if "sig" in line))
+    assert sig
+    result = _diagnose(out, "--victims", sig["key"], "--trigger-params", '{"delta": 90}')
+    assert result.returncode != 0 and "changes the training images too" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_an_unknown_victim_is_a_one_line_error(grid_out):
     out, _ = grid_out
     result = _diagnose(out, "--victims", "0123456789abcdef")
