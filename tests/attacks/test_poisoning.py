@@ -120,7 +120,7 @@ def test_one_data_set_written_in_two_orders_shares_its_artefacts_and_finds_those
     again = AttackWorkshop.for_dataset(3, reordered, cache=cache).learned(
         "trigger", {"eps": 0.2}, lambda: pytest.fail("the sorted key was not shared"))
     assert torch.equal(again["t"], torch.ones(2)) and len(list((tmp_path / "attacks").glob("*.safetensors"))) == 3
-    # Another seed or data set is another artefact.
+    # Another seed is another artefact.
     other = AttackWorkshop.for_dataset(4, as_grid, cache=cache).learned("trigger", {"eps": 0.2}, lambda: {"t": torch.zeros(2)})
     assert torch.equal(other["t"], torch.zeros(2))
 
