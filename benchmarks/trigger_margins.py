@@ -74,21 +74,27 @@ def describe(key: str, cache: ArtifactCache, trigger_params: dict) -> str:
         return f"{key}: clean model, no trigger"
     dataset = load_dataset(spec.dataset.name, **spec.dataset.params)
     attack = ATTACKS.build(spec.attack.name, spec.attack.params)
-    attack.prepare(dataset, spec.target_label, workshop(spec, cache))
+    grid_workshop = workshop(spec, cache)
+    attack.prepare(dataset, spec.target_label, grid_workshop)
     model = new_model(spec, dataset, "victim_init")
     if not cache.load("victims", key, model):
         raise SystemExit(f"victim {key}: its weights are missing or unreadable in {cache.root}/victims")
     if attack.learns_with_victim:
-        attack.load_victim_state(cache.load_tensors("victims", f"{key}.attack") or {})
+        state = cache.load_tensors("victims", f"{key}.attack")
+        if state is None:
+            raise SystemExit(f"victim {key}: the trigger its attack learned with it is missing from {cache.root}/victims")
+        attack.load_victim_state(state)
     if trigger_params:  # test-time settings only (SIG's delta_test): the victim and its training data stay as they were
         params = {**spec.attack.params, **trigger_params}
         tester = ATTACKS.build(spec.attack.name, params)
-        tester.prepare(dataset, spec.target_label, workshop(spec, cache))
+        tester.prepare(dataset, spec.target_label, grid_workshop)
         same = [a.poison(dataset, spec.poison_rate, spec.target_label, torch.Generator().manual_seed(0)).x
                 for a in (attack, tester)]
         if not torch.equal(*same):
             raise SystemExit(f"victim {key}: --trigger-params {json.dumps(trigger_params)} changes the training images "
                              "too, not only the test-time trigger; give test-time parameters only (sig: delta_test)")
+        if attack.learns_with_victim:
+            tester.load_victim_state(state)
         attack = tester
     triggered = attack.triggered_test_set(dataset, spec.target_label)
     assert triggered.x_clean is not None
