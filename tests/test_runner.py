@@ -23,6 +23,7 @@ from bdbench.data import load_dataset
 from bdbench.defenses import DEFENSES, Defense, DefenseKind, DefenseOutcome
 from bdbench.defenses.scoring import anomaly_index
 from bdbench.errors import BdbenchError
+from bdbench.executors.base import available_cpus
 from bdbench.store import COLUMNS
 
 REQUIRED = ["experiment_id", "dataset", "model", "attack", "poison_rate", "target_label", "defense", "precision",
@@ -339,8 +340,12 @@ def test_defense_time_is_the_method_plus_the_retraining_plus_the_screening_of_in
     # CPU seconds: sleeping costs none, so the slow parts' CPU time stays well below their wall time.
     assert inspector.defense_cpu_s < inspector.defense_s - 0.9 and screen.defense_cpu_s < screen.defense_s - 0.9
     assert rows.defense_cpu_s.notna().all() and (rows.defense_cpu_s >= 0).all()
-    trained = rows[rows.victim_train_s.notna()]  # one victim, trained by the first row to need it
-    assert len(trained) == 1 and 0 < trained.victim_train_cpu_s.iloc[0] <= 2 * trained.victim_train_s.iloc[0]
+    # One victim, trained by the first row to need it. Its CPU seconds cover all the process's threads, so they are
+    # bounded by the wall seconds times the cores this process may use (plus the columns' rounding to 1 ms and the
+    # two clocks being read a moment apart), not by a fixed 2: CI may have more cores than this machine.
+    trained = rows[rows.victim_train_s.notna()]
+    assert len(trained) == 1
+    assert 0 < trained.victim_train_cpu_s.iloc[0] <= available_cpus() * trained.victim_train_s.iloc[0] + 0.01
 
 
 def test_error_rows_are_kept_then_retried_on_request(tmp_path, tiny_grid, temporary_defenses):
