@@ -1,12 +1,16 @@
 """Executors: the same rows whichever runs the grid, each victim trained once, crash safety."""
 
 import copy
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_GRID
 from test_runner import kill_mid_grid_then_resume
 
@@ -18,6 +22,8 @@ from bdbench.executors.ray_cluster import stored_artifacts
 from bdbench.grid import expand, load_grid
 from bdbench.seeding import derive_seed
 from bdbench.store import ArtifactCache
+
+from plugin_helpers import python_env
 
 METRICS = ["experiment_id", "status", "error", "clean_acc", "asr", "robust_acc", "der", "clean_acc_before",
            "asr_before", "robust_acc_before", "clean_budget", "torch_threads"]
@@ -177,3 +183,36 @@ def test_process_executor_kill_minus_nine_mid_grid_then_resume(tmp_path, tiny_gr
     assert workers, "the driver had no worker processes"
     # They died with the driver (by the time the resumed run above finished, at the latest).
     assert not any(_alive(pid) for pid in workers), "worker processes outlived the killed driver"
+
+
+def test_process_workers_log_as_the_driver_does(tmp_path, tiny_grid):
+    """`bdbench run` logs at INFO; its spawned workers do too, so a defense's info lines reach the console."""
+    (tmp_path / "byo_chatty_plugin.py").write_text(textwrap.dedent('''
+        import logging
+        import os
+
+        from bdbench.defenses import DEFENSES, Defense, DefenseKind, DefenseOutcome
+
+        @DEFENSES.register("chatty")
+        class Chatty(Defense):
+            """Test-only input detector that flags nothing and says where it ran."""
+
+            kind = DefenseKind.INPUT_DETECTION
+
+            def run(self, context):
+                logging.getLogger("byo_chatty_plugin").info("chatty ran in process %d", os.getpid())
+                return DefenseOutcome(input_detector=lambda x: (x.new_zeros(len(x)), x.new_zeros(len(x)).bool()),
+                                      threshold=0.5)
+        '''))
+    tiny_grid.update(attacks=[{"name": "badnets", "patch_size": 2}], defenses=["chatty"], plugins=["byo_chatty_plugin"])
+    tiny_grid["training"]["epochs"] = 1
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(tiny_grid))
+    command = [sys.executable, "-m", "bdbench", "run", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "out"),
+               "--executor", "process", "--workers", "1", "--threads", "1"]
+    with subprocess.Popen(command, env=python_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as driver:
+        _, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr[-2000:]
+    said = [line for line in stderr.splitlines() if line.startswith("chatty ran in process ")]
+    assert len(said) == 1, stderr[-2000:]
+    assert int(said[0].rsplit(" ", 1)[1]) != driver.pid  # a worker's line, not the driver's

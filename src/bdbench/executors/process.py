@@ -8,6 +8,10 @@ time in the driver (not by importing a module) are unknown to the workers, and a
 that calls `run_grid(..., executor="process")` needs the usual `if __name__ == "__main__":`
 guard (spawned workers import the script).
 
+A worker logs as the driver does: where the driver's root logger has a handler (`bdbench run` sets INFO, message
+only, on stderr), each worker sets the same level and format on its own stderr, which is the driver's, so a
+defense's info lines (a repair's halving, CETF's search) show under `--executor process` as under `local`.
+
 Each worker dies with the driver (Linux PR_SET_PDEATHSIG), so a driver killed with -9 leaves no
 orphan still training; a worker that dies on its own (out of memory, a signal) gives an `error`
 row for each experiment it took down, and the grid goes on with fresh workers.
@@ -15,6 +19,7 @@ row for each experiment it took down, and the grid goes on with fresh workers.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -45,8 +50,21 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _start_worker(parent: int, out: str, threads: int) -> None:
+def _driver_logging() -> tuple[int, str] | None:
+    """The driver's root level and its first handler's format, or None where the driver configured no logging
+    (a library caller who did not ask for log lines gets none from the workers either)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return None
+    formatter = root.handlers[0].formatter
+    return root.level, formatter._fmt if formatter is not None and formatter._fmt else logging.BASIC_FORMAT
+
+
+def _start_worker(parent: int, out: str, threads: int, driver_logging: tuple[int, str] | None) -> None:
     _die_with(parent)
+    if driver_logging is not None:
+        level, fmt = driver_logging
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     torch.set_num_threads(threads)
     _WORKER.update(cache=ArtifactCache(Path(out) / "cache"), log_dir=Path(out) / "logs")
 
@@ -61,7 +79,7 @@ class _Pool:
     """A process pool that replaces itself when a worker dies (which breaks a ProcessPoolExecutor)."""
 
     def __init__(self, out: Path, resources: Resources) -> None:
-        self._args = (os.getpid(), str(out), resources.threads_per_experiment)
+        self._args = (os.getpid(), str(out), resources.threads_per_experiment, _driver_logging())
         self._workers = resources.workers
         self._pool = self._new()
         self.specs: dict[Future, ExperimentSpec] = {}
