@@ -129,8 +129,7 @@ def get_federated_victim(spec: ExperimentSpec, dataset: Dataset, attack: Attack,
                 return Victim(model.to(device).eval(), True, None, info["federated"])
         except ArtifactError as exc:
             log.warning("%s; running the federation again", exc)
-            cache.discard("victims", spec.victim_key)
-            cache.discard("federated", spec.victim_key)  # its checkpoint, from the same settings
+            cache.discard("victims", spec.victim_key)  # a checkpoint of it stays: resumed if its settings fit
             model = new_model(spec, dataset, "victim_init")
         federation = spec.federated
         checkpoint = victim_checkpoint(spec, cache, "federated", "running the federation from its first round")

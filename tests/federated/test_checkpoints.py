@@ -95,6 +95,22 @@ def test_a_resumed_federated_victims_training_time_covers_the_rounds_before_the_
     assert cache.load_info("victims", spec.victim_key)["train_cpu_s"] == row["victim_train_cpu_s"]
 
 
+def test_a_corrupt_federated_victim_resumes_from_its_checkpoint(tmp_path, monkeypatch, caplog):
+    """The rounds a checkpoint holds are kept when the stored global model is unreadable (a kill between storing it
+    and removing the checkpoint, then a damaged file): the federation resumes, as a centralized victim's training
+    does, and the checkpoint's own settings decide whether it fits."""
+    spec = expand(load_grid(GRID))[0]
+    cache = ArtifactCache(tmp_path)
+    _killed_after_round_2(spec, cache, monkeypatch)
+    cache.save_tensors("victims", spec.victim_key, {"garbage": torch.zeros(1)}, {"settings": spec.settings(True)})
+    rounds = _rounds_run(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        row = run_experiment(spec, cache, torch.device("cpu"))
+    assert "running the federation again" in caplog.text and "federation resumes after round 2 of 3" in caplog.text
+    assert row["status"] == "ok" and rounds == [3] and row["victim_cached"] is False
+    assert cache.load_info("federated", spec.victim_key) is None  # done with once the victim is stored
+
+
 def _template(digits, width: int = 8):
     torch.manual_seed(0)
     return with_normalization(create_model("cnn-small", 10, 1, 8, width=width, norm="group"), digits.mean, digits.std)
