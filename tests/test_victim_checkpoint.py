@@ -60,7 +60,7 @@ def _assert_same_weights(a, b):
         assert torch.equal(pa, pb), name
 
 
-def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(digits, tmp_path):
+def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(digits, tmp_path, caplog):
     whole = _train(digits, hook=NoisyHook())
     cache = ArtifactCache(tmp_path)
     with pytest.raises(Killed):
@@ -69,9 +69,10 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(digits, 
 
     resumed_checkpoint = _checkpoint(cache)
     epochs = []
-    with listening(lambda what, number, total: epochs.append(number)):
+    with caplog.at_level(logging.WARNING), listening(lambda what, number, total: epochs.append(number)):
         resumed = _train(digits, resumed_checkpoint, NoisyHook())
     assert epochs == [3, 4]  # only the epochs after the checkpoint ran again
+    assert "training resumes from checkpoint training/victim after epoch 2 of 4" in caplog.text  # names its key
     assert resumed_checkpoint.earlier_s > 0 and resumed_checkpoint.earlier_cpu_s > 0
     _assert_same_weights(whole, resumed)
 
@@ -117,7 +118,7 @@ def test_a_checkpoint_of_another_model_is_not_loaded_and_changes_nothing(digits,
     checkpoint = _checkpoint(cache)
     with caplog.at_level(logging.WARNING), listening(lambda what, number, total: epochs.append(number)):
         model = _train(digits, checkpoint)
-    assert "does not fit" in caplog.text and epochs == [1, 2, 3, 4]
+    assert "checkpoint training/victim does not fit" in caplog.text and epochs == [1, 2, 3, 4]
     assert checkpoint.earlier_s == checkpoint.earlier_cpu_s == 0.0  # the other model's seconds are not this one's
     _assert_same_weights(_train(digits), model)
 

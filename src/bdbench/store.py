@@ -430,11 +430,14 @@ class StoredCheckpoint:
         self.earlier_s = self.earlier_cpu_s = 0.0
         self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.key}"  # what the warnings of a resume name: the victim's key
+
     def load(self) -> dict[str, Any] | None:
         info = self.cache.load_info(self.kind, self.key) or {}
         if info and info.get("settings") != self.settings:
             why = "was made with other settings" if "settings" in info else "records no settings (an older format)"
-            log.warning("checkpoint %s/%s %s; %s", self.kind, self.key, why, self.start_over)
+            log.warning("checkpoint %s %s; %s", self, why, self.start_over)
             self.discard()
             return None
         try:
@@ -445,7 +448,7 @@ class StoredCheckpoint:
             if not isinstance(state, dict):
                 raise ValueError(f"holds a {type(state).__name__}, not a saved state")
         except (ArtifactError, KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            log.warning("checkpoint %s/%s is unreadable (%s); %s", self.kind, self.key,
+            log.warning("checkpoint %s is unreadable (%s); %s", self,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.start_over)
             self.discard()
             return None

@@ -257,11 +257,11 @@ def train(
         state = checkpoint.load() if checkpoint is not None else None
         if checkpoint is not None and state is not None:
             if progress.fits(state):
-                log.warning("training resumes from its checkpoint after epoch %d of %d", state["epochs_done"],
-                            config.epochs)
+                log.warning("training resumes from checkpoint %s after epoch %d of %d", checkpoint,
+                            state["epochs_done"], config.epochs)
             else:
-                log.warning("a training checkpoint does not fit this training (another schedule or model); "
-                            "training from the first epoch")
+                log.warning("checkpoint %s does not fit this training (another schedule or model); training from "
+                            "the first epoch", checkpoint)
                 checkpoint.reject()
                 state = None
         start = progress.restore(state)

@@ -91,7 +91,7 @@ def test_a_resumed_federated_victims_training_time_covers_the_rounds_before_the_
         row = run_experiment(spec, cache, torch.device("cpu"))
     assert row["status"] == "ok" and rounds == [3]
     assert row["victim_train_s"] >= 3.0 and row["victim_train_cpu_s"] >= 3.0
-    assert "federation resumes after round 2 of 3" in caplog.text
+    assert f"federation resumes after round 2 of 3 from checkpoint federated/{spec.victim_key}" in caplog.text
     assert cache.load_info("victims", spec.victim_key)["train_cpu_s"] == row["victim_train_cpu_s"]
 
 

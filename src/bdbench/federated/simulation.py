@@ -329,8 +329,8 @@ def run_federation(config: FederatedConfig, server_defense: tuple[str, dict[str,
     if checkpoint is not None and state is not None:
         try:
             federation.load(state)
-            log.warning("federation resumes after round %d of %d from its checkpoint", federation.round,
-                        config.rounds)
+            log.warning("federation resumes after round %d of %d from checkpoint %s", federation.round,
+                        config.rounds, checkpoint)
         except ArtifactError as exc:
             log.warning("%s; running the federation from its first round", exc)
             checkpoint.reject()
