@@ -77,7 +77,8 @@ class Checkpoint(Protocol):
     whatever it carried about the computation (its seconds); `save` replaces it. `train` takes one that also
     says how often to save (`TrainingCheckpoint`); a federation (`bdbench.federated.simulation.run_federation`)
     saves every `checkpoint_every` rounds, its config's own cadence. `bdbench.store.StoredCheckpoint` is one
-    for both, kept in the output folder's cache."""
+    for both, kept in the output folder's cache. The warnings of a resume name the checkpoint by `str()`
+    (`StoredCheckpoint`'s: `training/<victim key>`)."""
 
     def load(self) -> dict[str, Any] | None:
         ...
